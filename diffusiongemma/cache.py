@@ -1,0 +1,141 @@
+"""The encoder's key/value cache and the attention masks that follow from it.
+
+Each layer keeps its keys and values in one buffer with spare room at the end. The encoder appends
+committed tokens there; the decoder writes the canvas's keys and values into the spare room for the
+duration of one forward pass and attends to prefix + canvas as one contiguous view, so no denoising
+step concatenates the prefix again.
+
+Sliding layers only need the last `sliding_window - 1` prefix tokens (the decoder sees exactly those,
+as the reference's default cache does), so older ones are dropped when the buffer fills. Every mask is
+written in absolute token indices, which is why results do not depend on where in the buffer a token
+sits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import DiffusionGemmaTextConfig
+
+
+class LayerCache:
+    def __init__(self, is_sliding: bool, sliding_window: int):
+        self.is_sliding = is_sliding
+        self.keep = sliding_window - 1 if is_sliding else None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.start = 0  # absolute index of the token in buffer slot 0
+        self.used = 0  # slots holding committed tokens
+
+    @property
+    def length(self) -> int:
+        return self.start + self.used
+
+    def _reserve(self, incoming: torch.Tensor, room: int) -> None:
+        """Make space for `room` more slots after the committed ones."""
+        batch, heads, _, dim = incoming.shape
+        if self.keys is not None and self.used + room <= self.keys.shape[2]:
+            return
+        drop = max(self.used - self.keep, 0) if self.is_sliding else 0
+        kept = self.used - drop
+        capacity = kept + room
+        if not self.is_sliding:
+            capacity = max(capacity, 2 * (self.keys.shape[2] if self.keys is not None else 0))
+        keys = incoming.new_empty(batch, heads, capacity, dim)
+        values = incoming.new_empty(batch, heads, capacity, dim)
+        if kept:
+            keys[:, :, :kept] = self.keys[:, :, drop:self.used]
+            values[:, :, :kept] = self.values[:, :, drop:self.used]
+        self.keys, self.values = keys, values
+        self.start += drop
+        self.used = kept
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, canvas_room: int):
+        """Commit new tokens; returns (keys, values, absolute index of the first returned key)."""
+        count = keys.shape[2]
+        self._reserve(keys, count + canvas_room)
+        self.keys[:, :, self.used:self.used + count] = keys
+        self.values[:, :, self.used:self.used + count] = values
+        self.used += count
+        return self.keys[:, :, :self.used], self.values[:, :, :self.used], self.start
+
+    def with_canvas(self, keys: torch.Tensor, values: torch.Tensor):
+        """Prefix + canvas for one decoder pass, without committing the canvas."""
+        count = keys.shape[2]
+        self._reserve(keys, count)
+        self.keys[:, :, self.used:self.used + count] = keys
+        self.values[:, :, self.used:self.used + count] = values
+        first = max(self.used - self.keep, 0) if self.is_sliding else 0
+        end = self.used + count
+        return self.keys[:, :, first:end], self.values[:, :, first:end], self.start + first
+
+
+class KVCache:
+    """Per-layer keys and values of every token the encoder has committed."""
+
+    def __init__(self, config: DiffusionGemmaTextConfig, canvas_length: int = 0):
+        self.config = config
+        # Room kept free after the prefix so that a canvas pass needs no reallocation.
+        self.canvas_length = canvas_length
+        self.layers = [LayerCache(s.is_sliding, config.sliding_window) for s in config.attention_shapes]
+
+    def get_seq_length(self) -> int:
+        return self.layers[0].length
+
+    def __len__(self) -> int:
+        return self.get_seq_length()
+
+    @property
+    def batch_size(self) -> int | None:
+        keys = self.layers[0].keys
+        return None if keys is None else keys.shape[0]
+
+
+def _padding(attention_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    return None if attention_mask is None else attention_mask[:, None, None, start:end]
+
+
+def encoder_mask(
+    config: DiffusionGemmaTextConfig,
+    is_sliding: bool,
+    query_start: int,
+    query_count: int,
+    key_start: int,
+    key_end: int,
+    attention_mask: torch.Tensor | None,
+    block_ids: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, queries, keys] for new tokens attending to cached + new keys.
+
+    `attention_mask` is the 2D padding mask over all tokens (cached and new); `block_ids` marks, per new
+    token, which image it belongs to (-1 for text) so that one image's tokens see each other.
+    """
+    q = torch.arange(query_start, query_start + query_count, device=device)[:, None]
+    k = torch.arange(key_start, key_end, device=device)[None, :]
+    window = config.sliding_window
+    if config.is_causal:
+        allowed = k <= q
+        if is_sliding:
+            allowed = allowed & (k > q - window)
+    else:
+        allowed = (q - k).abs() <= window if is_sliding else torch.ones_like(k <= q)
+    allowed = allowed[None, None]
+    if block_ids is not None:
+        # Keys before this chunk belong to no block of it: give them -1.
+        key_blocks = torch.full((block_ids.shape[0], key_end - key_start), -1, dtype=block_ids.dtype, device=device)
+        key_blocks[:, query_start - key_start:] = block_ids
+        same_block = (block_ids[:, :, None] == key_blocks[:, None, :]) & (block_ids[:, :, None] >= 0)
+        allowed = allowed | same_block[:, None]
+    padding = _padding(attention_mask, key_start, key_end)
+    if padding is not None:
+        allowed = allowed & padding
+    return allowed
+
+
+def decoder_mask(attention_mask: torch.Tensor | None, key_start: int, key_end: int) -> torch.Tensor | None:
+    """The canvas sees every visible key that is not padding; without padding no mask is needed."""
+    padding = _padding(attention_mask, key_start, key_end)
+    if padding is None or bool(padding.all()):
+        return None
+    return padding

@@ -1,0 +1,386 @@
+"""Block-diffusion generation: the loop that ties the model to the sampler.
+
+Per canvas: encode the uncached tokens into the cache, start a canvas from noise, denoise it for up to
+`max_denoising_steps` steps (n counts down from N to 1), commit its argmax, and go on to the next canvas
+until every row has finished or the length limit is reached.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cache import KVCache
+from .sampler import (
+    EntropyBoundSampler,
+    EntropyBoundSamplerConfig,
+    LinearTemperatureScheduleLogitsProcessor,
+    StableAndConfidentStoppingCriteria,
+    token_entropy,
+)
+
+# Every cache layout gives the reference's default-cache answer here, so both names mean the same.
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+# Keys of generation_config.json that describe the file, not the generation.
+METADATA_KEYS = ("transformers_version", "_from_model_config", "_commit_hash")
+MODEL_INPUTS = ("attention_mask", "decoder_input_ids", "self_conditioning_logits", "pixel_values",
+                "image_position_ids", "mm_token_type_ids")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class DiffusionGemmaGenerationConfig:
+    """Generation parameters; unset ones (None) fall back to the model's, then to `defaults()`.
+
+    Setting `t_min`/`t_max` to None turns the temperature schedule off, and `stability_threshold` or
+    `confidence_threshold` to None turns adaptive stopping off (every canvas then takes all steps).
+    """
+
+    FIELDS = ("max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config",
+              "t_min", "t_max", "stability_threshold", "confidence_threshold", "cache_implementation",
+              "bos_token_id", "pad_token_id", "eos_token_id")
+
+    def __init__(self, **kwargs: Any):
+        self.return_dict_in_generate = True
+        for name in self.FIELDS[:2] + self.FIELDS[3:]:
+            setattr(self, name, None)
+        self.metadata = {k: kwargs.pop(k) for k in METADATA_KEYS if k in kwargs}
+        unknown = sorted(set(kwargs) - set(self.FIELDS))
+        if unknown:
+            raise ValueError(f"unknown generation parameters: {unknown}")
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+        self.sampler_config = self._sampler_config(self.sampler_config)
+        self.validate()
+
+    @staticmethod
+    def defaults() -> dict[str, Any]:
+        return {"max_new_tokens": 256, "max_denoising_steps": 48,
+                "sampler_config": EntropyBoundSamplerConfig(entropy_bound=0.1), "t_min": 0.4, "t_max": 0.8,
+                "stability_threshold": 1, "confidence_threshold": 0.005}
+
+    @staticmethod
+    def _sampler_config(value):
+        if isinstance(value, dict):
+            fields = dict(value)
+            name = fields.pop("_cls_name", "EntropyBoundSamplerConfig")
+            if name != "EntropyBoundSamplerConfig":
+                raise ValueError(f"unknown `sampler_config` class {name!r}; expected 'EntropyBoundSamplerConfig'")
+            try:
+                return EntropyBoundSamplerConfig(**fields)
+            except TypeError as error:
+                raise ValueError(f"bad `sampler_config` {value!r}: {error}") from None
+        return value
+
+    def validate(self) -> None:
+        def fail(name, requirement):
+            raise ValueError(f"`{name}` must be {requirement}, got {getattr(self, name)!r}")
+
+        for name in ("max_new_tokens", "max_length", "max_denoising_steps"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                fail(name, "a positive integer")
+        if self.sampler_config is not None and not isinstance(self.sampler_config, EntropyBoundSamplerConfig):
+            fail("sampler_config", "an EntropyBoundSamplerConfig")
+        for name in ("t_min", "t_max"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < 0):
+                fail(name, "a number >= 0")
+        if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
+            raise ValueError(f"`t_max` ({self.t_max}) must be greater than `t_min` ({self.t_min})")
+        if self.stability_threshold is not None and (not _is_int(self.stability_threshold)
+                                                     or self.stability_threshold < 0):
+            fail("stability_threshold", "an integer >= 0")
+        if self.confidence_threshold is not None and (not _is_number(self.confidence_threshold)
+                                                      or self.confidence_threshold <= 0):
+            fail("confidence_threshold", "a number > 0")
+        if self.cache_implementation is not None and self.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            fail("cache_implementation", f"one of {CACHE_IMPLEMENTATIONS}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                fail(name, "a token id (integer >= 0)")
+        eos = self.eos_token_id
+        if eos is not None and not (_is_int(eos) and eos >= 0) and not (
+                isinstance(eos, (list, tuple)) and eos and all(_is_int(e) and e >= 0 for e in eos)):
+            fail("eos_token_id", "a token id or a non-empty list of token ids")
+        if not isinstance(self.return_dict_in_generate, bool):
+            fail("return_dict_in_generate", "a bool")
+
+    def update(self, defaults_only: bool = False, **kwargs) -> dict[str, Any]:
+        """Sets the known parameters (only unset ones with `defaults_only`); returns the other kwargs."""
+        rest = {}
+        for name, value in kwargs.items():
+            if name not in self.FIELDS:
+                rest[name] = value
+            elif not defaults_only or getattr(self, name) is None:
+                setattr(self, name, self._sampler_config(value))
+        self.validate()
+        return rest
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: copy.deepcopy(getattr(self, name)) for name in self.FIELDS}
+        if isinstance(self.sampler_config, EntropyBoundSamplerConfig):
+            out["sampler_config"] = self.sampler_config.to_dict()
+        out.update(self.metadata)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionGemmaGenerationConfig:
+        return cls(**copy.deepcopy(data))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> DiffusionGemmaGenerationConfig:
+        path = os.path.join(folder, "generation_config.json") if os.path.isdir(folder) else folder
+        with open(path, encoding="utf-8") as handle:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON: {error}") from None
+        return cls.from_dict(data)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
+
+
+@dataclass
+class DiffusionGemmaGenerationOutput:
+    """`sequences`: prompt and generated canvases; `tokens_per_forward`: per row, non-pad generated
+    tokens per decoder pass; `past_key_values`: the cache, to continue a conversation."""
+
+    sequences: torch.Tensor
+    tokens_per_forward: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
+def _apply_processors(processors, input_ids, scores, cur_step):
+    for processor in processors:
+        # Processors that take more than (input_ids, scores) get the step, as transformers' list does.
+        if len(inspect.signature(processor.__call__).parameters) > 2:
+            scores = processor(input_ids, scores, cur_step=cur_step)
+        else:
+            scores = processor(input_ids, scores)
+    return scores
+
+
+class MaxLengthCriteria:
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.max_length, device=input_ids.device)
+
+
+class EosTokenCriteria:
+    """Finished when any of the last `new_token_length` tokens is an end-of-sequence token."""
+
+    def __init__(self, eos_token_id: torch.Tensor):
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids: torch.Tensor, scores, new_token_length: int = 1, **kwargs) -> torch.Tensor:
+        return torch.isin(input_ids[:, -new_token_length:], self.eos_token_id).any(dim=-1)
+
+
+@dataclass
+class _Canvas:
+    """State of one canvas while it is being denoised."""
+
+    current: torch.Tensor
+    argmax: torch.Tensor
+    self_conditioning_logits: torch.Tensor | None
+    finished: torch.Tensor
+
+
+class GenerationMixin:
+    """`generate` for DiffusionGemmaForBlockDiffusion."""
+
+    def _generation_settings(self, generation_config, kwargs):
+        base = generation_config or self.generation_config or DiffusionGemmaGenerationConfig()
+        if not isinstance(base, DiffusionGemmaGenerationConfig):
+            raise ValueError("`generation_config` must be a DiffusionGemmaGenerationConfig")
+        config = copy.deepcopy(base)
+        config.update(defaults_only=True, **{k: v for k, v in self.generation_config.to_dict().items()
+                                             if k in config.FIELDS})
+        config.update(defaults_only=True, **config.defaults())
+        model_kwargs = config.update(**kwargs)
+        model_kwargs.pop("use_cache", None)  # the cache is always on
+        unknown = sorted(set(model_kwargs) - set(MODEL_INPUTS))
+        if unknown:
+            raise ValueError(f"`generate` got unknown arguments {unknown}")
+        return config, model_kwargs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        streamer=None,
+        generation_config: DiffusionGemmaGenerationConfig | None = None,
+        logits_processor=None,
+        stopping_criteria=None,
+        **kwargs,
+    ):
+        config, model_kwargs = self._generation_settings(generation_config, kwargs)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("`input_ids` must be a 2D tensor [batch, tokens]")
+        image_token = self.config.image_token_id
+        if "pixel_values" not in model_kwargs and image_token is not None and bool((input_ids == image_token).any()):
+            raise ValueError("the prompt holds image tokens but no `pixel_values` were given; pass the "
+                             "processor's whole output to `generate`")
+        if past_key_values is not None and config.cache_implementation is not None:
+            raise ValueError("pass either `past_key_values` or `cache_implementation`, not both")
+        canvas_length = self.config.canvas_length
+        batch, prompt_length = input_ids.shape
+        cur_len = prompt_length + (past_key_values.get_seq_length() if past_key_values is not None else 0)
+        if config.max_length and config.max_new_tokens == 256:
+            # As in the reference: an explicit max_length wins over the untouched default max_new_tokens.
+            max_length, max_new_tokens = config.max_length, config.max_length - cur_len
+            if max_new_tokens <= 0:
+                raise ValueError(f"`max_length` ({max_length}) leaves no room after the {cur_len} prompt tokens")
+        else:
+            max_new_tokens, max_length = config.max_new_tokens, config.max_new_tokens + cur_len
+        if max_length > self.config.text_config.max_position_embeddings:
+            raise ValueError(f"the prompt and {max_new_tokens} new tokens ({max_length} positions) exceed the "
+                             f"model's {self.config.text_config.max_position_embeddings} positions")
+
+        device = input_ids.device
+        cache = past_key_values if past_key_values is not None else KVCache(self.config.text_config, canvas_length)
+        eos = torch.tensor(config.eos_token_id, device=device) if config.eos_token_id is not None else None
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, cur_len, dtype=torch.bool, device=device)
+        elif attention_mask.dim() != 2:
+            raise ValueError("`attention_mask` passed to `generate` must be 2D")
+        attention_mask = attention_mask.bool()
+        encoder_positions = torch.arange(cur_len - prompt_length, cur_len, dtype=torch.int32, device=device)[None]
+
+        sampler = EntropyBoundSampler(config.sampler_config, canvas_length, self.config.text_config.vocab_size)
+        processors = list(logits_processor or [])
+        if config.t_min is not None and config.t_max is not None:
+            processors.append(LinearTemperatureScheduleLogitsProcessor(config.t_min, config.t_max,
+                                                                       config.max_denoising_steps))
+        stops = list(stopping_criteria or []) + [MaxLengthCriteria(max_length)]
+        if eos is not None:
+            stops.append(EosTokenCriteria(eos))
+        adaptive_stop = None
+        if config.stability_threshold is not None and config.confidence_threshold is not None:
+            adaptive_stop = StableAndConfidentStoppingCriteria(config.stability_threshold, config.confidence_threshold)
+
+        finished_rows = torch.zeros(batch, dtype=torch.bool, device=device)
+        decoder_passes = torch.zeros(batch, dtype=torch.int, device=device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        new_tokens = input_ids
+        for _ in range(math.ceil(max_new_tokens / canvas_length)):
+            self.model.encoder(input_ids=new_tokens, attention_mask=attention_mask, past_key_values=cache,
+                               position_ids=encoder_positions,
+                               **{k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids",
+                                                                   "mm_token_type_ids") if k in model_kwargs})
+            cur_len = cache.get_seq_length()
+            decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
+            decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+
+            # The reference draws the starting noise even when the caller supplies the first canvas.
+            noise = sampler.initialize_canvas(batch, device)
+            start = model_kwargs.pop("decoder_input_ids", noise)
+            canvas = _Canvas(current=start, argmax=start,
+                             self_conditioning_logits=model_kwargs.pop("self_conditioning_logits", None),
+                             finished=torch.zeros(batch, dtype=torch.bool, device=device))
+            if adaptive_stop is not None:
+                adaptive_stop.reset()
+            for step in range(config.max_denoising_steps, 0, -1):
+                decoder_passes += ~(canvas.finished | finished_rows)
+                self._denoising_step(canvas, step, input_ids, cache, decoder_mask, decoder_positions, sampler,
+                                     processors, adaptive_stop)
+                if streamer is not None and hasattr(streamer, "put_draft"):
+                    if getattr(streamer, "_takes_logits", False):
+                        streamer.put_draft(logits=canvas.self_conditioning_logits.cpu())
+                    else:
+                        streamer.put_draft(value=canvas.argmax.cpu())
+                if bool(canvas.finished.all()):
+                    break
+
+            input_ids = torch.cat([input_ids, canvas.argmax], dim=-1)
+            finished_rows = self._commit_canvas(input_ids, finished_rows, stops, eos, config.pad_token_id,
+                                                 canvas_length)
+            if streamer is not None:
+                streamer.put(input_ids[:, -canvas_length:].cpu())
+            if bool(finished_rows.all()):
+                break
+            new_tokens = input_ids[:, -canvas_length:]
+            attention_mask = decoder_mask
+            encoder_positions = decoder_positions
+
+        if streamer is not None:
+            streamer.end()
+        if not config.return_dict_in_generate:
+            return input_ids
+        generated = input_ids[:, prompt_length:]
+        valid = (generated != config.pad_token_id).sum(dim=-1) if config.pad_token_id is not None else generated.shape[1]
+        return DiffusionGemmaGenerationOutput(sequences=input_ids, tokens_per_forward=valid / decoder_passes,
+                                              past_key_values=cache)
+
+    def _denoising_step(self, canvas: _Canvas, step: int, input_ids, cache, decoder_mask, decoder_positions,
+                        sampler: EntropyBoundSampler, processors, adaptive_stop) -> None:
+        cur_step = torch.tensor(step, dtype=torch.int32, device=input_ids.device)
+        logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
+                      decoder_attention_mask=decoder_mask, past_key_values=cache,
+                      decoder_position_ids=decoder_positions).logits
+        logits = _apply_processors(processors, input_ids, logits, cur_step)
+        batch, length, vocab = logits.shape
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        denoised = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, length)
+        argmax = torch.argmax(logits, dim=-1)
+        entropy = token_entropy(logits)
+        accepted = sampler.accept_canvas(canvas.current, denoised, logits, cur_step, entropy=entropy)
+        current = sampler.renoise_canvas(accepted, cur_step)
+        if adaptive_stop is not None:
+            # Rows that already stopped keep their canvas, argmax and logits.
+            done = canvas.finished
+            if bool(done.any()):
+                argmax = torch.where(done[:, None], canvas.argmax, argmax)
+                current = torch.where(done[:, None], canvas.current, current)
+                logits = torch.where(done[:, None, None], canvas.self_conditioning_logits, logits)
+            canvas.finished = canvas.finished | adaptive_stop(argmax, logits, entropy=entropy)
+        canvas.current, canvas.argmax = current, argmax
+        canvas.self_conditioning_logits = logits.to(self.model.backbone.embed_tokens.weight.dtype)
+
+    @staticmethod
+    def _commit_canvas(input_ids, finished_rows, stops, eos, pad_token_id, canvas_length):
+        """Marks the rows that finished; pads, in place, what follows the first end-of-sequence token of
+        this canvas and the whole canvas of rows that had finished before."""
+        finished_now = torch.zeros_like(finished_rows)
+        for stop in stops:
+            finished_now = finished_now | stop(input_ids, None, new_token_length=canvas_length)
+        finished = finished_rows | finished_now
+        if pad_token_id is not None and bool(finished.any()):
+            input_ids[finished_rows, -canvas_length:] = pad_token_id
+            if eos is not None and bool(finished_now.any()):
+                canvas = input_ids[:, -canvas_length:]
+                is_eos = torch.isin(canvas, eos)
+                eos_seen = is_eos.cumsum(dim=-1)
+                canvas[(eos_seen > 0) & ~((eos_seen == 1) & is_eos)] = pad_token_id
+        return finished

@@ -1,0 +1,292 @@
+"""Reading and writing checkpoints in the reference's format (config.json, generation_config.json,
+model.safetensors or shards with model.safetensors.index.json).
+
+Loading builds the model without memory, allocates each tensor once at its final dtype and device, and
+reads the file's bytes straight into it, so the weights are never held twice. Tensor names are the
+reference's: the text weights the encoder and decoder share may be stored under either role (or both),
+the LM head is the embedding matrix and may be stored or not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import DiffusionGemmaConfig
+from .generation import DiffusionGemmaGenerationConfig
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64}
+ENCODER_TEXT = "model.encoder.language_model."
+DECODER = "model.decoder."
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+
+
+class SafetensorsFile:
+    """Header of one safetensors file, with reads of single tensors into caller-provided memory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{path} is not a safetensors file (too short)")
+            (header_size,) = struct.unpack("<Q", prefix)
+            if header_size > size - 8:
+                raise ValueError(f"{path} is truncated or corrupt: its header claims {header_size} bytes")
+            try:
+                header = json.loads(handle.read(header_size))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ValueError(f"{path} is corrupt: its header is not valid JSON") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.entries = {}
+        for name, entry in header.items():
+            try:
+                dtype = DTYPES[entry["dtype"]]
+                shape = tuple(entry["shape"])
+                begin, end = entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path} is corrupt: bad header entry for tensor {name!r}") from None
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != nbytes:
+                raise ValueError(f"{path} is corrupt: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+            if self.data_start + end > size:
+                raise ValueError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
+            self.entries[name] = (dtype, shape, begin)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh CPU tensor holding the stored values."""
+        dtype, shape, begin = self.entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        with open(self.path, "rb") as handle:
+            handle.seek(self.data_start + begin)
+            if tensor.numel():
+                handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        return tensor
+
+    def read_into(self, name: str, target: torch.Tensor) -> None:
+        """Fill `target` (any dtype, any device) with the stored values, staging only when needed."""
+        dtype, shape, begin = self.entries[name]
+        if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
+            with open(self.path, "rb") as handle:
+                handle.seek(self.data_start + begin)
+                if target.numel():
+                    handle.readinto(memoryview(target.view(-1).view(torch.uint8).numpy()))
+        else:
+            target.copy_(self.read(name))
+
+
+def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> str:
+    """A local folder as is; otherwise a Hugging Face repo id, fetched or found in the hub cache."""
+    path = os.fspath(path_or_repo_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise FileNotFoundError(f"no checkpoint folder at {path}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(path, allow_patterns=HUB_PATTERNS, **hub_kwargs)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{path} is neither a local folder nor in the Hugging Face cache, and it "
+                                "could not be downloaded (offline mode or no network)") from None
+    except HfHubHTTPError as error:
+        raise FileNotFoundError(f"could not fetch {path} from the Hugging Face Hub: {error}") from None
+
+
+def _open_weights(folder: str) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the file that holds it."""
+    index_path = os.path.join(folder, INDEX_NAME)
+    if os.path.exists(index_path):
+        with open(index_path, encoding="utf-8") as handle:
+            try:
+                weight_map = json.load(handle)["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise ValueError(f"{index_path} is corrupt: no valid `weight_map`") from None
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(folder, shard)
+            if not os.path.exists(shard_path):
+                raise FileNotFoundError(f"missing checkpoint shard {shard_path} (listed in {INDEX_NAME})")
+            files[shard] = SafetensorsFile(shard_path)
+        located = {}
+        for name, shard in weight_map.items():
+            if name not in files[shard].entries:
+                raise ValueError(f"{INDEX_NAME} places tensor {name!r} in {shard}, which does not hold it")
+            located[name] = files[shard]
+        return located
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {INDEX_NAME}")
+    weights = SafetensorsFile(path)
+    return {name: weights for name in weights.entries}
+
+
+def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, list[str], torch.Tensor, nn.Module, str]]:
+    """(stored name, other names it may be stored under, tensor, owner module, attribute) for every
+    tensor of the model; the stored names are the reference's."""
+    core = model.model if hasattr(model, "model") else model
+    backbone = core.backbone
+    for module_name, module in backbone.named_modules():
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is None or attr in module._non_persistent_buffers_set:
+                continue
+            name = f"{module_name}.{attr}" if module_name else attr
+            if attr == "encoder_layer_scalar":
+                yield f"{ENCODER_TEXT}{module_name}.layer_scalar", [], tensor, module, attr
+            elif attr == "decoder_layer_scalar":
+                yield f"{DECODER}{module_name}.layer_scalar", [], tensor, module, attr
+            else:
+                aliases = [ENCODER_TEXT + name] + (["lm_head.weight"] if name == "embed_tokens.weight" else [])
+                yield DECODER + name, aliases, tensor, module, attr
+    for name, tensor in core.decoder.self_conditioning.named_parameters():
+        owner_name, _, attr = name.rpartition(".")
+        yield f"{DECODER}self_conditioning.{name}", [], tensor, core.decoder.self_conditioning.get_submodule(owner_name), attr
+
+
+def _target_dtype(dtype, config: DiffusionGemmaConfig, stored: torch.dtype) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        named = config.extra.get("dtype") or config.extra.get("torch_dtype")
+        return DTYPE_NAMES.get(named, stored) if isinstance(named, str) else stored
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPE_NAMES)} or 'auto'")
+        return DTYPE_NAMES[dtype]
+    if dtype not in DTYPE_NAMES.values():
+        raise ValueError(f"unsupported dtype {dtype}; choose one of {sorted(DTYPE_NAMES)}")
+    return dtype
+
+
+def _target_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for, but no CUDA device is available")
+    return device
+
+
+def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs):
+    folder = resolve_folder(path_or_repo_id, **hub_kwargs)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no config.json in {folder}")
+    config = DiffusionGemmaConfig.from_json_file(config_path)
+    located = _open_weights(folder)
+    embed = DECODER + "embed_tokens.weight"
+    stored_dtype = located[embed].entries[embed][0] if embed in located else torch.float32
+    dtype, device = _target_dtype(dtype, config, stored_dtype), _target_device(device)
+
+    with torch.device("meta"):
+        model = cls(config)
+    model.to(dtype).to_empty(device=device)
+    model.eval()
+
+    used, missing = set(), []
+    for name, aliases, tensor, module, attr in checkpoint_tensors(model):
+        source = next((n for n in [name, *aliases] if n in located), None)
+        if source is None:
+            missing.append(name)
+            continue
+        used.update(n for n in [name, *aliases] if n in located)
+        stored_shape = located[source].shape(source)
+        if stored_shape != tuple(tensor.shape):
+            raise ValueError(f"tensor {source!r} has shape {list(stored_shape)} in the checkpoint, "
+                             f"but the config implies {list(tensor.shape)}")
+        located[source].read_into(source, tensor)
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensors: {_listing(missing)}")
+
+    vision = {name: located[name].read(name) for name in located if name.startswith(VISION_PREFIXES)}
+    used.update(vision)
+    unexpected = sorted(set(located) - used)
+    if unexpected:
+        raise ValueError(f"the checkpoint holds {len(unexpected)} tensors this model does not have: "
+                         f"{_listing(unexpected)}")
+    core = model.model if hasattr(model, "model") else model
+    core.encoder.vision_weights = vision
+    core.backbone.reset_computed_buffers()
+
+    generation_path = os.path.join(folder, "generation_config.json")
+    if hasattr(model, "generation_config") and os.path.exists(generation_path):
+        model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(generation_path)
+    return model
+
+
+def _listing(names: list[str], shown: int = 8) -> str:
+    listed = ", ".join(names[:shown])
+    return listed + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"`max_shard_size` must be bytes or a string like '5GB', got {size!r}")
+    return int(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)]
+
+
+def save_pretrained(model, folder, max_shard_size: int | str = "5GB") -> None:
+    """Writes the reference's format; text weights shared by encoder and decoder are stored once."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    core = model.model if hasattr(model, "model") else model
+    tensors = {name: tensor for name, _, tensor, _, _ in checkpoint_tensors(model)}
+    tensors.update(core.encoder.vision_weights)
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    for stale in (WEIGHTS_NAME, INDEX_NAME):
+        if os.path.exists(os.path.join(folder, stale)):
+            os.remove(os.path.join(folder, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for number, shard in enumerate(shards, start=1):
+            filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
+            weight_map.update({name: filename for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as handle:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2, sort_keys=True)
+
+    config = core.config.to_dict()
+    config["dtype"] = str(core.backbone.embed_tokens.weight.dtype).removeprefix("torch.")
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    if hasattr(model, "generation_config"):
+        model.generation_config.save_pretrained(folder)

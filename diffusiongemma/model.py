@@ -1,0 +1,371 @@
+"""The DiffusionGemma network: one Gemma-4 mixture-of-experts transformer used two ways.
+
+The encoder runs it causally over committed tokens and writes the key/value cache; the decoder runs it
+bidirectionally over a canvas that attends to the cached prefix, and reads the cache only. Both use the
+same `TextBackbone` and therefore the same weights; only the per-layer output scalars are kept apart,
+because the checkpoint stores them separately for the two roles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache, decoder_mask, encoder_mask
+from .config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
+from .generation import DiffusionGemmaGenerationConfig, GenerationMixin
+from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_norm
+
+
+class TextBackbone(nn.Module):
+    """Embeddings, layers and final norm shared by the encoder and the decoder."""
+
+    def __init__(self, config: DiffusionGemmaTextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerLayer(config, s) for s in config.attention_shapes)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5), persistent=False)
+
+    def reset_computed_buffers(self) -> None:
+        """Recomputes what is derived from the config rather than stored (after loading into empty memory)."""
+        device = self.embed_tokens.weight.device
+        self.rotary.reset(device)
+        self.register_buffer("embed_scale", torch.tensor(self.config.hidden_size ** 0.5, device=device),
+                             persistent=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight
+        return F.embedding(input_ids, weight) * self.embed_scale.to(weight.dtype)
+
+    def encode(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        attention_mask: torch.Tensor | None,
+        block_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal pass over new tokens; appends their keys and values to the cache."""
+        query_start, count = cache.get_seq_length(), hidden.shape[1]
+        masks: dict[tuple[int, int], torch.Tensor] = {}
+
+        def attend_for(layer_cache, is_sliding):
+            def attend(q, k, v):
+                keys, values, key_start = layer_cache.append(k, v, cache.canvas_length)
+                key_end = key_start + keys.shape[2]
+                mask_key = (is_sliding, key_start)
+                if mask_key not in masks:
+                    masks[mask_key] = encoder_mask(self.config, is_sliding, query_start, count, key_start, key_end,
+                                                   attention_mask, block_ids, hidden.device)
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[mask_key], scale=1.0,
+                                                      enable_gqa=True)
+            return attend
+
+        attends = [attend_for(c, c.is_sliding) for c in cache.layers]
+        return self._run(hidden, positions, attends, decoder=False)
+
+    def decode(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Bidirectional pass over the canvas, attending to the cached prefix; the cache is not extended."""
+        masks: dict[tuple[int, int], torch.Tensor | None] = {}
+
+        def attend_for(layer_cache):
+            def attend(q, k, v):
+                keys, values, key_start = layer_cache.with_canvas(k, v)
+                mask_key = (layer_cache.is_sliding, key_start)
+                if mask_key not in masks:
+                    masks[mask_key] = decoder_mask(attention_mask, key_start, key_start + keys.shape[2])
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[mask_key], scale=1.0,
+                                                      enable_gqa=True)
+            return attend
+
+        return self._run(hidden, positions, [attend_for(c) for c in cache.layers], decoder=True)
+
+    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, attends, decoder: bool) -> torch.Tensor:
+        rope = {t: self.rotary(positions, t, hidden.dtype) for t in (SLIDING, FULL) if t in self.config.layer_types}
+        for layer, attend in zip(self.layers, attends):
+            scalar = layer.decoder_layer_scalar if decoder else layer.encoder_layer_scalar
+            hidden = layer(hidden, *rope[layer.layer_type], attend, scalar)
+        return self.norm(hidden)
+
+
+class SelfConditioning(nn.Module):
+    """Feeds the previous denoising step's prediction back into the canvas embeddings."""
+
+    def __init__(self, config: DiffusionGemmaTextConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = activation(config)
+
+    def forward(self, canvas_embeds: torch.Tensor, soft_embeds: torch.Tensor | None) -> torch.Tensor:
+        # Without a signal (first step) the MLP of zeros is exactly zero; skip it.
+        if soft_embeds is not None:
+            normed = self.pre_norm(soft_embeds)
+            canvas_embeds = canvas_embeds + self.down_proj(self.act(self.gate_proj(normed)) * self.up_proj(normed))
+        return rms_norm(canvas_embeds, None, self.eps)
+
+
+@dataclass
+class EncoderOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: KVCache
+
+
+@dataclass
+class DecoderOutput:
+    last_hidden_state: torch.Tensor
+
+
+@dataclass
+class BlockDiffusionOutput:
+    logits: torch.Tensor
+    past_key_values: KVCache
+    last_hidden_state: torch.Tensor
+    encoder_last_hidden_state: torch.Tensor | None = None
+
+
+def _check_mask(name: str, mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError(f"`{name}` must be a 2D tensor [batch, cached + new tokens]")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected ({batch}, {length}): "
+                         "one entry per cached and new token")
+    return mask.bool()
+
+
+def _check_cache(cache: KVCache | None, batch: int) -> None:
+    if cache is not None and cache.batch_size not in (None, batch):
+        raise ValueError(f"`past_key_values` holds a batch of {cache.batch_size}, the inputs a batch of {batch}")
+
+
+class DiffusionGemmaPreTrainedModel(nn.Module):
+    """Base of every DiffusionGemma module: holds the config, loads and saves checkpoints."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, **kwargs):
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, path_or_repo_id, **kwargs)
+
+    def save_pretrained(self, folder, **kwargs) -> None:
+        from .loading import save_pretrained
+
+        save_pretrained(self, folder, **kwargs)
+
+
+class DiffusionGemmaEncoderTextModel(DiffusionGemmaPreTrainedModel):
+    """The backbone in its encoder role: causal over new tokens, appending them to the cache."""
+
+    def __init__(self, config: DiffusionGemmaTextConfig, backbone: TextBackbone | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else TextBackbone(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        block_ids: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.backbone.embed(input_ids)
+        batch, count = inputs_embeds.shape[:2]
+        _check_cache(past_key_values, batch)
+        cache = past_key_values if past_key_values is not None else KVCache(self.config)
+        seen = cache.get_seq_length()
+        if position_ids is None:
+            position_ids = torch.arange(seen, seen + count, device=inputs_embeds.device)[None]
+        attention_mask = _check_mask("attention_mask", attention_mask, batch, seen + count)
+        hidden = self.backbone.encode(inputs_embeds, position_ids, cache, attention_mask, block_ids)
+        return EncoderOutput(last_hidden_state=hidden, past_key_values=cache)
+
+
+class DiffusionGemmaEncoderModel(DiffusionGemmaPreTrainedModel):
+    """The encoder: text backbone plus, in checkpoints that have one, the vision tower."""
+
+    def __init__(self, config: DiffusionGemmaConfig, backbone: TextBackbone | None = None):
+        super().__init__(config)
+        self.language_model = DiffusionGemmaEncoderTextModel(config.text_config, backbone)
+        # Vision tensors are carried through load and save unchanged until the vision tower runs them.
+        self.vision_weights: dict[str, torch.Tensor] = {}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        if pixel_values is not None:
+            raise NotImplementedError("image inputs are not supported yet by this engine (text only)")
+        return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds)
+
+
+class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):
+    """The backbone in its decoder role: bidirectional over a canvas, reading the cache only."""
+
+    def __init__(self, config: DiffusionGemmaConfig, backbone: TextBackbone | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else TextBackbone(config.text_config)
+        self.self_conditioning = SelfConditioning(config.text_config)
+
+    def soft_embeddings(self, logits: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The expected embedding under softmax(logits), scaled like a token embedding."""
+        weight = self.backbone.embed_tokens.weight
+        soft = torch.matmul(logits.softmax(dim=-1, dtype=torch.float32).to(weight.dtype), weight)
+        soft = soft * self.backbone.embed_scale.to(dtype)
+        if mask is not None:
+            soft = soft * mask.to(soft.dtype)[:, None, None]
+        return soft
+
+    def forward(
+        self,
+        decoder_input_ids: torch.Tensor,
+        past_key_values: KVCache | None = None,
+        self_conditioning_logits: torch.Tensor | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        if past_key_values is None:
+            raise ValueError("the decoder attends to the encoded prefix: `past_key_values` is required")
+        batch, length = decoder_input_ids.shape
+        _check_cache(past_key_values, batch)
+        prefix = past_key_values.get_seq_length()
+        embeds = self.backbone.embed(decoder_input_ids)
+        soft = None
+        if self_conditioning_logits is not None:
+            soft = self.soft_embeddings(self_conditioning_logits, self_conditioning_mask, embeds.dtype)
+        hidden = self.self_conditioning(embeds, soft)
+        if decoder_position_ids is None:
+            decoder_position_ids = torch.arange(prefix, prefix + length, device=embeds.device)[None]
+        mask = _check_mask("decoder_attention_mask", decoder_attention_mask, batch, prefix + length)
+        return DecoderOutput(last_hidden_state=self.backbone.decode(hidden, decoder_position_ids, past_key_values, mask))
+
+
+class DiffusionGemmaModel(DiffusionGemmaPreTrainedModel):
+    """Encoder and decoder over one shared backbone; the encoder hands the decoder its cache only."""
+
+    def __init__(self, config: DiffusionGemmaConfig):
+        super().__init__(config)
+        backbone = TextBackbone(config.text_config)
+        self.encoder = DiffusionGemmaEncoderModel(config, backbone)
+        self.decoder = DiffusionGemmaDecoderModel(config, backbone)
+
+    @property
+    def backbone(self) -> TextBackbone:
+        return self.decoder.backbone
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        self_conditioning_logits: torch.Tensor | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+    ) -> tuple[DecoderOutput, KVCache, torch.Tensor | None]:
+        encoder_hidden = None
+        if input_ids is not None:
+            encoded = self.encoder(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values,
+                                   mm_token_type_ids=mm_token_type_ids, image_position_ids=image_position_ids)
+            past_key_values, encoder_hidden = encoded.past_key_values, encoded.last_hidden_state
+        elif past_key_values is None:
+            raise ValueError("pass `input_ids` to encode, `past_key_values` of an earlier pass, or both")
+        if decoder_input_ids is None:
+            batch = input_ids.shape[0] if input_ids is not None else past_key_values.batch_size
+            decoder_input_ids = torch.randint(0, self.config.text_config.vocab_size,
+                                              (batch, self.config.canvas_length), device=self.device)
+        decoded = self.decoder(decoder_input_ids=decoder_input_ids, past_key_values=past_key_values,
+                               self_conditioning_logits=self_conditioning_logits,
+                               self_conditioning_mask=self_conditioning_mask,
+                               decoder_attention_mask=decoder_attention_mask,
+                               decoder_position_ids=decoder_position_ids)
+        return decoded, past_key_values, encoder_hidden
+
+
+class DiffusionGemmaForBlockDiffusion(GenerationMixin, DiffusionGemmaPreTrainedModel):
+    """DiffusionGemma with its LM head (the embedding matrix) and the block-diffusion `generate`."""
+
+    def __init__(self, config: DiffusionGemmaConfig):
+        super().__init__(config)
+        self.model = DiffusionGemmaModel(config)
+        self.generation_config = DiffusionGemmaGenerationConfig()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits, soft-capped."""
+        logits = F.linear(hidden, self.model.backbone.embed_tokens.weight).float()
+        cap = self.config.text_config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        self_conditioning_logits: torch.Tensor | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+    ) -> BlockDiffusionOutput:
+        decoded, cache, encoder_hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+            position_ids=position_ids, decoder_input_ids=decoder_input_ids,
+            self_conditioning_logits=self_conditioning_logits, self_conditioning_mask=self_conditioning_mask,
+            decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
+            pixel_values=pixel_values, mm_token_type_ids=mm_token_type_ids, image_position_ids=image_position_ids)
+        return BlockDiffusionOutput(logits=self.logits(decoded.last_hidden_state), past_key_values=cache,
+                                    last_hidden_state=decoded.last_hidden_state,
+                                    encoder_last_hidden_state=encoder_hidden)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random DiffusionGemma checkpoints made with the reference implementation."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+TINY_TEXT = dict(
+    vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, sliding_window=12,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    num_experts=8, top_k_experts=2, moe_intermediate_size=32, max_position_embeddings=4096,
+    use_bidirectional_attention="vision",
+)
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=8, position_embedding_size=64, patch_size=4)
+
+
+@torch.no_grad()
+def randomize(model, seed=0):
+    """The reference initialises norms and scales to one; random values make a wrong formula show."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point() or "inv_freq" in name or "embed_scale" in name:
+            continue
+        noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name or leaf in ("scale", "per_expert_scale", "layer_scalar"):
+            tensor.copy_(1.0 + 0.2 * noise)
+        elif "position_embedding_table" in name:
+            tensor.copy_(noise)
+        elif leaf in ("input_min", "output_min", "input_max", "output_max", "std_bias", "std_scale"):
+            continue
+        else:
+            tensor.copy_(0.05 * noise)
+    return model
+
+
+def make_reference(text_overrides=None, canvas_length=8, vision=True, seed=0):
+    from transformers import DiffusionGemmaConfig as RefConfig
+    from transformers import DiffusionGemmaForBlockDiffusion as RefModel
+
+    text = {**TINY_TEXT, **(text_overrides or {})}
+    config = RefConfig(text_config=text, vision_config=TINY_VISION if vision else None, canvas_length=canvas_length,
+                       image_token_id=text["vocab_size"] - 1, boi_token_id=text["vocab_size"] - 3,
+                       eoi_token_id=text["vocab_size"] - 2)
+    torch.manual_seed(seed)
+    model = RefModel(config).eval()
+    return randomize(model, seed)
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory):
+    """(reference model, folder it was saved to) for the default tiny config."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model = make_reference()
+    model.save_pretrained(folder)
+    return model, str(folder)
