@@ -31,7 +31,8 @@ DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
                "float64": torch.float64}
 ENCODER_TEXT = "model.encoder.language_model."
 DECODER = "model.decoder."
-VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION_TOWER = "model.encoder.vision_tower."
+EMBED_VISION = "model.encoder.embed_vision."
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
 
@@ -143,26 +144,31 @@ def _open_weights(folder: str) -> dict[str, SafetensorsFile]:
     return {name: weights for name in weights.entries}
 
 
+def _module_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module, str]]:
+    """(name, tensor, owner module, attribute) for every parameter and persistent buffer."""
+    for module_name, owner in module.named_modules():
+        for attr, tensor in list(owner._parameters.items()) + list(owner._buffers.items()):
+            if tensor is not None and attr not in owner._non_persistent_buffers_set:
+                yield (f"{module_name}.{attr}" if module_name else attr), tensor, owner, attr
+
+
 def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, list[str], torch.Tensor, nn.Module, str]]:
     """(stored name, other names it may be stored under, tensor, owner module, attribute) for every
     tensor of the model; the stored names are the reference's."""
     core = model.model if hasattr(model, "model") else model
-    backbone = core.backbone
-    for module_name, module in backbone.named_modules():
-        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is None or attr in module._non_persistent_buffers_set:
-                continue
-            name = f"{module_name}.{attr}" if module_name else attr
-            if attr == "encoder_layer_scalar":
-                yield f"{ENCODER_TEXT}{module_name}.layer_scalar", [], tensor, module, attr
-            elif attr == "decoder_layer_scalar":
-                yield f"{DECODER}{module_name}.layer_scalar", [], tensor, module, attr
-            else:
-                aliases = [ENCODER_TEXT + name] + (["lm_head.weight"] if name == "embed_tokens.weight" else [])
-                yield DECODER + name, aliases, tensor, module, attr
-    for name, tensor in core.decoder.self_conditioning.named_parameters():
-        owner_name, _, attr = name.rpartition(".")
-        yield f"{DECODER}self_conditioning.{name}", [], tensor, core.decoder.self_conditioning.get_submodule(owner_name), attr
+    for name, tensor, owner, attr in _module_tensors(core.backbone):
+        if attr in ("encoder_layer_scalar", "decoder_layer_scalar"):
+            role = ENCODER_TEXT if attr.startswith("encoder") else DECODER
+            yield f"{role}{name.rpartition('.')[0]}.layer_scalar", [], tensor, owner, attr
+        else:
+            aliases = [ENCODER_TEXT + name] + (["lm_head.weight"] if name == "embed_tokens.weight" else [])
+            yield DECODER + name, aliases, tensor, owner, attr
+    parts = [(DECODER + "self_conditioning.", core.decoder.self_conditioning)]
+    if core.encoder.vision_tower is not None:
+        parts += [(VISION_TOWER, core.encoder.vision_tower), (EMBED_VISION, core.encoder.embed_vision)]
+    for prefix, module in parts:
+        for name, tensor, owner, attr in _module_tensors(module):
+            yield prefix + name, [], tensor, owner, attr
 
 
 def _target_dtype(dtype, config: DiffusionGemmaConfig, stored: torch.dtype) -> torch.dtype:
@@ -218,14 +224,11 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} tensors: {_listing(missing)}")
 
-    vision = {name: located[name].read(name) for name in located if name.startswith(VISION_PREFIXES)}
-    used.update(vision)
     unexpected = sorted(set(located) - used)
     if unexpected:
         raise ValueError(f"the checkpoint holds {len(unexpected)} tensors this model does not have: "
                          f"{_listing(unexpected)}")
     core = model.model if hasattr(model, "model") else model
-    core.encoder.vision_weights = vision
     core.backbone.reset_computed_buffers()
 
     generation_path = os.path.join(folder, "generation_config.json")
@@ -255,7 +258,6 @@ def save_pretrained(model, folder, max_shard_size: int | str = "5GB") -> None:
     os.makedirs(folder, exist_ok=True)
     core = model.model if hasattr(model, "model") else model
     tensors = {name: tensor for name, _, tensor, _, _ in checkpoint_tensors(model)}
-    tensors.update(core.encoder.vision_weights)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
 
     limit = _parse_size(max_shard_size)

@@ -18,6 +18,7 @@ from .cache import KVCache, decoder_mask, encoder_mask
 from .config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
 from .generation import DiffusionGemmaGenerationConfig, GenerationMixin
 from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_norm
+from .vision import VisionConfig, VisionEmbedder, VisionTower, embed_images
 
 
 class TextBackbone(nn.Module):
@@ -213,14 +214,38 @@ class DiffusionGemmaEncoderTextModel(DiffusionGemmaPreTrainedModel):
         return EncoderOutput(last_hidden_state=hidden, past_key_values=cache)
 
 
+def image_block_ids(mm_token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Per token, the index of the image it belongs to (consecutive image tokens form one image), -1 for text."""
+    is_image = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
+    starts = is_image.clone()
+    starts[:, 1:] &= ~is_image[:, :-1]
+    return torch.where(is_image, starts.cumsum(dim=1) - 1, -1)
+
+
 class DiffusionGemmaEncoderModel(DiffusionGemmaPreTrainedModel):
-    """The encoder: text backbone plus, in checkpoints that have one, the vision tower."""
+    """The encoder: text backbone plus, in checkpoints that have one, the vision tower whose soft tokens
+    replace the prompt's image placeholder tokens."""
 
     def __init__(self, config: DiffusionGemmaConfig, backbone: TextBackbone | None = None):
         super().__init__(config)
         self.language_model = DiffusionGemmaEncoderTextModel(config.text_config, backbone)
-        # Vision tensors are carried through load and save unchanged until the vision tower runs them.
-        self.vision_weights: dict[str, torch.Tensor] = {}
+        self.vision_tower = self.embed_vision = None
+        if config.vision_config is not None:
+            vision_config = VisionConfig.from_dict(config.vision_config)
+            self.vision_tower = VisionTower(vision_config)
+            self.embed_vision = VisionEmbedder(vision_config, config.text_config.hidden_size)
+
+    def _insert_images(self, input_ids, embeds, pixel_values, image_position_ids):
+        if self.vision_tower is None:
+            raise ValueError("this checkpoint has no vision tower, so it cannot take `pixel_values`")
+        if input_ids is None or image_position_ids is None:
+            raise ValueError("`pixel_values` need `input_ids` with image tokens and `image_position_ids`")
+        features = embed_images(self.vision_tower, self.embed_vision, pixel_values, image_position_ids)
+        slots = input_ids == self.config.image_token_id
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(f"the prompt has {int(slots.sum())} image tokens but the images give "
+                             f"{features.shape[0]} soft tokens; they must match")
+        return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
 
     def forward(
         self,
@@ -233,10 +258,17 @@ class DiffusionGemmaEncoderModel(DiffusionGemmaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         image_position_ids: torch.Tensor | None = None,
     ) -> EncoderOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.language_model.backbone.embed(input_ids)
         if pixel_values is not None:
-            raise NotImplementedError("image inputs are not supported yet by this engine (text only)")
-        return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds)
+            inputs_embeds = self._insert_images(input_ids, inputs_embeds, pixel_values, image_position_ids)
+        block_ids = None
+        if mm_token_type_ids is not None and self.config.text_config.use_bidirectional_attention == "vision":
+            block_ids = image_block_ids(mm_token_type_ids.to(inputs_embeds.device))
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values, block_ids=block_ids)
 
 
 class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import RMSNorm, rms_norm
+
 __all__ = ["VisionConfig", "VisionTower", "VisionEmbedder", "embed_images"]
 
 _ACTIVATIONS = {
@@ -140,25 +142,6 @@ def _rope_theta(config: dict) -> float:
     return _DEFAULT_ROPE_THETA
 
 
-def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Root-mean-square norm in float32, the result cast back to the input's dtype."""
-    y = x.float()
-    y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        y = y * weight.float()
-    return y.type_as(x)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.eps, self.weight)
-
-
 class ClippableLinear(nn.Module):
     """A bias-free linear layer whose input and output may be clamped to learned bounds."""
 
@@ -234,7 +217,7 @@ class VisionAttention(nn.Module):
         heads_shape = (*x.shape[:-1], -1, self.head_dim)
         q = apply_axial_rope(self.q_norm(self.q_proj(x).view(heads_shape)), cos, sin).transpose(1, 2)
         k = apply_axial_rope(self.k_norm(self.k_proj(x).view(heads_shape)), cos, sin).transpose(1, 2)
-        v = rms_norm(self.v_proj(x).view(heads_shape), self.eps).transpose(1, 2)
+        v = rms_norm(self.v_proj(x).view(heads_shape), None, self.eps).transpose(1, 2)
         if self.kv_groups > 1:
             k = k.repeat_interleave(self.kv_groups, dim=1)
             v = v.repeat_interleave(self.kv_groups, dim=1)
@@ -371,7 +354,7 @@ class VisionEmbedder(nn.Module):
         self.embedding_projection = nn.Linear(config.hidden_size, text_hidden_size, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.embedding_projection(rms_norm(features, self.eps))
+        return self.embedding_projection(rms_norm(features, None, self.eps))
 
 
 def embed_images(
