@@ -21,7 +21,8 @@ from .config import DiffusionGemmaTextConfig
 class LayerCache:
     def __init__(self, is_sliding: bool, sliding_window: int):
         self.is_sliding = is_sliding
-        self.keep = sliding_window - 1 if is_sliding else None
+        # A sliding layer never looks further back than `window - 1` tokens before the new ones.
+        self.keep = sliding_window - 1
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.start = 0  # absolute index of the token in buffer slot 0
@@ -50,24 +51,28 @@ class LayerCache:
         self.start += drop
         self.used = kept
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, canvas_room: int):
-        """Commit new tokens; returns (keys, values, absolute index of the first returned key)."""
+    def _write(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        """Writes after the committed tokens; returns (keys, values, absolute index of the first key) over
+        what the new tokens may attend to. Sliding layers return exactly the `window - 1` tokens before the
+        new ones, as the reference's cache does: attending over more keys, even masked ones, would change
+        the kernel's summation order and with it the last bits."""
         count = keys.shape[2]
-        self._reserve(keys, count + canvas_room)
-        self.keys[:, :, self.used:self.used + count] = keys
-        self.values[:, :, self.used:self.used + count] = values
-        self.used += count
-        return self.keys[:, :, :self.used], self.values[:, :, :self.used], self.start
-
-    def with_canvas(self, keys: torch.Tensor, values: torch.Tensor):
-        """Prefix + canvas for one decoder pass, without committing the canvas."""
-        count = keys.shape[2]
-        self._reserve(keys, count)
+        self._reserve(keys, room)
         self.keys[:, :, self.used:self.used + count] = keys
         self.values[:, :, self.used:self.used + count] = values
         first = max(self.used - self.keep, 0) if self.is_sliding else 0
         end = self.used + count
         return self.keys[:, :, first:end], self.values[:, :, first:end], self.start + first
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, canvas_room: int):
+        """Commits new tokens (the encoder)."""
+        visible = self._write(keys, values, keys.shape[2] + canvas_room)
+        self.used += keys.shape[2]
+        return visible
+
+    def with_canvas(self, keys: torch.Tensor, values: torch.Tensor):
+        """Prefix + canvas for one decoder pass, without committing the canvas."""
+        return self._write(keys, values, keys.shape[2])
 
 
 class KVCache:

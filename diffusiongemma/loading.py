@@ -211,16 +211,21 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs
 
     used, missing = set(), []
     for name, aliases, tensor, module, attr in checkpoint_tensors(model):
-        source = next((n for n in [name, *aliases] if n in located), None)
-        if source is None:
+        stored = [n for n in [name, *aliases] if n in located]
+        if not stored:
             missing.append(name)
             continue
-        used.update(n for n in [name, *aliases] if n in located)
-        stored_shape = located[source].shape(source)
-        if stored_shape != tuple(tensor.shape):
-            raise ValueError(f"tensor {source!r} has shape {list(stored_shape)} in the checkpoint, "
-                             f"but the config implies {list(tensor.shape)}")
-        located[source].read_into(source, tensor)
+        used.update(stored)
+        for source in stored:
+            if located[source].shape(source) != tuple(tensor.shape):
+                raise ValueError(f"tensor {source!r} has shape {list(located[source].shape(source))} in the "
+                                 f"checkpoint, but the config implies {list(tensor.shape)}")
+        located[stored[0]].read_into(stored[0], tensor)
+        for copy in stored[1:]:
+            # One backbone serves both roles, so copies stored under both must agree.
+            if not torch.equal(located[copy].read(copy).to(tensor.device, tensor.dtype), tensor):
+                raise ValueError(f"the checkpoint stores different values under {stored[0]!r} and {copy!r}; "
+                                 "this engine shares one copy between the encoder and the decoder")
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} tensors: {_listing(missing)}")
 

@@ -1,17 +1,25 @@
-"""Chat prompts: render a checkpoint's Jinja chat template and tokenize the result."""
+"""Chat prompts: render a checkpoint's Jinja chat template, tokenize the result and prepare its images."""
 
 import json
+from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+import torch
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .image_processing import ImageProcessor
 from .tokenizer import TOKENIZER_FILES, DiffusionGemmaTokenizer, snapshot_folder
 
-CHAT_TEMPLATE_FILES = ["processor_config.json", "chat_template.json", "chat_template.jinja"]
+PROCESSOR_FILES = ["processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja"]
+# The keys the reference reads an image part's source from.
+IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+# Each image costs up to max_soft_tokens prompt tokens and max_soft_tokens * 9 patches of pixels, so an
+# unbounded count would let one request exhaust memory.
+DEFAULT_MAX_IMAGES = 32
 
 
 def _raise_exception(message: str):
@@ -49,35 +57,78 @@ def read_chat_template(folder: Path) -> str | None:
     return json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
 
 
+def _checked_part(part) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part
+    if kind == "image_url":
+        # OpenAI-style part, rewritten to the Hugging Face form as the reference does.
+        url = part.get("image_url")
+        part = {"type": "image", "url": url.get("url") if isinstance(url, dict) else url}
+    elif kind != "image":
+        raise ValueError(
+            "content parts must look like {'type': 'text', 'text': str} or {'type': 'image', 'image': ...}, "
+            f"got {repr(part)[:200]}"
+        )
+    keys = sorted(key for key, value in part.items() if value is not None)
+    if len(set(keys) & set(IMAGE_SOURCE_KEYS)) != 1:
+        raise ValueError(f"an image part needs exactly one of the keys {IMAGE_SOURCE_KEYS}, got keys {keys}")
+    return part
+
+
 def _checked_message(message) -> dict:
     """A message with its `None` fields dropped; the single place that decides which content parts are accepted."""
     if not isinstance(message, dict) or "role" not in message:
         raise ValueError(f"each message must be a dict with a 'role' and a 'content', got {message!r}")
     message = {key: value for key, value in message.items() if value is not None}
     content = message.get("content", "")
-    parts = [] if isinstance(content, str) else content
-    if not isinstance(parts, list):
+    if isinstance(content, str):
+        return message
+    if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
-    for part in parts:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("image", "image_url"):
-            raise NotImplementedError("image inputs are not supported yet: send text-only messages")
-        if kind != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"content parts must look like {{'type': 'text', 'text': str}}, got {part!r}")
-    return message
+    return {**message, "content": [_checked_part(part) for part in content]}
+
+
+def _image_sources(messages: list[dict]) -> list:
+    """The images of checked messages, in prompt order."""
+    parts = [part for message in messages if isinstance(message.get("content"), list) for part in message["content"]]
+    sources = []
+    for part in filter(lambda part: part["type"] == "image", parts):
+        key = next(key for key in IMAGE_SOURCE_KEYS if part.get(key) is not None)
+        # A bare base64 payload becomes a data: URL, a form the image loader decodes.
+        bare_base64 = key == "base64" and isinstance(part[key], str) and not part[key].startswith("data:")
+        sources.append(f"data:;base64,{part[key]}" if bare_base64 else part[key])
+    return sources
 
 
 class DiffusionGemmaProcessor:
-    """Turns chat conversations into model inputs and generated ids back into text."""
+    """Turns chat conversations (text and images) into model inputs and generated ids back into text."""
 
-    def __init__(self, tokenizer: DiffusionGemmaTokenizer, chat_template: str | None = None):
+    def __init__(
+        self,
+        tokenizer: DiffusionGemmaTokenizer,
+        chat_template: str | None = None,
+        image_processor: ImageProcessor | None = None,
+        max_images: int = DEFAULT_MAX_IMAGES,
+    ):
+        if not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1:
+            raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        # Text-only checkpoints define none of these.
+        self.boi_token, self.image_token, self.eoi_token, self.image_token_id = (
+            getattr(tokenizer, name, None) for name in ("boi_token", "image_token", "eoi_token", "image_token_id")
+        )
+        self.image_processor = ImageProcessor() if image_processor is None else image_processor
+        self.max_images = max_images
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path) -> "DiffusionGemmaProcessor":
-        folder = snapshot_folder(path_or_repo_id, TOKENIZER_FILES + CHAT_TEMPLATE_FILES)
-        return cls(DiffusionGemmaTokenizer.from_pretrained(folder), read_chat_template(folder))
+    def from_pretrained(
+        cls, path_or_repo_id: str | Path, max_images: int = DEFAULT_MAX_IMAGES
+    ) -> "DiffusionGemmaProcessor":
+        folder = snapshot_folder(path_or_repo_id, TOKENIZER_FILES + PROCESSOR_FILES)
+        tokenizer = DiffusionGemmaTokenizer.from_pretrained(folder)
+        return cls(tokenizer, read_chat_template(folder), ImageProcessor.from_pretrained(folder), max_images)
 
     def apply_chat_template(
         self,
@@ -88,14 +139,17 @@ class DiffusionGemmaProcessor:
         return_tensors: str | None = None,
         padding: bool | str = True,
         chat_template: str | None = None,
+        max_soft_tokens: int | None = None,
         **template_kwargs,
     ):
         """Render one conversation (a list of messages) or a batch of them with the chat template.
 
-        Without `tokenize`, returns the text (a list of texts for a batch). With it, returns `input_ids`
-        batch-first (one row even for a single conversation, as the reference processor does), left-padded
-        unless `padding=False`; with `return_dict`, a dict that also holds the `attention_mask`. Extra keyword
-        arguments become template variables.
+        Without `tokenize`, returns the text (a list of texts for a batch), one image token per image part.
+        With it, returns `input_ids` batch-first (one row even for a single conversation, as the reference
+        processor does), left-padded unless `padding=False`, each image token expanded to the image's soft
+        tokens; with `return_dict`, everything `__call__` returns. Image parts are `{"type": "image", key: source}`
+        with `key` one of `IMAGE_SOURCE_KEYS`, or OpenAI's `{"type": "image_url", "image_url": {"url": source}}`.
+        Extra keyword arguments become template variables.
         """
         template = chat_template or self.chat_template
         if template is None:
@@ -103,7 +157,9 @@ class DiffusionGemmaProcessor:
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError("conversation must be a non-empty list of messages, or a list of such lists")
         batched = isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
+        conversations = [
+            [_checked_message(m) for m in messages] for messages in (conversation if batched else [conversation])
+        ]
         variables = {
             "tools": None,
             "documents": None,
@@ -111,17 +167,96 @@ class DiffusionGemmaProcessor:
             **template_kwargs,
             "add_generation_prompt": add_generation_prompt,
         }
-        texts = [
-            _compile(template).render(messages=[_checked_message(m) for m in messages], **variables)
-            for messages in conversations
-        ]
+        texts = [_compile(template).render(messages=messages, **variables) for messages in conversations]
         if not tokenize:
             return texts if batched else texts[0]
         # Like the reference, add BOS only when the template did not write one itself.
         bos = self.tokenizer.bos_token
-        add_bos = bos is None or not texts[0].startswith(bos)
-        encoded = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, add_special_tokens=add_bos)
+        encoded = self(
+            texts,
+            images=[_image_sources(messages) for messages in conversations],
+            max_soft_tokens=max_soft_tokens,
+            padding=padding,
+            return_tensors=return_tensors,
+            add_special_tokens=bos is None or not texts[0].startswith(bos),
+        )
         return encoded if return_dict else encoded["input_ids"]
+
+    def __call__(
+        self,
+        text: str | list[str],
+        images=None,
+        max_soft_tokens: int | None = None,
+        padding: bool | str = True,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict:
+        """Model inputs for prompt texts that hold one image token per image.
+
+        `images`: one image, a flat list in prompt order across the batch, or one list per text; each image is
+        anything `load_image` reads. Returns batch-first `input_ids`, `attention_mask` and `mm_token_type_ids`
+        (1 on image soft tokens, 0 elsewhere), and when there are images `pixel_values` float32
+        [images, max_patches, 3 * patch_size**2] and `image_position_ids` int64 [images, max_patches, 2].
+        """
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text must be a string or a non-empty list of strings")
+        image_processor = self.image_processor
+        if max_soft_tokens is not None:
+            image_processor = replace(image_processor, max_soft_tokens=max_soft_tokens)
+        processed = self._process_images(self._images_per_text(texts, images), image_processor)
+        soft_tokens = iter(n for out in processed for n in out["num_soft_tokens_per_image"])
+        texts = [self._expand_image_tokens(t, soft_tokens) for t in texts]
+        encoded = self.tokenizer(
+            texts, padding=padding, return_tensors=return_tensors, add_special_tokens=add_special_tokens
+        )
+        ids = encoded["input_ids"]
+        rows = ids.tolist() if torch.is_tensor(ids) else ids
+        types = [[int(token == self.image_token_id) for token in row] for row in rows]
+        encoded["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long) if torch.is_tensor(ids) else types
+        if processed:
+            encoded["pixel_values"] = torch.cat([out["pixel_values"] for out in processed])
+            encoded["image_position_ids"] = torch.cat([out["image_position_ids"] for out in processed])
+        return encoded
+
+    def _images_per_text(self, texts: list[str], images) -> list[list]:
+        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
+        nested = bool(images) and all(isinstance(group, (list, tuple)) for group in images)
+        given = [len(group) for group in images] if nested else [len(images)]
+        if sum(given) and None in (self.boi_token, self.image_token, self.eoi_token):
+            raise ValueError("images need a tokenizer with a boi_token, an image_token and an eoi_token")
+        wanted = [t.count(self.image_token) for t in texts] if self.image_token else [0] * len(texts)
+        if nested and given != wanted:
+            raise ValueError(f"expected {wanted} images per prompt (one per image token), got {given}")
+        if not nested and sum(given) != sum(wanted):
+            raise ValueError(f"expected {sum(wanted)} images (one per image token in the prompts), got {sum(given)}")
+        flat = iter(image for group in images for image in group) if nested else iter(images)
+        groups = [[next(flat) for _ in range(n)] for n in wanted]
+        for index, group in enumerate(groups):
+            if len(group) > self.max_images:
+                raise ValueError(f"prompt {index} has {len(group)} images, more than max_images={self.max_images}")
+        return groups
+
+    @staticmethod
+    def _process_images(groups: list[list], image_processor: ImageProcessor) -> list[dict]:
+        processed = []
+        for prompt, group in enumerate(groups):
+            for index, image in enumerate(group):
+                try:
+                    # Wrapped in a list, so that a nested list cannot pass for several images.
+                    processed.append(image_processor([image]))
+                except ValueError as err:
+                    raise ValueError(f"image {index} of prompt {prompt}: {err}") from err
+        return processed
+
+    def _expand_image_tokens(self, text: str, soft_tokens) -> str:
+        if self.image_token is None:
+            return text
+        head, *rest = text.split(self.image_token)
+        pieces = [head]
+        for piece in rest:
+            pieces += [self.boi_token, self.image_token * next(soft_tokens), self.eoi_token, piece]
+        return "".join(pieces)
 
     def decode(self, ids, skip_special_tokens: bool = False, **kwargs):
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
@@ -134,5 +269,5 @@ class AutoProcessor:
     """Name-compatible entry point: `AutoProcessor.from_pretrained(...)` gives a `DiffusionGemmaProcessor`."""
 
     @staticmethod
-    def from_pretrained(path_or_repo_id: str | Path) -> DiffusionGemmaProcessor:
-        return DiffusionGemmaProcessor.from_pretrained(path_or_repo_id)
+    def from_pretrained(path_or_repo_id: str | Path, max_images: int = DEFAULT_MAX_IMAGES) -> DiffusionGemmaProcessor:
+        return DiffusionGemmaProcessor.from_pretrained(path_or_repo_id, max_images)

@@ -232,7 +232,9 @@ def test_tokenized_template_matches_reference(processor, ref_processor, conversa
     kwargs = dict(add_generation_prompt=True, tokenize=True, return_tensors=return_tensors)
     got = processor.apply_chat_template(conversation, return_dict=True, **kwargs)
     expected = ref_processor.apply_chat_template(conversation, return_dict=True, **kwargs)
-    for key in ("input_ids", "attention_mask"):
+    # Text-only prompts also get all-zero mm_token_type_ids, as from the reference.
+    assert list(got) == list(expected) == ["input_ids", "attention_mask", "mm_token_type_ids"]
+    for key in expected:
         assert (got[key].tolist() if return_tensors else got[key]) == (
             expected[key].tolist() if return_tensors else expected[key]
         )
@@ -245,7 +247,7 @@ def test_unpadded_batch_matches_reference(processor, ref_processor):
     batch = [CONVERSATION, SHORT]
     got = processor.apply_chat_template(batch, tokenize=True, return_dict=True, padding=False)
     expected = ref_processor.apply_chat_template(batch, tokenize=True, return_dict=True, processor_kwargs={"padding": False})
-    assert got["input_ids"] == expected["input_ids"] and got["attention_mask"] == expected["attention_mask"]
+    assert got == dict(expected)
     with pytest.raises(ValueError, match="padding=True"):
         processor.apply_chat_template(batch, tokenize=True, padding=False, return_tensors="pt")
 
@@ -292,9 +294,10 @@ def test_decode_delegates_to_the_tokenizer(processor, ref):
 
 
 def test_chat_errors(processor, ref_processor):
-    image_message = [{"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "?"}]}]
-    with pytest.raises(NotImplementedError, match="image inputs are not supported yet"):
-        processor.apply_chat_template(image_message)
+    missing_image = [{"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "?"}]}]
+    assert "<image_soft_token>?" in processor.apply_chat_template(missing_image)  # rendering never opens images
+    with pytest.raises(ValueError, match="image 0 of prompt 0: image 'cat.png' is not an existing file"):
+        processor.apply_chat_template(missing_image, tokenize=True)
     with pytest.raises(ValueError, match="Unknown role 'robot'"):
         processor.apply_chat_template([{"role": "robot", "content": "beep"}])
     with pytest.raises(ValueError, match="Only the first message may have the role 'system'"):
