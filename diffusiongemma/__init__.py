@@ -3,6 +3,7 @@
 from .cache import KVCache
 from .config import DiffusionGemmaConfig, DiffusionGemmaTextConfig
 from .generation import DiffusionGemmaGenerationConfig, DiffusionGemmaGenerationOutput
+from .image_processing import ImageProcessor
 from .model import (
     DiffusionGemmaDecoderModel,
     DiffusionGemmaEncoderModel,
@@ -11,14 +12,34 @@ from .model import (
     DiffusionGemmaModel,
     DiffusionGemmaPreTrainedModel,
 )
+from .processing import AutoProcessor, DiffusionGemmaProcessor
 from .sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
 )
+from .streamers import (
+    BaseStreamer,
+    DiffusionIteratorStreamer,
+    StreamEvent,
+    TextDiffusionStreamer,
+    TextIteratorStreamer,
+    TextStreamer,
+)
+from .tokenizer import DiffusionGemmaTokenizer
 
 __all__ = [
+    "AutoProcessor",
+    "BaseStreamer",
+    "DiffusionGemmaProcessor",
+    "DiffusionGemmaTokenizer",
+    "DiffusionIteratorStreamer",
+    "ImageProcessor",
+    "StreamEvent",
+    "TextDiffusionStreamer",
+    "TextIteratorStreamer",
+    "TextStreamer",
     "DiffusionGemmaConfig",
     "DiffusionGemmaDecoderModel",
     "DiffusionGemmaEncoderModel",

@@ -39,14 +39,15 @@ def randomize(model, seed=0):
     return model
 
 
-def make_reference(text_overrides=None, canvas_length=8, vision=True, seed=0):
+def make_reference(text_overrides=None, canvas_length=8, vision=True, seed=0, image_token_ids=None):
+    """A randomised reference model; `image_token_ids` = (boi, eoi, image), by default the top three ids."""
     from transformers import DiffusionGemmaConfig as RefConfig
     from transformers import DiffusionGemmaForBlockDiffusion as RefModel
 
     text = {**TINY_TEXT, **(text_overrides or {})}
+    boi, eoi, image = image_token_ids or (text["vocab_size"] - 3, text["vocab_size"] - 2, text["vocab_size"] - 1)
     config = RefConfig(text_config=text, vision_config=TINY_VISION if vision else None, canvas_length=canvas_length,
-                       image_token_id=text["vocab_size"] - 1, boi_token_id=text["vocab_size"] - 3,
-                       eoi_token_id=text["vocab_size"] - 2)
+                       image_token_id=image, boi_token_id=boi, eoi_token_id=eoi)
     torch.manual_seed(seed)
     model = RefModel(config).eval()
     return randomize(model, seed)
