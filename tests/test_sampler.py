@@ -1,0 +1,216 @@
+"""The sampler, the stopping criteria, the temperature schedule, the generation settings and
+`tokens_per_forward`, against hand-computed expectations."""
+
+import math
+
+import pytest
+import torch
+
+from diffusiongemma import (
+    DiffusionGemmaConfig,
+    DiffusionGemmaForBlockDiffusion,
+    DiffusionGemmaGenerationConfig,
+    DiffusionGemmaTextConfig,
+    EntropyBoundSampler,
+    EntropyBoundSamplerConfig,
+    KVCache,
+    LinearTemperatureScheduleLogitsProcessor,
+    StableAndConfidentStoppingCriteria,
+)
+from diffusiongemma.cache import encoder_mask
+from diffusiongemma.sampler import token_entropy
+
+
+def tiny_model(canvas_length=4, **text):
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=6, num_experts=4,
+                top_k_experts=2, moe_intermediate_size=16, **text)
+    torch.manual_seed(0)
+    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=DiffusionGemmaTextConfig(**text),
+                                                               canvas_length=canvas_length)).eval()
+
+
+def test_entropy_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [0.0, -float("inf")], [math.log(3.0), 0.0]])
+    expected = torch.tensor([math.log(2), 0.0, -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))])
+    assert torch.allclose(token_entropy(logits), expected, atol=1e-6)
+    random_logits = torch.randn(3, 7, 50)
+    assert torch.equal(token_entropy(random_logits),
+                       torch.distributions.Categorical(logits=random_logits).entropy())
+
+
+def test_entropy_bound_acceptance_by_hand():
+    sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=0.1), canvas_length=4, vocab_size=10)
+    entropy = torch.tensor([[0.05, 0.30, 0.01, 0.07]])
+    # Sorted: 0.01, 0.05, 0.07, 0.30; entropy summed before each: 0, 0.01, 0.06, 0.13 -> the first three.
+    current, denoised = torch.tensor([[1, 1, 1, 1]]), torch.tensor([[2, 3, 4, 5]])
+    accepted = sampler.accept_canvas(current, denoised, torch.zeros(1, 4, 10), entropy=entropy)
+    assert accepted.tolist() == [[2, 1, 4, 5]]
+    assert sampler.accepted_token_mask.tolist() == [[True, False, True, True]]
+    # However high its entropy, the lowest-entropy position is accepted.
+    accepted = sampler.accept_canvas(current, denoised, torch.zeros(1, 4, 10), entropy=torch.tensor([[9., 8., 7., 6.]]))
+    assert accepted.tolist() == [[1, 1, 1, 5]]
+
+
+def test_acceptance_from_logits_and_renoising():
+    sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=0.5), canvas_length=3, vocab_size=1000)
+    logits = torch.full((1, 3, 1000), -30.0)
+    logits[0, 0, 7] = 30.0  # certain
+    logits[0, 2] = 0.0  # uniform: entropy log(1000)
+    logits[0, 1, :2] = 30.0  # two-way tie: entropy log(2)
+    accepted = sampler.accept_canvas(torch.tensor([[0, 0, 0]]), torch.tensor([[7, 1, 9]]), logits)
+    assert accepted.tolist() == [[7, 1, 0]]  # 0 + log 2 > 0.5 stops before the uniform position
+    torch.manual_seed(3)
+    renoised = sampler.renoise_canvas(accepted)
+    torch.manual_seed(3)
+    noise = torch.randint(0, 1000, (1, 3))
+    assert renoised.tolist() == [[7, 1, int(noise[0, 2])]]
+
+
+def test_sampler_config_validation_and_round_trip():
+    config = EntropyBoundSamplerConfig(entropy_bound=0.25)
+    assert config.to_dict() == {"entropy_bound": 0.25, "_cls_name": "EntropyBoundSamplerConfig"}
+    for bad in (0, -1.0, "0.1", True):
+        with pytest.raises(ValueError, match="entropy_bound"):
+            EntropyBoundSamplerConfig(entropy_bound=bad)
+
+
+def test_temperature_schedule_by_hand():
+    schedule = LinearTemperatureScheduleLogitsProcessor(t_min=0.4, t_max=0.8, max_denoising_steps=4)
+    scores = torch.ones(1, 2, 3)
+    for step, temperature in zip((4, 3, 2, 1), (0.8, 0.7, 0.6, 0.5)):
+        out = schedule(None, scores, cur_step=torch.tensor(step, dtype=torch.int32))
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, scores / temperature)
+
+
+def test_stable_and_confident_by_hand():
+    stop = StableAndConfidentStoppingCriteria(stability_threshold=2, confidence_threshold=0.1)
+    certain = torch.full((2, 3, 5), -50.0)
+    certain[..., 0] = 50.0
+    unsure = torch.zeros(2, 3, 5)
+    canvas = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert stop(canvas, certain).tolist() == [False, False]  # no history yet
+    assert stop(canvas, certain).tolist() == [False, False]  # one step of history
+    changed = canvas.clone()
+    changed[1, 0] = 9
+    assert stop(changed, certain).tolist() == [True, False]  # row 0 stable for two steps; row 1 changed
+    assert stop(changed, unsure).tolist() == [False, False]  # stable, but not confident
+    stop.reset()
+    assert stop(changed, certain).tolist() == [False, False]
+    always_stable = StableAndConfidentStoppingCriteria(stability_threshold=0, confidence_threshold=0.1)
+    assert always_stable(canvas, certain).tolist() == [True, True]
+
+
+def test_tokens_per_forward_by_hand():
+    """Row 0 writes EOS at canvas position 2 and finishes after one canvas; row 1 never does. With 3
+    fixed steps per canvas and 2 canvases: row 0 has 3 tokens over 3 passes, row 1 8 over 6."""
+    model = tiny_model()
+    eos, word = 11, 5
+
+    def force(input_ids, scores):
+        forced = torch.full_like(scores, -1e4)
+        forced[..., word] = 0.0
+        forced[0, 2] = -1e4
+        forced[0, 2, eos] = 0.0
+        return forced
+
+    out = model.generate(torch.tensor([[3, 4], [3, 4]]), max_new_tokens=8, max_denoising_steps=3,
+                         confidence_threshold=None, eos_token_id=eos, pad_token_id=0, logits_processor=[force])
+    assert out.sequences[:, 2:].tolist() == [[5, 5, 11, 0, 0, 0, 0, 0], [5] * 8]
+    assert torch.allclose(out.tokens_per_forward, torch.tensor([3 / 3, 8 / 6]))
+
+
+def test_generation_settings_priority_and_defaults():
+    model = tiny_model()
+    model.generation_config = DiffusionGemmaGenerationConfig(max_denoising_steps=7, t_min=0.1, t_max=0.2)
+    config, model_kwargs = model._generation_settings(DiffusionGemmaGenerationConfig(t_max=0.9), {"t_min": 0.3,
+                                                                                                  "use_cache": True})
+    assert (config.max_denoising_steps, config.t_min, config.t_max) == (7, 0.3, 0.9)
+    assert config.max_new_tokens == 256 and config.sampler_config.entropy_bound == 0.1
+    assert (config.stability_threshold, config.confidence_threshold) == (1, 0.005)
+    assert model_kwargs == {}
+    assert model.generation_config.t_min == 0.1  # the model's own config is not modified
+
+
+def test_generation_config_round_trip(tmp_path):
+    config = DiffusionGemmaGenerationConfig.from_dict({
+        "max_denoising_steps": 48, "eos_token_id": [1, 106, 50], "pad_token_id": 0, "t_min": 0.4, "t_max": 0.8,
+        "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+        "stability_threshold": 1, "confidence_threshold": 0.005, "transformers_version": "5.23.0"})
+    assert config.sampler_config == EntropyBoundSamplerConfig(entropy_bound=0.1)
+    config.save_pretrained(tmp_path)
+    assert DiffusionGemmaGenerationConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_denoising_steps=0), "max_denoising_steps"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(t_min=0.5, t_max=0.5), "t_max"),
+    (dict(t_min=-1.0), "t_min"),
+    (dict(stability_threshold=-1), "stability_threshold"),
+    (dict(confidence_threshold=0), "confidence_threshold"),
+    (dict(sampler_config=0.1), "sampler_config"),
+    (dict(sampler_config={"_cls_name": "TopKSamplerConfig", "k": 3}), "sampler_config"),
+    (dict(eos_token_id="</s>"), "eos_token_id"),
+    (dict(cache_implementation="quantized"), "cache_implementation"),
+    (dict(temperature=0.7), "temperature"),
+])
+def test_invalid_generation_parameters_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionGemmaGenerationConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        tiny_model().generate(torch.tensor([[3, 4]]), **kwargs)
+
+
+def test_generate_argument_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="past_key_values.*cache_implementation"):
+        model.generate(torch.tensor([[3, 4]]), past_key_values=KVCache(model.config.text_config),
+                       cache_implementation="static")
+    with pytest.raises(ValueError, match="max_length"):
+        model.generate(torch.tensor([[3, 4, 5]]), max_length=3)
+    with pytest.raises(ValueError, match="positions"):
+        model.generate(torch.tensor([[3, 4]]), max_new_tokens=200_000)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate([[3, 4]])
+
+
+def test_cache_implementation_does_not_change_the_answer():
+    model = tiny_model()
+    outputs = []
+    for implementation in (None, "dynamic", "static"):
+        torch.manual_seed(0)
+        outputs.append(model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=12, max_denoising_steps=3,
+                                      cache_implementation=implementation).sequences)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+@torch.no_grad()
+def test_results_do_not_depend_on_the_cache_layout():
+    """Caches that hold the same tokens in differently sized buffers, with sliding layers trimmed at
+    different moments, give bit-identical decoder logits."""
+    model = tiny_model()
+    chunks = [torch.randint(0, 64, (2, n), generator=torch.Generator().manual_seed(n)) for n in (5, 4, 4, 4)]
+    canvas = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(0))
+    caches = [KVCache(model.config.text_config, canvas_length=room) for room in (0, 4, 50)]
+    for chunk in chunks:
+        logits = [model(input_ids=chunk, past_key_values=cache, decoder_input_ids=canvas).logits for cache in caches]
+        assert all(torch.equal(logits[0], other) for other in logits[1:])
+    starts = {cache.layers[0].start for cache in caches}
+    assert len(starts) > 1, "the sliding layers should have been trimmed differently"
+
+
+def test_bidirectional_all_mode_masks():
+    """With use_bidirectional_attention='all' the encoder sees both ways; sliding layers within the
+    halved window |q - k| <= w // 2 + 1."""
+    config = DiffusionGemmaTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+                                      sliding_window=6, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                                      use_bidirectional_attention="all")
+    assert config.sliding_window == 4 and config.to_dict()["sliding_window"] == 6
+    full = encoder_mask(config, False, 2, 3, 0, 5, None, None, torch.device("cpu"))
+    assert full.all()
+    sliding = encoder_mask(config, True, 0, 10, 0, 10, None, None, torch.device("cpu"))[0, 0]
+    q, k = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
+    assert torch.equal(sliding, (q - k).abs() <= 4)
