@@ -53,6 +53,8 @@ class SafetensorsFile:
                 header = json.loads(handle.read(header_size))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise ValueError(f"{path} is corrupt: its header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} is corrupt: its header is not a JSON object")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_size
         self.entries = {}
@@ -69,9 +71,6 @@ class SafetensorsFile:
             if self.data_start + end > size:
                 raise ValueError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
             self.entries[name] = (dtype, shape, begin)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
 
     def read(self, name: str) -> torch.Tensor:
         """A fresh CPU tensor holding the stored values."""
@@ -144,6 +143,35 @@ def _open_weights(folder: str) -> dict[str, SafetensorsFile]:
     return {name: weights for name in weights.entries}
 
 
+class StoredTensor:
+    """Where a tensor lies: its file and its name there."""
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        self.file, self.name = file, name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.entries[self.name][1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.file.entries[self.name][0]
+
+    def read(self) -> torch.Tensor:
+        return self.file.read(self.name)
+
+    def read_into(self, target: torch.Tensor) -> None:
+        self.file.read_into(self.name, target)
+
+
+def _stored_tensors(folder: str) -> dict[str, StoredTensor]:
+    """The checkpoint's tensors by their full names; a checkpoint of the bare DiffusionGemmaModel names
+    them without the leading `model.`."""
+    located = _open_weights(folder)
+    bare = not any(name.startswith("model.") or name == "lm_head.weight" for name in located)
+    return {("model." if bare else "") + name: StoredTensor(file, name) for name, file in located.items()}
+
+
 def _module_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module, str]]:
     """(name, tensor, owner module, attribute) for every parameter and persistent buffer."""
     for module_name, owner in module.named_modules():
@@ -193,16 +221,25 @@ def _target_device(device) -> torch.device:
     return device
 
 
+HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+@torch.no_grad()
 def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs):
+    unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
+    if unknown:
+        raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype` and `device` it takes "
+                         f"{list(HUB_ARGUMENTS)}")
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no config.json in {folder}")
     config = DiffusionGemmaConfig.from_json_file(config_path)
-    located = _open_weights(folder)
-    embed = DECODER + "embed_tokens.weight"
-    stored_dtype = located[embed].entries[embed][0] if embed in located else torch.float32
-    dtype, device = _target_dtype(dtype, config, stored_dtype), _target_device(device)
+    located = _stored_tensors(folder)
+    embed = next((n for n in (DECODER + "embed_tokens.weight", ENCODER_TEXT + "embed_tokens.weight",
+                              "lm_head.weight") if n in located), None)
+    dtype = _target_dtype(dtype, config, located[embed].dtype if embed else torch.float32)
+    device = _target_device(device)
 
     with torch.device("meta"):
         model = cls(config)
@@ -217,13 +254,13 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs
             continue
         used.update(stored)
         for source in stored:
-            if located[source].shape(source) != tuple(tensor.shape):
-                raise ValueError(f"tensor {source!r} has shape {list(located[source].shape(source))} in the "
-                                 f"checkpoint, but the config implies {list(tensor.shape)}")
-        located[stored[0]].read_into(stored[0], tensor)
+            if located[source].shape != tuple(tensor.shape):
+                raise ValueError(f"tensor {source!r} has shape {list(located[source].shape)} in the checkpoint, "
+                                 f"but the config implies {list(tensor.shape)}")
+        located[stored[0]].read_into(tensor)
         for copy in stored[1:]:
             # One backbone serves both roles, so copies stored under both must agree.
-            if not torch.equal(located[copy].read(copy).to(tensor.device, tensor.dtype), tensor):
+            if not torch.equal(located[copy].read().to(tensor.device, tensor.dtype), tensor):
                 raise ValueError(f"the checkpoint stores different values under {stored[0]!r} and {copy!r}; "
                                  "this engine shares one copy between the encoder and the decoder")
     if missing:

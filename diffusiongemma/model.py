@@ -173,8 +173,13 @@ class DiffusionGemmaPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, **kwargs):
+        """Loads a checkpoint folder or Hugging Face repo id (`dtype`, `device`, and hub arguments such as
+        `revision` or `cache_dir`)."""
         from .loading import load_pretrained
 
+        if not issubclass(cls, (DiffusionGemmaModel, DiffusionGemmaForBlockDiffusion)):
+            raise ValueError(f"a checkpoint holds the whole model; load it with DiffusionGemmaForBlockDiffusion "
+                             f"or DiffusionGemmaModel, not {cls.__name__}")
         return load_pretrained(cls, path_or_repo_id, **kwargs)
 
     def save_pretrained(self, folder, **kwargs) -> None:
