@@ -154,8 +154,9 @@ class Experts(nn.Module):
         experts, hidden, inner = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, inner))
-        nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
-        nn.init.normal_(self.down_proj, std=config.initializer_range)
+        if not self.gate_up_proj.is_meta:  # a model built to be loaded needs no initial values
+            nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
+            nn.init.normal_(self.down_proj, std=config.initializer_range)
         self.act = activation(config)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

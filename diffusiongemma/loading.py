@@ -101,7 +101,7 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> str:
         return path
     if os.path.exists(path):
         raise ValueError(f"{path} is a file; pass the checkpoint folder that holds config.json")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path):
         raise FileNotFoundError(f"no checkpoint folder at {path}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -1,0 +1,437 @@
+"""The `diffusiongemma` command: generate, chat, info and init-random.
+
+A user's mistake ends in one line on stderr and a non-zero exit status; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import jinja2
+import torch
+
+from .cache import KVCache
+from .config import FULL, SLIDING, DiffusionGemmaConfig
+from .generation import DiffusionGemmaGenerationConfig
+from .loading import INDEX_NAME, WEIGHTS_NAME, resolve_folder
+from .model import DiffusionGemmaForBlockDiffusion
+from .presets import PRESETS, write_random_checkpoint
+from .processing import AutoProcessor, DiffusionGemmaProcessor
+from .sampler import EntropyBoundSamplerConfig
+from .streamers import TextDiffusionStreamer, TextStreamer
+from .vision import VisionConfig, VisionEmbedder, VisionTower
+
+PROG = "diffusiongemma"
+USER_ERRORS = (ValueError, OSError, NotImplementedError, jinja2.TemplateError, torch.OutOfMemoryError)
+GENERATION_FLAGS = ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
+                    "confidence_threshold")
+# Stands in for an earlier answer when rendering what the chat template writes after one.
+ANSWER_MARKER = "ANSWER-MARKER-4d9c"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _checkpoint_folder(model: str) -> str:
+    """The local folder of a checkpoint (fetched first for a Hub id), refused unless it is complete."""
+    folder = resolve_folder(model)
+    present = set(os.listdir(folder))
+    missing = [name for name in ("config.json", "tokenizer.json") if name not in present]
+    if not present & {WEIGHTS_NAME, INDEX_NAME}:
+        missing.append(WEIGHTS_NAME)
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint: it has no {', '.join(missing)}")
+    return folder
+
+
+def _config_file(model: str) -> str:
+    """config.json alone: `info` must not download the weights of a Hub checkpoint."""
+    if os.path.isdir(model):
+        path = os.path.join(model, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json in {model}")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(model, "config.json")
+    except (OSError, ValueError):
+        raise FileNotFoundError(f"{model} is neither a local folder nor a Hugging Face Hub checkpoint "
+                                "whose config.json could be fetched or found in the cache") from None
+
+
+def _generation_overrides(args, folder: str) -> dict:
+    """The generation parameters the user set, checked against the checkpoint's own before the weights load."""
+    if args.no_adaptive_stopping and (args.stability_threshold is not None or args.confidence_threshold is not None):
+        raise ValueError("--no-adaptive-stopping cannot be combined with --stability-threshold or "
+                         "--confidence-threshold")
+    overrides = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
+    if args.entropy_bound is not None:
+        overrides["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=args.entropy_bound)
+    if args.no_adaptive_stopping:
+        overrides.update(stability_threshold=None, confidence_threshold=None)
+    path = os.path.join(folder, "generation_config.json")
+    checkpoint = (DiffusionGemmaGenerationConfig.from_pretrained(path) if os.path.isfile(path)
+                  else DiffusionGemmaGenerationConfig())
+    checkpoint.update(**overrides)
+    return overrides
+
+
+def _load(args) -> tuple[str, DiffusionGemmaProcessor, dict]:
+    folder = _checkpoint_folder(args.model)
+    return folder, AutoProcessor.from_pretrained(folder), _generation_overrides(args, folder)
+
+
+def _load_model(folder: str, args) -> DiffusionGemmaForBlockDiffusion:
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=args.dtype, device=args.device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    return model
+
+
+class _StepCounter:
+    """Counts the denoising steps of each canvas (one draft per step) and passes every call on to `inner`."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.steps: list[int] = []
+        self._drafts = 0
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.steps.append(self._drafts)
+            self._drafts = 0
+        self._prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def put_draft(self, value, **kwargs) -> None:
+        self._drafts += 1
+        if hasattr(self.inner, "put_draft"):
+            self.inner.put_draft(value, **kwargs)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+@dataclass
+class Turn:
+    """One `generate` call. `answer` is every generated token up to and including the end-of-sequence
+    token (the padding after it is dropped); `uncached` is the part of it the cache does not hold."""
+
+    encoded: int
+    cached: int
+    answer: list[int]
+    uncached: list[int]
+    steps: list[int]
+    tokens_per_forward: float
+    seconds: float
+    cache: KVCache
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.answer) / self.seconds
+
+    def summary(self) -> str:
+        return (f"encoded {self.encoded} new tokens after {self.cached} cached; generated {len(self.answer)} tokens "
+                f"in {len(self.steps)} canvases (steps {', '.join(map(str, self.steps))}), "
+                f"{self.tokens_per_forward:.2f} tokens per forward, {self.seconds:.2f} s, "
+                f"{self.tokens_per_second:.1f} tokens/s")
+
+
+def _cut_after_eos(ids: list[int], eos: set[int]) -> list[int]:
+    end = next((i for i, token in enumerate(ids) if token in eos), None)
+    return ids if end is None else ids[:end + 1]
+
+
+def _run_turn(model, input_ids: list[int], cache: KVCache | None, display, overrides: dict) -> Turn:
+    counter = _StepCounter(display)
+    cached = 0
+    if cache is not None:
+        cached = cache.get_seq_length()
+        # `generate` refuses a cache next to a cache layout; every layout gives the same tokens here.
+        overrides = {**overrides, "cache_implementation": None}
+    start = time.perf_counter()
+    out = model.generate(torch.tensor([input_ids], device=model.device), past_key_values=cache, streamer=counter,
+                         **overrides)
+    seconds = time.perf_counter() - start
+    eos = model.generation_config.eos_token_id
+    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    generated = out.sequences[0, len(input_ids):].tolist()
+    # The last canvas is never encoded (no later canvas needed it); a follow-up turn encodes it.
+    last_canvas = generated[-model.config.canvas_length:]
+    return Turn(encoded=len(input_ids), cached=cached, answer=_cut_after_eos(generated, eos),
+                uncached=_cut_after_eos(last_canvas, eos), steps=counter.steps,
+                tokens_per_forward=out.tokens_per_forward[0].item(), seconds=seconds, cache=out.past_key_values)
+
+
+def _display(tokenizer, drafts: bool):
+    kind = TextDiffusionStreamer if drafts else TextStreamer
+    return kind(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _first_turn(processor: DiffusionGemmaProcessor, message: str) -> list[int]:
+    return processor.apply_chat_template([{"role": "user", "content": message}], tokenize=True,
+                                         add_generation_prompt=True)[0]
+
+
+def _next_turn(processor: DiffusionGemmaProcessor, answer: list[int], message: str) -> list[int]:
+    """The tokens that follow an answer the cache mostly holds: its uncached end, the template's closing of
+    the model's turn, the new message and the generation prompt. The answer itself is never re-tokenized."""
+    conversation = [{"role": "user", "content": "-"}, {"role": "assistant", "content": ANSWER_MARKER},
+                    {"role": "user", "content": message}]
+    rendered = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    if ANSWER_MARKER not in rendered:
+        raise ValueError("this chat template does not write earlier answers back, so a conversation cannot "
+                         "continue from the cache")
+    after = processor.tokenizer.encode(rendered[rendered.index(ANSWER_MARKER) + len(ANSWER_MARKER):],
+                                       add_special_tokens=False)
+    # An answer that stopped on the template's end-of-turn token already wrote the start of the closing.
+    if answer and after and answer[-1] == after[0]:
+        after = after[1:]
+    return answer + after
+
+
+def _check_fits(prompt: list[int], folder: str) -> None:
+    config = DiffusionGemmaConfig.from_json_file(os.path.join(folder, "config.json"))
+    limit = config.text_config.max_position_embeddings
+    if len(prompt) >= limit:
+        raise ValueError(f"the prompt is {len(prompt)} tokens long, but the model has only {limit} positions")
+
+
+def cmd_generate(args) -> None:
+    folder, processor, overrides = _load(args)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = processor.tokenizer.encode(text) if args.raw else _first_turn(processor, text)
+    _check_fits(prompt, folder)
+    model = _load_model(folder, args)
+    display = None if args.json else _display(processor.tokenizer, sys.stdout.isatty() and not args.no_drafts)
+    turn = _run_turn(model, prompt, None, display, overrides)
+    if args.verbose:
+        print(turn.summary(), file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            "text": processor.decode(turn.answer, skip_special_tokens=True),
+            "prompt_tokens": len(prompt),
+            "token_ids": turn.answer,
+            "tokens_per_forward": turn.tokens_per_forward,
+            "steps_per_canvas": turn.steps,
+            "seconds": turn.seconds,
+            "tokens_per_second": turn.tokens_per_second,
+        }, ensure_ascii=False))
+
+
+def _lines(interactive: bool):
+    if not interactive:
+        yield from (line.removesuffix("\n") for line in sys.stdin)
+        return
+    while True:
+        try:
+            yield input(">>> ")
+        except EOFError:
+            print()
+            return
+
+
+def cmd_chat(args) -> None:
+    folder, processor, overrides = _load(args)
+    model = _load_model(folder, args)
+    interactive = sys.stdin.isatty()
+    display = _display(processor.tokenizer, interactive and sys.stdout.isatty() and not args.no_drafts)
+    if interactive:
+        print("/reset starts a new conversation, /exit quits", file=sys.stderr)
+    cache, answer, number = None, [], 0
+    for line in _lines(interactive):
+        command = line.strip()
+        if not command:
+            continue
+        if command == "/exit":
+            break
+        if command == "/reset":
+            cache, answer = None, []
+            if interactive:
+                print("(new conversation)", file=sys.stderr)
+            continue
+        try:
+            if command.startswith("/") and " " not in command:
+                raise ValueError(f"unknown command {command}: /reset starts a new conversation, /exit quits")
+            prompt = _first_turn(processor, line) if cache is None else _next_turn(processor, answer, line)
+            turn = _run_turn(model, prompt, cache, display, overrides)
+        except ValueError as error:
+            if not interactive:
+                raise
+            _report(error)
+            continue
+        cache, answer, number = turn.cache, turn.uncached, number + 1
+        if args.verbose:
+            print(f"turn {number}: {turn.summary()}", file=sys.stderr)
+
+
+def _parameter_counts(config: DiffusionGemmaConfig, vision: VisionConfig | None) -> tuple[int, int, int]:
+    """(text total, text active per token, vision) from the config alone: modules built on the meta device
+    have shapes but no memory. Shared modules count once, so the tied embedding does too."""
+    text = config.text_config
+    with torch.device("meta"):
+        text_model = DiffusionGemmaForBlockDiffusion(dataclasses.replace(config, vision_config=None))
+        vision_modules = [VisionTower(vision), VisionEmbedder(vision, text.hidden_size)] if vision else []
+    total = sum(p.numel() for p in text_model.parameters())
+    experts = sum(p.numel() for name, p in text_model.named_parameters() if ".experts." in name)
+    active = total - experts * (text.num_experts - text.top_k_experts) // text.num_experts
+    return total, active, sum(p.numel() for module in vision_modules for p in module.parameters())
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n:,} ({n / size:.2f} {unit})"
+    return f"{n:,}"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def cmd_info(args) -> None:
+    config = DiffusionGemmaConfig.from_json_file(_config_file(args.model))
+    text = config.text_config
+    shapes = text.attention_shapes
+    attention = [f"{text.num_attention_heads} query heads"]
+    for layer_type, label in ((SLIDING, "sliding"), (FULL, "full")):
+        of_type = [s for s in shapes if s.layer_type == layer_type]
+        if of_type:
+            kv = "/".join(str(n) for n in sorted({s.num_key_value_heads for s in of_type}))
+            attention.append(f"{label} layers: KV heads {kv}, head dim {of_type[0].head_dim}")
+    vision = VisionConfig.from_dict(config.vision_config) if config.vision_config is not None else None
+    total, active, vision_total = _parameter_counts(config, vision)
+    dtype = getattr(torch, args.dtype)
+    rows = [
+        ("layers", f"{text.num_hidden_layers} ({text.layer_types.count(SLIDING)} sliding, "
+                   f"{text.layer_types.count(FULL)} full)"),
+        ("hidden size", f"{text.hidden_size} (dense MLP {text.intermediate_size})"),
+        ("attention", "; ".join(attention)),
+        ("experts", f"{text.num_experts}, top-{text.top_k_experts} per token "
+                    f"(expert MLP {text.moe_intermediate_size})"),
+        ("canvas length", config.canvas_length),
+        ("vocabulary", text.vocab_size),
+        ("sliding window", text.sliding_window),
+        ("max positions", text.max_position_embeddings),
+        ("vision tower", f"{vision.num_hidden_layers} layers, hidden {vision.hidden_size}" if vision else "none"),
+        ("parameters", f"{_count(total + vision_total)} total"),
+        ("  text", _count(total)),
+        ("  vision", _count(vision_total)),
+        ("  active per token", f"{_count(active)} (top-{text.top_k_experts} of {text.num_experts} experts)"),
+        (f"weights in {args.dtype}", _bytes((total + vision_total) * dtype.itemsize)),
+    ]
+    for name, value in rows:
+        print(f"{name + ':':<22}{value}")
+
+
+def cmd_init_random(args) -> None:
+    write_random_checkpoint(args.out, args.preset, args.seed)
+    print(f"wrote a random-weights '{args.preset}' checkpoint to {args.out}; it writes gibberish and exists to "
+          "try the commands offline")
+
+
+def _generation_options() -> argparse.ArgumentParser:
+    options = _Parser(add_help=False)
+    group = options.add_argument_group("generation (options left out keep the checkpoint's generation_config.json)")
+    group.add_argument("--max-new-tokens", type=int, metavar="N",
+                       help="tokens to generate at most; whole canvases are kept, so an answer may run longer")
+    group.add_argument("--max-denoising-steps", type=int, metavar="N", help="denoising steps per canvas at most")
+    group.add_argument("--entropy-bound", type=float, metavar="X",
+                       help="entropy summed over the tokens accepted in one step; higher accepts more per step")
+    group.add_argument("--t-min", type=float, metavar="T", help="sampling temperature at the last step")
+    group.add_argument("--t-max", type=float, metavar="T", help="sampling temperature at the first step")
+    group.add_argument("--stability-threshold", type=int, metavar="N",
+                       help="a canvas may stop early once its argmax has not changed for N steps ...")
+    group.add_argument("--confidence-threshold", type=float, metavar="X",
+                       help="... and the mean entropy of its tokens is below X")
+    group.add_argument("--no-adaptive-stopping", action="store_true",
+                       help="give every canvas all its denoising steps")
+    group.add_argument("--seed", type=int, metavar="N", help="seed of the sampler, for repeatable output")
+    run = options.add_argument_group("running")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="auto: CUDA when available (default)")
+    run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                     help="dtype of the weights; auto: the checkpoint's (default)")
+    run.add_argument("--no-drafts", action="store_true",
+                     help="on a terminal, show committed text only, not each step's draft")
+    run.add_argument("--verbose", "-v", action="store_true",
+                     help="after each answer, print on stderr how many tokens were encoded and generated, and how fast")
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Run DiffusionGemma block-diffusion language models.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    generation = _generation_options()
+
+    generate = commands.add_parser("generate", parents=[generation], help="answer one prompt",
+                                   description="Answer one prompt, streaming the text as canvases are committed.")
+    generate.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
+    generate.add_argument("prompt", metavar="PROMPT", help="the user's message; - reads it from stdin")
+    generate.add_argument("--raw", action="store_true",
+                          help="tokenize PROMPT as it is (after the tokenizer's BOS), without the chat template")
+    generate.add_argument("--json", action="store_true",
+                          help="print one JSON object: text, token ids, tokens per forward, steps per canvas, "
+                               "seconds and tokens per second")
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", parents=[generation], help="talk with a model, turn after turn",
+                               description="Multi-turn chat; each turn reuses the key/value cache of the earlier "
+                                           "ones. Reads one message per line; /reset starts a new conversation, "
+                                           "/exit quits. From a pipe, only the answers are printed.")
+    chat.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
+    chat.set_defaults(run=cmd_chat)
+
+    info = commands.add_parser("info", help="describe a checkpoint from its config.json",
+                               description="Summarise a checkpoint's architecture, parameter counts and memory "
+                                           "needs from its config.json, without loading the weights.")
+    info.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
+    info.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
+                      help="dtype for the memory estimate (default: bfloat16)")
+    info.set_defaults(run=cmd_info)
+
+    init = commands.add_parser("init-random", help="write a random-weights checkpoint, to try the commands offline",
+                               description="Write a checkpoint with random weights, a small tokenizer and a chat "
+                                           "template. Its output is gibberish; it exists to try the commands.")
+    init.add_argument("out", metavar="OUT", help="folder to create (must not exist, or be empty)")
+    init.add_argument("--preset", choices=tuple(PRESETS), default="tiny", help="model size (default: tiny)")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    init.set_defaults(run=cmd_init_random)
+    return parser
+
+
+def _report(error: BaseException) -> None:
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except BrokenPipeError:
+        # The reader left (`| head`): say nothing, and keep the interpreter's final flush from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except USER_ERRORS as error:
+        _report(error)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0

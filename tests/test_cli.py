@@ -1,0 +1,327 @@
+"""The `diffusiongemma` command, end to end: `python -m diffusiongemma` processes on a tiny random checkpoint
+that `init-random` wrote. Only the many user-mistake cases call `main` in this process, to save a process
+start each; two of them also run as processes."""
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusiongemma.cli import main
+from diffusiongemma.processing import AutoProcessor
+
+CANVAS = 16  # the tiny preset's canvas length
+PROMPT = "Why is the sky blue?"
+# One thread per process: several of them run at once, and a tiny model gains nothing from more.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TURN = re.compile(r"^turn (\d+): encoded (\d+) new tokens after (\d+) cached; generated (\d+) tokens in (\d+) canvases")
+
+
+def run(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffusiongemma", *map(str, args)], input=stdin, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def run_all(commands: dict) -> dict:
+    """Runs {name: (args, stdin)} a few at a time; returns {name: completed process}."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(run, *args, stdin=stdin) for name, (args, stdin) in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli") / "tiny"
+    result = ok(run("init-random", folder, "--preset", "tiny", "--seed", "0"))
+    assert "gibberish" in result.stdout
+    return folder
+
+
+@pytest.fixture(scope="module")
+def processor(checkpoint):
+    return AutoProcessor.from_pretrained(checkpoint)
+
+
+def template_ids(processor, message: str) -> list[int]:
+    return processor.apply_chat_template([{"role": "user", "content": message}], tokenize=True,
+                                         add_generation_prompt=True)[0]
+
+
+def test_init_random_writes_a_complete_checkpoint(checkpoint, processor):
+    names = {path.name for path in checkpoint.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja"} <= names
+    tokenizer = processor.tokenizer
+    config = json.loads((checkpoint / "config.json").read_text())
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    assert generation["pad_token_id"] == tokenizer.pad_token_id
+    assert (config["boi_token_id"], config["eoi_token_id"], config["image_token_id"]) == (
+        tokenizer.boi_token_id, tokenizer.eoi_token_id, tokenizer.image_token_id)
+    assert config["canvas_length"] == CANVAS and config["text_config"]["vocab_size"] == 512
+
+
+@pytest.fixture(scope="module")
+def json_runs(checkpoint, tmp_path_factory):
+    """`generate --json` in several settings, run concurrently."""
+    # A copy whose generation_config.json asks for one canvas of at most 2 steps.
+    limited = tmp_path_factory.mktemp("limited")
+    for path in checkpoint.iterdir():
+        (limited / path.name).symlink_to(path)
+    (limited / "generation_config.json").unlink()
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    (limited / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": CANVAS,
+                                                                "max_denoising_steps": 2}))
+    flags = ["--max-new-tokens", 40, "--max-denoising-steps", 3, "--json"]
+    results = run_all({
+        "seed 7": (["generate", checkpoint, PROMPT, *flags, "--seed", 7], None),
+        "seed 8": (["generate", checkpoint, PROMPT, *flags, "--seed", 8], None),
+        "one step": (["generate", checkpoint, PROMPT, *flags, "--stability-threshold", 0,
+                      "--confidence-threshold", 100], None),
+        "raw from stdin, all steps": (["generate", checkpoint, "-", "--raw", *flags, "--no-adaptive-stopping"],
+                                      "The sky is"),
+        "checkpoint settings": (["generate", limited, PROMPT, "--json"], None),
+        "plain": (["generate", checkpoint, PROMPT, "--max-new-tokens", 40, "--max-denoising-steps", 3,
+                   "--seed", 7], None),
+    })
+    return {name: ok(result) for name, result in results.items()}
+
+
+def record(result) -> dict:
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, "--json prints exactly one line"
+    return json.loads(lines[0])
+
+
+def test_generate_json_numbers_agree(json_runs, processor):
+    tokenizer = processor.tokenizer
+    eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
+    out = record(json_runs["seed 7"])
+    assert set(out) == {"text", "prompt_tokens", "token_ids", "tokens_per_forward", "steps_per_canvas", "seconds",
+                        "tokens_per_second"}
+    ids, steps = out["token_ids"], out["steps_per_canvas"]
+    assert out["prompt_tokens"] == len(template_ids(processor, PROMPT))
+    assert len(steps) == math.ceil(len(ids) / CANVAS) and all(1 <= s <= 3 for s in steps)
+    # Whole canvases are kept, so only an end-of-sequence token makes the answer shorter than 3 canvases.
+    assert len(ids) == 3 * CANVAS or ids[-1] in eos
+    # Each denoising step is one decoder pass; padding does not count as generated.
+    non_pad = sum(token != tokenizer.pad_token_id for token in ids)
+    assert non_pad / out["tokens_per_forward"] == pytest.approx(sum(steps))
+    assert out["tokens_per_second"] == pytest.approx(len(ids) / out["seconds"])
+    assert out["text"] == processor.decode(ids, skip_special_tokens=True)
+
+
+def test_generate_seed_decides_the_output(json_runs):
+    first, other = record(json_runs["seed 7"]), record(json_runs["seed 8"])
+    assert first["token_ids"] != other["token_ids"]
+    # The plain run had seed 7 too.
+    assert json_runs["plain"].stdout == first["text"] + "\n"
+
+
+def test_generate_flags_reach_the_sampler(json_runs):
+    assert set(record(json_runs["one step"])["steps_per_canvas"]) == {1}
+    assert set(record(json_runs["raw from stdin, all steps"])["steps_per_canvas"]) == {3}
+
+
+def test_unset_flags_keep_the_checkpoint_settings(json_runs):
+    out = record(json_runs["checkpoint settings"])
+    assert len(out["steps_per_canvas"]) == 1 and out["steps_per_canvas"][0] <= 2
+    assert len(out["token_ids"]) <= CANVAS
+
+
+def test_generate_raw_prompt_skips_the_template(json_runs, processor):
+    out = record(json_runs["raw from stdin, all steps"])
+    assert out["prompt_tokens"] == len(processor.tokenizer.encode("The sky is"))
+
+
+def test_generate_prints_plain_committed_text_to_a_pipe(json_runs):
+    plain = json_runs["plain"]
+    assert "\033" not in plain.stdout and plain.stderr == ""
+
+
+def test_chat_reuses_the_cache_between_turns(checkpoint, processor):
+    conversation = "Hello there\nTell me more\n/reset\nAgain\n/exit\nnever read\n"
+    result = ok(run("chat", checkpoint, "--max-new-tokens", 32, "--max-denoising-steps", 2, "--seed", 1, "-v",
+                    stdin=conversation))
+    assert ">>>" not in result.stdout and "\033" not in result.stdout and result.stdout.strip()
+    lines = result.stderr.splitlines()
+    turns = [tuple(map(int, TURN.match(line).groups())) for line in lines]
+    assert [t[0] for t in turns] == [1, 2, 3], "a piped chat prints no other noise, and stops at /exit"
+    (_, encoded1, cached1, _, canvases1), (_, encoded2, cached2, _, _), (_, encoded3, cached3, _, _) = turns
+    assert cached1 == 0 and encoded1 == len(template_ids(processor, "Hello there"))
+    # The cache holds the first prompt and every canvas but the last; only the rest is encoded again.
+    assert cached2 == encoded1 + (canvases1 - 1) * CANVAS
+    assert encoded2 < cached2 + encoded2, "fewer tokens encoded than the whole conversation holds"
+    # At most the last canvas, the closing of the model's turn and the new turn, whose BOS is not repeated.
+    assert encoded2 <= CANVAS + 2 + len(template_ids(processor, "Tell me more")) - 1
+    assert cached3 == 0 and encoded3 == len(template_ids(processor, "Again")), "/reset starts from nothing"
+
+
+def _info(result) -> dict[str, str]:
+    return dict(re.split(r":\s+", line.strip(), maxsplit=1) for line in ok(result).stdout.splitlines())
+
+
+def _number(shown: str) -> int:
+    return int(shown.split()[0].replace(",", ""))
+
+
+def _reference_counts(config_path: Path) -> tuple[int, int, int]:
+    """(text total, text active per token, vision) of the reference model built from the same config.json
+    (which builds a default vision tower where the file has none: hence the separate counts)."""
+    transformers = pytest.importorskip("transformers")
+    data = json.loads(config_path.read_text())
+    data.pop("model_type")
+    with torch.device("meta"):
+        model = transformers.DiffusionGemmaForBlockDiffusion(transformers.DiffusionGemmaConfig(**data))
+    named = dict(model.named_parameters())
+    text = data["text_config"]
+    experts = sum(p.numel() for name, p in named.items() if ".experts." in name)
+    vision = sum(p.numel() for name, p in named.items() if "vision" in name)
+    total = sum(p.numel() for p in named.values())
+    active = total - vision - experts * (text["num_experts"] - text["top_k_experts"]) // text["num_experts"]
+    return total - vision, active, vision
+
+
+@pytest.fixture(scope="module")
+def vision_config_folder(checkpoint, tmp_path_factory) -> Path:
+    """Only a config.json, with a vision tower: `info` needs nothing else."""
+    folder = tmp_path_factory.mktemp("vision")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["vision_config"] = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                   patch_size=4, position_embedding_size=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def info_runs(checkpoint, vision_config_folder) -> dict[str, dict[str, str]]:
+    # The console script, where installed, is what `pip install` puts on PATH: it must run the same `main`.
+    script = shutil.which("diffusiongemma", path=os.path.dirname(sys.executable))
+    vision_args = ["info", str(vision_config_folder), "--dtype", "float32"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        text = pool.submit(run, "info", checkpoint)
+        vision = (pool.submit(subprocess.run, [script, *vision_args], env=ENV, capture_output=True, text=True,
+                              timeout=300) if script else pool.submit(run, *vision_args))
+        return {"text": _info(text.result()), "vision": _info(vision.result())}
+
+
+def test_info_describes_the_architecture(info_runs):
+    text, vision = info_runs["text"], info_runs["vision"]
+    assert text["layers"] == "4 (3 sliding, 1 full)"
+    assert text["attention"] == ("4 query heads; sliding layers: KV heads 2, head dim 16; "
+                                 "full layers: KV heads 1, head dim 32")
+    assert text["experts"] == "8, top-2 per token (expert MLP 32)"
+    assert (text["canvas length"], text["vocabulary"], text["sliding window"]) == ("16", "512", "32")
+    assert (text["vision tower"], vision["vision tower"]) == ("none", "2 layers, hidden 16")
+
+
+def test_info_counts_parameters_like_the_reference(info_runs, checkpoint, vision_config_folder):
+    for shown, folder in ((info_runs["text"], checkpoint), (info_runs["vision"], vision_config_folder)):
+        text_total, active, vision = _reference_counts(folder / "config.json")
+        has_vision = json.loads((folder / "config.json").read_text()).get("vision_config") is not None
+        assert (_number(shown["text"]), _number(shown["active per token"])) == (text_total, active)
+        assert _number(shown["vision"]) == (vision if has_vision else 0)
+        assert _number(shown["parameters"]) == _number(shown["text"]) + _number(shown["vision"])
+    shown = info_runs["vision"]
+    assert shown["weights in float32"] == f"{_number(shown['parameters']) * 4 / 2**20:.2f} MiB"
+
+
+def _partial_copy(source: Path, target: Path, without: str) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        if path.name != without:
+            (target / path.name).symlink_to(path)
+    return target
+
+
+@pytest.fixture(scope="module")
+def mistakes(checkpoint, tmp_path_factory) -> dict[str, list]:
+    base = tmp_path_factory.mktemp("mistakes")
+    no_config = _partial_copy(checkpoint, base / "no-config", "config.json")
+    return {
+        "missing folder": ["generate", base / "absent", "hi"],
+        "no config.json": ["generate", no_config, "hi"],
+        "no weights": ["chat", _partial_copy(checkpoint, base / "no-weights", "model.safetensors")],
+        "no tokenizer.json": ["generate", _partial_copy(checkpoint, base / "no-tokenizer", "tokenizer.json"), "hi"],
+        "info without config.json": ["info", no_config],
+        "negative steps": ["generate", checkpoint, "hi", "--max-denoising-steps", -2],
+        "t_max below the checkpoint's t_min": ["generate", checkpoint, "hi", "--t-max", 0.3],
+        "t_max equal to t_min": ["chat", checkpoint, "--t-min", 0.5, "--t-max", 0.5],
+        "zero entropy bound": ["generate", checkpoint, "hi", "--entropy-bound", 0],
+        "conflicting stopping flags": ["generate", checkpoint, "hi", "--no-adaptive-stopping",
+                                       "--confidence-threshold", 0.1],
+        "cuda without cuda": ["generate", checkpoint, "hi", "--device", "cuda"],
+        "prompt too long": ["generate", checkpoint, "hello world " * 1500],
+        "unknown chat command": ["chat", checkpoint, "--max-denoising-steps", 1],
+        "unknown preset": ["init-random", base / "new", "--preset", "huge"],
+        "output not empty": ["init-random", checkpoint],
+        "not a number": ["generate", checkpoint, "hi", "--max-new-tokens", "many"],
+        "no command": [],
+    }
+
+
+ERRORS = {
+    "missing folder": (1, "no checkpoint folder at"),
+    "no config.json": (1, "is not a complete checkpoint: it has no config.json"),
+    "no weights": (1, "is not a complete checkpoint: it has no model.safetensors"),
+    "no tokenizer.json": (1, "is not a complete checkpoint: it has no tokenizer.json"),
+    "info without config.json": (1, "no config.json in"),
+    "negative steps": (1, "`max_denoising_steps` must be a positive integer, got -2"),
+    "t_max below the checkpoint's t_min": (1, "`t_max` (0.3) must be greater than `t_min` (0.4)"),
+    "t_max equal to t_min": (1, "`t_max` (0.5) must be greater than `t_min` (0.5)"),
+    "zero entropy bound": (1, "`entropy_bound` must be a number > 0"),
+    "conflicting stopping flags": (1, "--no-adaptive-stopping cannot be combined"),
+    "cuda without cuda": (1, "no CUDA device is available"),
+    "prompt too long": (1, "but the model has only 2048 positions"),
+    "unknown chat command": (1, "unknown command /bogus: /reset starts a new conversation, /exit quits"),
+    "unknown preset": (2, "argument --preset: invalid choice: 'huge'"),
+    "output not empty": (1, "already exists and is not an empty folder"),
+    "not a number": (2, "argument --max-new-tokens: invalid int value: 'many'"),
+    "no command": (2, "the following arguments are required: COMMAND"),
+}
+
+
+def _check_one_line_error(case: str, status: int, stdout: str, stderr: str) -> None:
+    expected_status, message = ERRORS[case]
+    assert status == expected_status
+    assert stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffusiongemma: error: "), stderr
+    assert message in lines[0]
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_user_mistakes_end_in_one_line(mistakes, case, capsys, monkeypatch):
+    """Through `main` in this process: the same code a process runs, without paying for a start per case."""
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/bogus\n"))
+    try:
+        status = main([str(arg) for arg in mistakes[case]])
+    except SystemExit as exit:  # argparse leaves through SystemExit, as it does in a process
+        status = exit.code
+    captured = capsys.readouterr()
+    _check_one_line_error(case, status, captured.out, captured.err)
+
+
+def test_user_mistakes_end_in_one_line_in_a_process(mistakes):
+    cases = ("unknown preset", "t_max below the checkpoint's t_min")
+    results = run_all({case: (mistakes[case], "/bogus\n") for case in cases})
+    for case, result in results.items():
+        _check_one_line_error(case, result.returncode, result.stdout, result.stderr)
