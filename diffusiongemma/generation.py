@@ -23,6 +23,7 @@ from .sampler import (
     EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
+    sample_tokens,
     token_entropy,
 )
 
@@ -47,16 +48,19 @@ class DiffusionGemmaGenerationConfig:
 
     Setting `t_min`/`t_max` to None turns the temperature schedule off, and `stability_threshold` or
     `confidence_threshold` to None turns adaptive stopping off (every canvas then takes all steps).
+    `fast_sampling=True` samples each position by inverting its cumulative distribution instead of the
+    reference's `torch.multinomial`: the same distribution, other random numbers (see `sample_tokens`).
     """
 
     FIELDS = ("max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config",
               "t_min", "t_max", "stability_threshold", "confidence_threshold", "cache_implementation",
-              "bos_token_id", "pad_token_id", "eos_token_id")
+              "bos_token_id", "pad_token_id", "eos_token_id", "fast_sampling")
 
     def __init__(self, **kwargs: Any):
-        self.return_dict_in_generate = True
-        for name in self.FIELDS[:2] + self.FIELDS[3:]:
+        for name in self.FIELDS:
             setattr(self, name, None)
+        self.return_dict_in_generate = True
+        self.fast_sampling = False
         self.metadata = {k: kwargs.pop(k) for k in METADATA_KEYS if k in kwargs}
         unknown = sorted(set(kwargs) - set(self.FIELDS))
         if unknown:
@@ -117,8 +121,9 @@ class DiffusionGemmaGenerationConfig:
         if eos is not None and not (_is_int(eos) and eos >= 0) and not (
                 isinstance(eos, (list, tuple)) and eos and all(_is_int(e) and e >= 0 for e in eos)):
             fail("eos_token_id", "a token id or a non-empty list of token ids")
-        if not isinstance(self.return_dict_in_generate, bool):
-            fail("return_dict_in_generate", "a bool")
+        for name in ("return_dict_in_generate", "fast_sampling"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "a bool")
 
     def update(self, defaults_only: bool = False, **kwargs) -> dict[str, Any]:
         """Sets the known parameters (only unset ones with `defaults_only`); returns the other kwargs."""
@@ -133,6 +138,8 @@ class DiffusionGemmaGenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: copy.deepcopy(getattr(self, name)) for name in self.FIELDS}
+        if not self.fast_sampling:
+            del out["fast_sampling"]  # the reference's generation config does not know this switch
         if isinstance(self.sampler_config, EntropyBoundSamplerConfig):
             out["sampler_config"] = self.sampler_config.to_dict()
         out.update(self.metadata)
@@ -314,7 +321,7 @@ class GenerationMixin:
             for step in range(config.max_denoising_steps, 0, -1):
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, cache, decoder_mask, decoder_positions, sampler,
-                                     processors, adaptive_stop)
+                                     processors, adaptive_stop, config.fast_sampling)
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     if getattr(streamer, "_takes_logits", False):
                         streamer.put_draft(logits=canvas.self_conditioning_logits.cpu())
@@ -344,15 +351,13 @@ class GenerationMixin:
                                               past_key_values=cache)
 
     def _denoising_step(self, canvas: _Canvas, step: int, input_ids, cache, decoder_mask, decoder_positions,
-                        sampler: EntropyBoundSampler, processors, adaptive_stop) -> None:
+                        sampler: EntropyBoundSampler, processors, adaptive_stop, fast_sampling: bool) -> None:
         cur_step = torch.tensor(step, dtype=torch.int32, device=input_ids.device)
         logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
                       decoder_attention_mask=decoder_mask, past_key_values=cache,
                       decoder_position_ids=decoder_positions).logits
         logits = _apply_processors(processors, input_ids, logits, cur_step)
-        batch, length, vocab = logits.shape
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        denoised = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, length)
+        denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), fast_sampling)
         argmax = torch.argmax(logits, dim=-1)
         entropy = token_entropy(logits)
         accepted = sampler.accept_canvas(canvas.current, denoised, logits, cur_step, entropy=entropy)

@@ -25,6 +25,24 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs * probs).sum(-1)
 
 
+def sample_tokens(probs: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    """One token per position from probs [..., vocab].
+
+    The default is `torch.multinomial`, whose random stream the reference uses (same seed, same tokens);
+    on the CPU it draws an exponential variate for every vocabulary entry. `fast` draws one uniform per
+    position and inverts the cumulative distribution instead: the same distribution, other random
+    numbers, a fraction of the cost.
+    """
+    flat = probs.reshape(-1, probs.shape[-1])
+    if fast:
+        cumulative = flat.cumsum(dim=-1)
+        targets = torch.rand(flat.shape[0], 1, device=flat.device, dtype=cumulative.dtype) * cumulative[:, -1:]
+        tokens = torch.searchsorted(cumulative, targets, right=True).clamp_(max=flat.shape[-1] - 1)
+    else:
+        tokens = torch.multinomial(flat, num_samples=1)
+    return tokens.view(probs.shape[:-1])
+
+
 @dataclass
 class EntropyBoundSamplerConfig:
     """`entropy_bound`: how much summed entropy the tokens accepted in one step may carry; higher

@@ -214,3 +214,40 @@ def test_bidirectional_all_mode_masks():
     sliding = encoder_mask(config, True, 0, 10, 0, 10, None, None, torch.device("cpu"))[0, 0]
     q, k = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
     assert torch.equal(sliding, (q - k).abs() <= 4)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_sampling_follows_the_distribution(fast):
+    """Chi-square goodness of fit on a known distribution, with zero-probability tokens never drawn."""
+    from diffusiongemma.sampler import sample_tokens
+
+    probs = torch.tensor([0.5, 0.2, 0.0, 0.15, 0.1, 0.05, 0.0, 0.0])
+    torch.manual_seed(0)
+    draws = sample_tokens(probs.expand(20_000, 8).reshape(200, 100, 8), fast=fast)
+    assert draws.shape == (200, 100)
+    counts = torch.bincount(draws.flatten(), minlength=8).double()
+    assert counts[probs == 0].sum() == 0
+    expected = 20_000 * probs.double()
+    chi_square = ((counts - expected)[probs > 0] ** 2 / expected[probs > 0]).sum()
+    assert chi_square < 18.5  # the 99.9th percentile of chi-square with 4 degrees of freedom
+
+
+def test_fast_sampling_keeps_the_acceptance_behaviour():
+    """Forced distributions leave no randomness in what is drawn: both samplers give the same canvases,
+    accepted and committed the same way; the default stays on multinomial's random stream."""
+    model = tiny_model()
+
+    def force(input_ids, scores):
+        forced = torch.full_like(scores, -1e4)
+        forced[..., 9] = 0.0
+        return forced
+
+    outputs = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        outputs.append(model.generate(torch.tensor([[3, 4]]), max_new_tokens=8, max_denoising_steps=4,
+                                      logits_processor=[force], fast_sampling=fast))
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert torch.equal(outputs[0].tokens_per_forward, outputs[1].tokens_per_forward)
+    with pytest.raises(ValueError, match="fast_sampling"):
+        model.generate(torch.tensor([[3, 4]]), fast_sampling="yes")
