@@ -1,0 +1,158 @@
+"""GPU: the released architecture (google/diffusiongemma-26B-A4B-it) with random bfloat16 weights.
+
+No checkpoint is needed: the reference model is built with random weights directly on the GPU and ours
+shares its tensors, so the weights are in memory once (48 GB). Reported: milliseconds per denoising step
+and tokens per second at 16 fixed steps (batch 1, 4, 8), prefill time for 512- and 4096-token prompts,
+peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, and the reference's eager
+step at batch 1 for the ratio. `--tiny` runs the same script on a small config (any device) to check it.
+
+    .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import record  # noqa: E402
+
+from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
+from diffusiongemma.loading import checkpoint_tensors  # noqa: E402
+
+RELEASED = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                num_global_key_value_heads=2, sliding_window=1024, num_experts=128, top_k_experts=8,
+                moe_intermediate_size=704, max_position_embeddings=262144, use_bidirectional_attention="vision")
+TINY = dict(RELEASED, vocab_size=4096, hidden_size=128, intermediate_size=128, num_hidden_layers=6,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=64,
+            num_global_key_value_heads=1, sliding_window=256, num_experts=16, top_k_experts=4,
+            moe_intermediate_size=64)
+# Bytes per second a step can read, as REFERENCE.md section 5 assumes.
+BANDWIDTH = {"H200": 4.3e12, "H100": 3.0e12}
+STEPS = 16
+
+
+def build(text: dict, canvas_length: int, device: torch.device):
+    """(reference, ours): random weights made once, by the reference, and shared."""
+    from transformers import DiffusionGemmaConfig as ReferenceConfig
+    from transformers import DiffusionGemmaForBlockDiffusion as Reference
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        reference = Reference(ReferenceConfig(text_config=text, canvas_length=canvas_length)).eval()
+    torch.set_default_dtype(torch.float32)
+    shared = reference.state_dict()
+    config = DiffusionGemmaConfig.from_dict(reference.config.to_dict())
+    with torch.device("meta"):
+        ours = DiffusionGemmaForBlockDiffusion(config)
+    for name, _, _, module, attr in checkpoint_tensors(ours):
+        tensor = shared[name]
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[attr] = tensor
+    ours.model.backbone.reset_computed_buffers()
+    return reference, ours.eval()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(device, function, repeats=3) -> float:
+    """Median wall time of `function()`."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def step_time(model, device, batch: int, prompt_length: int, vocab: int, repeats: int) -> float:
+    """Seconds per denoising step: one canvas of 16 fixed steps, less the prompt's prefill."""
+    prompt = torch.randint(3, vocab - 3, (batch, prompt_length), device=device)
+    settings = dict(max_new_tokens=model.config.canvas_length, max_denoising_steps=STEPS, confidence_threshold=None)
+    whole = seconds(device, lambda: model.generate(prompt, **settings), repeats)
+    prefill = seconds(device, lambda: model(input_ids=prompt, decoder_input_ids=prompt[:, :1]), repeats)
+    return (whole - prefill) / STEPS
+
+
+@torch.no_grad()
+def bytes_per_step(model, device, vocab: int) -> int:
+    """Weights a batch-1 step must read: everything but the experts, plus the experts its canvas routes to."""
+    touched = []
+    hooks = [layer.router.register_forward_hook(lambda _, __, out: touched.append(out[1].unique().numel()))
+             for layer in model.model.backbone.layers]
+    cache = model.model.encoder(input_ids=torch.randint(3, vocab - 3, (1, 512), device=device)).past_key_values
+    touched.clear()
+    model(past_key_values=cache,
+          decoder_input_ids=torch.randint(3, vocab - 3, (1, model.config.canvas_length), device=device))
+    for hook in hooks:
+        hook.remove()
+    experts = model.model.backbone.layers[0].experts
+    per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 2
+    expert_bytes = sum(p.numel() for layer in model.model.backbone.layers for p in layer.experts.parameters()) * 2
+    dense_bytes = sum(p.numel() for p in model.model.decoder.parameters()) * 2 - expert_bytes
+    # The embedding is read twice: by the LM head and by self-conditioning.
+    embed_bytes = model.model.backbone.embed_tokens.weight.numel() * 2
+    return dense_bytes + embed_bytes + per_expert * sum(touched)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a small config, to check the script anywhere")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text, canvas = (TINY, 64) if args.tiny else (RELEASED, 256)
+    repeats = 1 if args.tiny else 3
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    reference, ours = build(text, canvas, device)
+    vocab = text["vocab_size"]
+    rows = ["| engine | batch | ms / denoising step | tokens / s | peak GPU memory GB |", "|---|---|---|---|---|"]
+    step_ms = {}
+    for batch in (1, 4, 8):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step = step_time(ours, device, batch, 512, vocab, repeats)
+        step_ms[batch] = 1000 * step
+        peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+        rows.append(f"| ours | {batch} | {1000 * step:.1f} | {batch * canvas / (STEPS * step):.0f} | {peak:.1f} |")
+    reference_step = step_time(reference, device, 1, 512, vocab, 1)
+    rows.append(f"| reference (eager) | 1 | {1000 * reference_step:.1f} | {canvas / (STEPS * reference_step):.0f} | |")
+
+    prefill = {n: seconds(device, lambda n=n: ours(input_ids=torch.randint(3, vocab - 3, (1, n), device=device),
+                                                   decoder_input_ids=torch.zeros(1, 1, dtype=torch.long,
+                                                                                 device=device)), repeats)
+               for n in (512, 4096)}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    bandwidth = next((value for key, value in BANDWIDTH.items() if key in name), None)
+    floor_ms = 1000 * bytes_per_step(ours, device, vocab) / bandwidth if bandwidth else float("nan")
+    table = "\n".join(rows) + (
+        f"\n\nPrefill (ours, batch 1): 512 tokens {1000 * prefill[512]:.1f} ms, 4096 tokens "
+        f"{1000 * prefill[4096]:.1f} ms. Speed-up over the reference's eager step at batch 1: "
+        f"{1000 * reference_step / step_ms[1]:.2f}x. Bandwidth floor of a batch-1 step: {floor_ms:.1f} ms, "
+        f"reached to {floor_ms / step_ms[1]:.0%}.\n\n"
+        f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
+        f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.")
+    if args.no_record:
+        print(table)
+    else:
+        record(f"GPU, {'tiny check config' if args.tiny else 'released architecture'}, ours vs reference", table)
+
+
+if __name__ == "__main__":
+    main()
