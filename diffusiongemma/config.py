@@ -18,6 +18,15 @@ ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 BIDIRECTIONAL_MODES = (None, "vision", "all")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; a malformed file is a ValueError that names it."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -246,12 +255,7 @@ class DiffusionGemmaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> DiffusionGemmaConfig:
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         out = {

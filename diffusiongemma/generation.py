@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .cache import KVCache
+from .config import read_json
 from .sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
@@ -152,12 +153,7 @@ class DiffusionGemmaGenerationConfig:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> DiffusionGemmaGenerationConfig:
         path = os.path.join(folder, "generation_config.json") if os.path.isdir(folder) else folder
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         os.makedirs(folder, exist_ok=True)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import DiffusionGemmaConfig
+from .config import DiffusionGemmaConfig, read_json
 from .generation import DiffusionGemmaGenerationConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -119,11 +119,10 @@ def _open_weights(folder: str) -> dict[str, SafetensorsFile]:
     """Tensor name -> the file that holds it."""
     index_path = os.path.join(folder, INDEX_NAME)
     if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as handle:
-            try:
-                weight_map = json.load(handle)["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise ValueError(f"{index_path} is corrupt: no valid `weight_map`") from None
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path} is corrupt: no valid `weight_map`")
         files = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(folder, shard)

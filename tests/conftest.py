@@ -60,3 +60,19 @@ def reference_checkpoint(tmp_path_factory):
     model = make_reference()
     model.save_pretrained(folder)
     return model, str(folder)
+
+
+def reference_processor(tokenizer, folder):
+    """The reference's Gemma4Processor for text and images. Built directly, since its audio and video
+    processors need torchvision; the chat template comes from the fixture folder."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    class TextAndImages(Gemma4Processor):
+        def check_argument_for_proper_class(self, name, argument):
+            return None if argument is None else super().check_argument_for_proper_class(name, argument)
+
+    template = (folder / "chat_template.jinja").read_text()
+    processor = TextAndImages(None, Gemma4ImageProcessorPil(), tokenizer, None, chat_template=template)
+    processor.boa_token = processor.eoa_token = "<audio-unused>"  # only checked to exist
+    return processor

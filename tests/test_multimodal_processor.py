@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import reference_processor
+
 from diffusiongemma.chat_fixture import write_tokenizer
 from diffusiongemma.processing import DEFAULT_MAX_IMAGES, AutoProcessor, DiffusionGemmaProcessor
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.gemma4 import Gemma4Processor  # noqa: E402
-from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil  # noqa: E402
+import transformers
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 
 def random_image(width, height, seed):
@@ -84,20 +85,10 @@ def ref_tokenizer(folder):
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 
-class _ImageTextGemma4Processor(Gemma4Processor):
-    # The reference processor wants audio and video processors (torchvision); images and text need neither.
-    def check_argument_for_proper_class(self, name, argument):
-        return None if argument is None else super().check_argument_for_proper_class(name, argument)
-
-
 @pytest.fixture(scope="module")
 def ref_processor(folder):
     # A tokenizer of its own: this processor adds a video token to the one it is given.
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    template = (folder / "chat_template.jinja").read_text()
-    processor = _ImageTextGemma4Processor(None, Gemma4ImageProcessorPil(), tokenizer, None, chat_template=template)
-    processor.boa_token = processor.eoa_token = "<audio-unused>"  # only checked to exist
-    return processor
+    return reference_processor(transformers.AutoTokenizer.from_pretrained(folder), folder)
 
 
 def expected_inputs(ref_tokenizer, conversations, budget):

@@ -7,13 +7,13 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 
+from conftest import reference_processor
+
 from diffusiongemma.chat_fixture import MIN_VOCAB_SIZE, SPECIAL_TOKENS, write_tokenizer
 from diffusiongemma.processing import AutoProcessor, DiffusionGemmaProcessor
 from diffusiongemma.tokenizer import DiffusionGemmaTokenizer
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.gemma4 import Gemma4Processor  # noqa: E402
-from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil  # noqa: E402
+import transformers
 
 TEXTS = [
     "",
@@ -57,18 +57,9 @@ def ref(folder):
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 
-class _TextOnlyGemma4Processor(Gemma4Processor):
-    # The reference processor wants audio and video processors (torchvision); text needs neither.
-    def check_argument_for_proper_class(self, name, argument):
-        return None if argument is None else super().check_argument_for_proper_class(name, argument)
-
-
 @pytest.fixture(scope="module")
 def ref_processor(ref, folder):
-    template = (folder / "chat_template.jinja").read_text()
-    processor = _TextOnlyGemma4Processor(None, Gemma4ImageProcessorPil(), ref, None, chat_template=template)
-    processor.boa_token = processor.eoa_token = "<audio-unused>"  # only checked to exist
-    return processor
+    return reference_processor(ref, folder)
 
 
 def test_fixture_layout(folder, ours):

@@ -19,8 +19,8 @@ from diffusiongemma.streamers import (
 )
 from diffusiongemma.tokenizer import DiffusionGemmaTokenizer
 
-transformers = pytest.importorskip("transformers")
-from transformers.generation import streamers as reference  # noqa: E402
+import transformers
+from transformers.generation import streamers as reference
 
 CANVAS = 16
 RESPONSE = "The sky looks blue because air scatters short light, 空气散射 more.\nCafé 😀 and sunsets 🌅 turn red.\n\nThat is all: 日本語 ok"
