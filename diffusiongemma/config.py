@@ -66,36 +66,40 @@ class DiffusionGemmaTextConfig:
     reference does.
     """
 
+    # Sizes.
     vocab_size: int = 262_144
     hidden_size: int = 2304
     intermediate_size: int = 9216
     num_hidden_layers: int = 30
+    # Attention. Full-attention layers get `global_head_dim` and `num_global_key_value_heads` unless
+    # `per_layer_config` ({layer_index: {"head_dim": .., "num_key_value_heads": ..}}) says otherwise.
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
     head_dim: int = 256
     global_head_dim: int = 512
     num_global_key_value_heads: int | None = None
-    hidden_activation: str = "gelu_pytorch_tanh"
-    max_position_embeddings: int = 131_072
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    pad_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 1
-    bos_token_id: int | None = 2
-    tie_word_embeddings: bool = True
-    rope_parameters: dict[str, dict[str, Any]] | None = None
+    per_layer_config: dict[int, dict[str, int]] | None = None
+    layer_types: list[str] | None = None
+    sliding_window: int = 512
+    use_bidirectional_attention: str | None = None
     attention_bias: bool = False
     attention_dropout: float = 0.0
-    sliding_window: int = 512
-    layer_types: list[str] | None = None
-    final_logit_softcapping: float | None = 30.0
-    use_bidirectional_attention: str | None = None
+    rope_parameters: dict[str, dict[str, Any]] | None = None
+    max_position_embeddings: int = 131_072
+    # Mixture of experts: required, DiffusionGemma always has it.
     num_experts: int | None = None
     top_k_experts: int | None = None
     moe_intermediate_size: int | None = None
-    # Explicit per-layer overrides ({layer_index: {"head_dim": .., "num_key_value_heads": ..}}); when
-    # absent, full-attention layers get `global_head_dim` and `num_global_key_value_heads`.
-    per_layer_config: dict[int, dict[str, int]] | None = None
+    # Numerics.
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = 30.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    # Special tokens.
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
     # Keys of the file this engine does not use; kept so that saving writes them back.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -234,6 +234,22 @@ class GenerationMixin:
             raise ValueError(f"`generate` got unknown arguments {unknown}")
         return config, model_kwargs
 
+    def _length_limits(self, config: DiffusionGemmaGenerationConfig, cur_len: int) -> tuple[int, int]:
+        """(max_length, max_new_tokens), counting cached tokens in the length."""
+        if config.max_length and config.max_new_tokens == 256:
+            # As in the reference: an explicit max_length wins over the untouched default max_new_tokens.
+            max_length, max_new_tokens = config.max_length, config.max_length - cur_len
+            if max_new_tokens <= 0:
+                raise ValueError(f"`max_length` ({max_length}) leaves no room after the {cur_len} prompt tokens")
+        elif config.max_new_tokens is None:
+            raise ValueError("`max_new_tokens` must be a positive integer, got None")
+        else:
+            max_new_tokens, max_length = config.max_new_tokens, config.max_new_tokens + cur_len
+        if max_length > self.config.text_config.max_position_embeddings:
+            raise ValueError(f"the prompt and {max_new_tokens} new tokens ({max_length} positions) exceed the "
+                             f"model's {self.config.text_config.max_position_embeddings} positions")
+        return max_length, max_new_tokens
+
     @torch.no_grad()
     def generate(
         self,
@@ -257,16 +273,7 @@ class GenerationMixin:
         canvas_length = self.config.canvas_length
         batch, prompt_length = input_ids.shape
         cur_len = prompt_length + (past_key_values.get_seq_length() if past_key_values is not None else 0)
-        if config.max_length and config.max_new_tokens == 256:
-            # As in the reference: an explicit max_length wins over the untouched default max_new_tokens.
-            max_length, max_new_tokens = config.max_length, config.max_length - cur_len
-            if max_new_tokens <= 0:
-                raise ValueError(f"`max_length` ({max_length}) leaves no room after the {cur_len} prompt tokens")
-        else:
-            max_new_tokens, max_length = config.max_new_tokens, config.max_new_tokens + cur_len
-        if max_length > self.config.text_config.max_position_embeddings:
-            raise ValueError(f"the prompt and {max_new_tokens} new tokens ({max_length} positions) exceed the "
-                             f"model's {self.config.text_config.max_position_embeddings} positions")
+        max_length, max_new_tokens = self._length_limits(config, cur_len)
 
         device = input_ids.device
         cache = past_key_values if past_key_values is not None else KVCache(self.config.text_config, canvas_length)
@@ -319,6 +326,7 @@ class GenerationMixin:
                 self._denoising_step(canvas, step, input_ids, cache, decoder_mask, decoder_positions, sampler,
                                      processors, adaptive_stop, config.fast_sampling)
                 if streamer is not None and hasattr(streamer, "put_draft"):
+                    # The argmax canvas is the draft closest to what will be committed.
                     if getattr(streamer, "_takes_logits", False):
                         streamer.put_draft(logits=canvas.self_conditioning_logits.cpu())
                     else:

@@ -59,34 +59,34 @@ class TextStreamer(BaseStreamer):
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
         self.decode_kwargs = decode_kwargs
-        self.token_cache: list[int] = []
-        self.print_len = 0
-        self.next_tokens_are_prompt = True
+        self.pending_ids: list[int] = []
+        self.printed_chars = 0
+        self.expecting_prompt = True
 
     def put(self, value) -> None:
         ids = _single_row(value, type(self).__name__)
-        if self.skip_prompt and self.next_tokens_are_prompt:
-            self.next_tokens_are_prompt = False
+        if self.skip_prompt and self.expecting_prompt:
+            self.expecting_prompt = False
             return
-        self.token_cache += ids
-        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        self.pending_ids += ids
+        text = self.tokenizer.decode(self.pending_ids, **self.decode_kwargs)
         if text.endswith("\n"):
-            printable = text[self.print_len :]
-            self.token_cache, self.print_len = [], 0
+            printable = text[self.printed_chars :]
+            self.pending_ids, self.printed_chars = [], 0
         elif text and _is_cjk(text[-1]):
-            printable = text[self.print_len :]
-            self.print_len += len(printable)
+            printable = text[self.printed_chars :]
+            self.printed_chars += len(printable)
         else:
-            printable = text[self.print_len : text.rfind(" ") + 1]
-            self.print_len += len(printable)
+            printable = text[self.printed_chars : text.rfind(" ") + 1]
+            self.printed_chars += len(printable)
         self.on_finalized_text(printable)
 
     def end(self) -> None:
         printable = ""
-        if self.token_cache:
-            printable = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)[self.print_len :]
-            self.token_cache, self.print_len = [], 0
-        self.next_tokens_are_prompt = True
+        if self.pending_ids:
+            printable = self.tokenizer.decode(self.pending_ids, **self.decode_kwargs)[self.printed_chars :]
+            self.pending_ids, self.printed_chars = [], 0
+        self.expecting_prompt = True
         self.on_finalized_text(printable, stream_end=True)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -176,8 +176,8 @@ class DiffusionIteratorStreamer(TextIteratorStreamer):
     """
 
     def put_draft(self, value, **kwargs) -> None:
-        ids = self.token_cache + _single_row(value, type(self).__name__)
-        self.queue.put(StreamEvent("draft", self.tokenizer.decode(ids, **self.decode_kwargs)[self.print_len :]))
+        ids = self.pending_ids + _single_row(value, type(self).__name__)
+        self.queue.put(StreamEvent("draft", self.tokenizer.decode(ids, **self.decode_kwargs)[self.printed_chars :]))
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:
