@@ -21,6 +21,24 @@ from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_
 from .vision import VisionConfig, VisionEmbedder, VisionTower, embed_images
 
 
+def _attention(visible_keys, make_mask):
+    """Builds each layer's attention function. `visible_keys(layer_cache, k, v)` stores the new keys and
+    values and returns what the queries may attend to, with the absolute index of its first token;
+    `make_mask(is_sliding, start, end)` gives the mask over that span, built once per span."""
+    masks = {}
+
+    def for_layer(layer_cache):
+        def attend(q, k, v):
+            keys, values, start = visible_keys(layer_cache, k, v)
+            span = (layer_cache.is_sliding, start, start + keys.shape[2])
+            if span not in masks:
+                masks[span] = make_mask(*span)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[span], scale=1.0, enable_gqa=True)
+        return attend
+
+    return for_layer
+
+
 class TextBackbone(nn.Module):
     """Embeddings, layers and final norm shared by the encoder and the decoder."""
 
@@ -54,22 +72,11 @@ class TextBackbone(nn.Module):
     ) -> torch.Tensor:
         """Causal pass over new tokens; appends their keys and values to the cache."""
         query_start, count = cache.get_seq_length(), hidden.shape[1]
-        masks: dict[tuple[int, int], torch.Tensor] = {}
-
-        def attend_for(layer_cache, is_sliding):
-            def attend(q, k, v):
-                keys, values, key_start = layer_cache.append(k, v, cache.canvas_length)
-                key_end = key_start + keys.shape[2]
-                mask_key = (is_sliding, key_start)
-                if mask_key not in masks:
-                    masks[mask_key] = encoder_mask(self.config, is_sliding, query_start, count, key_start, key_end,
-                                                   attention_mask, block_ids, hidden.device)
-                return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[mask_key], scale=1.0,
-                                                      enable_gqa=True)
-            return attend
-
-        attends = [attend_for(c, c.is_sliding) for c in cache.layers]
-        return self._run(hidden, positions, attends, decoder=False)
+        attention = _attention(
+            lambda layer_cache, k, v: layer_cache.append(k, v, cache.canvas_length),
+            lambda sliding, start, end: encoder_mask(self.config, sliding, query_start, count, start, end,
+                                                     attention_mask, block_ids, hidden.device))
+        return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=False)
 
     def decode(
         self,
@@ -79,19 +86,9 @@ class TextBackbone(nn.Module):
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Bidirectional pass over the canvas, attending to the cached prefix; the cache is not extended."""
-        masks: dict[tuple[int, int], torch.Tensor | None] = {}
-
-        def attend_for(layer_cache):
-            def attend(q, k, v):
-                keys, values, key_start = layer_cache.with_canvas(k, v)
-                mask_key = (layer_cache.is_sliding, key_start)
-                if mask_key not in masks:
-                    masks[mask_key] = decoder_mask(attention_mask, key_start, key_start + keys.shape[2])
-                return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[mask_key], scale=1.0,
-                                                      enable_gqa=True)
-            return attend
-
-        return self._run(hidden, positions, [attend_for(c) for c in cache.layers], decoder=True)
+        attention = _attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
+                               lambda sliding, start, end: decoder_mask(attention_mask, start, end))
+        return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=True)
 
     def _run(self, hidden: torch.Tensor, positions: torch.Tensor, attends, decoder: bool) -> torch.Tensor:
         rope = {t: self.rotary(positions, t, hidden.dtype) for t in (SLIDING, FULL) if t in self.config.layer_types}
