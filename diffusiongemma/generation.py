@@ -207,8 +207,9 @@ class EosTokenCriteria:
 
 
 @dataclass
-class _Canvas:
-    """State of one canvas while it is being denoised."""
+class DenoisingState:
+    """A canvas while it is being denoised: current tokens, argmax draft, self-conditioning logits, and
+    which rows stopped."""
 
     current: torch.Tensor
     argmax: torch.Tensor
@@ -316,7 +317,7 @@ class GenerationMixin:
             # The reference draws the starting noise even when the caller supplies the first canvas.
             noise = sampler.initialize_canvas(batch, device)
             start = model_kwargs.pop("decoder_input_ids", noise)
-            canvas = _Canvas(current=start, argmax=start,
+            canvas = DenoisingState(current=start, argmax=start,
                              self_conditioning_logits=model_kwargs.pop("self_conditioning_logits", None),
                              finished=torch.zeros(batch, dtype=torch.bool, device=device))
             if adaptive_stop is not None:
@@ -324,7 +325,8 @@ class GenerationMixin:
             for step in range(config.max_denoising_steps, 0, -1):
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, cache, decoder_mask, decoder_positions, sampler,
-                                     processors, adaptive_stop, config.fast_sampling)
+                                     processors, adaptive_stop,
+                                     "inverse_cdf" if config.fast_sampling else "multinomial")
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     # The argmax canvas is the draft closest to what will be committed.
                     if getattr(streamer, "_takes_logits", False):
@@ -354,14 +356,16 @@ class GenerationMixin:
         return DiffusionGemmaGenerationOutput(sequences=input_ids, tokens_per_forward=valid / decoder_passes,
                                               past_key_values=cache)
 
-    def _denoising_step(self, canvas: _Canvas, step: int, input_ids, cache, decoder_mask, decoder_positions,
-                        sampler: EntropyBoundSampler, processors, adaptive_stop, fast_sampling: bool) -> None:
+    def _denoising_step(self, canvas: DenoisingState, step: int, input_ids, cache, decoder_mask, decoder_positions,
+                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str) -> None:
+        """One denoising step for every row of `canvas`, updated in place; random numbers come from
+        `sampler.generator` (torch's global generator when None)."""
         cur_step = torch.tensor(step, dtype=torch.int32, device=input_ids.device)
         logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
                       decoder_attention_mask=decoder_mask, past_key_values=cache,
                       decoder_position_ids=decoder_positions).logits
         logits = _apply_processors(processors, input_ids, logits, cur_step)
-        denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), fast_sampling)
+        denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling, sampler.generator)
         argmax = torch.argmax(logits, dim=-1)
         entropy = token_entropy(logits)
         accepted = sampler.accept_canvas(canvas.current, denoised, logits, cur_step, entropy=entropy)

@@ -25,21 +25,28 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs * probs).sum(-1)
 
 
-def sample_tokens(probs: torch.Tensor, fast: bool = False) -> torch.Tensor:
+SAMPLING = ("multinomial", "inverse_cdf", "argmax")
+
+
+def sample_tokens(probs: torch.Tensor, method: str = "multinomial",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per position from probs [..., vocab].
 
-    The default is `torch.multinomial`, whose random stream the reference uses (same seed, same tokens);
-    on the CPU it draws an exponential variate for every vocabulary entry. `fast` draws one uniform per
-    position and inverts the cumulative distribution instead: the same distribution, other random
-    numbers, a fraction of the cost.
+    "multinomial" is `torch.multinomial`, whose random stream the reference uses (same seed, same
+    tokens); on the CPU it draws an exponential variate for every vocabulary entry. "inverse_cdf" draws
+    one uniform per position and inverts the cumulative distribution: the same distribution, other
+    random numbers, a fraction of the cost. "argmax" takes the most likely token.
     """
     flat = probs.reshape(-1, probs.shape[-1])
-    if fast:
+    if method == "inverse_cdf":
         cumulative = flat.cumsum(dim=-1)
-        targets = torch.rand(flat.shape[0], 1, device=flat.device, dtype=cumulative.dtype) * cumulative[:, -1:]
-        tokens = torch.searchsorted(cumulative, targets, right=True).clamp_(max=flat.shape[-1] - 1)
+        targets = torch.rand(flat.shape[0], 1, device=flat.device, dtype=cumulative.dtype, generator=generator)
+        tokens = torch.searchsorted(cumulative, targets * cumulative[:, -1:], right=True)
+        tokens = tokens.clamp_(max=flat.shape[-1] - 1)
+    elif method == "argmax":
+        tokens = flat.argmax(dim=-1, keepdim=True)
     else:
-        tokens = torch.multinomial(flat, num_samples=1)
+        tokens = torch.multinomial(flat, num_samples=1, generator=generator)
     return tokens.view(probs.shape[:-1])
 
 
@@ -80,14 +87,17 @@ class EntropyBoundSampler:
     within the bound, and puts fresh noise everywhere else."""
 
     def __init__(self, config: EntropyBoundSamplerConfig, canvas_length: int, vocab_size: int,
-                 max_denoising_steps: int | None = None):
+                 max_denoising_steps: int | None = None, generator: torch.Generator | None = None):
         self.entropy_bound = config.entropy_bound
         self.canvas_length = canvas_length
         self.vocab_size = vocab_size
+        # None draws from torch's global generator, as the reference does.
+        self.generator = generator
         self.accepted_token_mask: torch.Tensor | None = None
 
     def initialize_canvas(self, batch_size: int, device: torch.device | str) -> torch.Tensor:
-        return torch.randint(0, self.vocab_size, (batch_size, self.canvas_length), device=device)
+        return torch.randint(0, self.vocab_size, (batch_size, self.canvas_length), device=device,
+                             generator=self.generator)
 
     def accept_canvas(self, current_canvas: torch.Tensor, denoiser_canvas: torch.Tensor, logits: torch.Tensor,
                       cur_step=None, entropy: torch.Tensor | None = None) -> torch.Tensor:
