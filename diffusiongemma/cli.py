@@ -19,6 +19,7 @@ import torch
 from .cache import KVCache
 from .config import FULL, SLIDING, DiffusionGemmaConfig
 from .generation import DiffusionGemmaGenerationConfig
+from .image_processing import load_image
 from .loading import INDEX_NAME, WEIGHTS_NAME, resolve_folder
 from .model import DiffusionGemmaForBlockDiffusion
 from .presets import PRESETS, write_random_checkpoint
@@ -90,6 +91,17 @@ def _load(args) -> tuple[str, DiffusionGemmaProcessor, dict]:
     return folder, AutoProcessor.from_pretrained(folder), _generation_overrides(args, folder)
 
 
+def _images(args, folder: str) -> list:
+    """The --image files, read before the weights load so that a bad one fails fast, and once for a chat
+    that attaches them to the first message of every conversation."""
+    if not args.image:
+        return []
+    if DiffusionGemmaConfig.from_json_file(os.path.join(folder, "config.json")).vision_config is None:
+        raise ValueError(f"--image needs a checkpoint with a vision tower, and {folder} has none "
+                         "(its config.json has no vision_config)")
+    return [load_image(source) for source in args.image]
+
+
 def _load_model(folder: str, args) -> DiffusionGemmaForBlockDiffusion:
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=args.dtype, device=args.device)
     if args.seed is not None:
@@ -154,23 +166,25 @@ def _cut_after_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids if end is None else ids[:end + 1]
 
 
-def _run_turn(model, input_ids: list[int], cache: KVCache | None, display, overrides: dict) -> Turn:
+def _run_turn(model, inputs: dict[str, torch.Tensor], cache: KVCache | None, display, overrides: dict) -> Turn:
+    """`inputs`: what `generate` takes besides the settings, `input_ids` [1, tokens] first among them."""
     counter = _StepCounter(display)
     cached = 0
     if cache is not None:
         cached = cache.get_seq_length()
         # `generate` refuses a cache next to a cache layout; every layout gives the same tokens here.
         overrides = {**overrides, "cache_implementation": None}
+    inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
+    prompt_length = inputs["input_ids"].shape[1]
     start = time.perf_counter()
-    out = model.generate(torch.tensor([input_ids], device=model.device), past_key_values=cache, streamer=counter,
-                         **overrides)
+    out = model.generate(**inputs, past_key_values=cache, streamer=counter, **overrides)
     seconds = time.perf_counter() - start
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    generated = out.sequences[0, len(input_ids):].tolist()
+    generated = out.sequences[0, prompt_length:].tolist()
     # The last canvas is never encoded (no later canvas needed it); a follow-up turn encodes it.
     last_canvas = generated[-model.config.canvas_length:]
-    return Turn(encoded=len(input_ids), cached=cached, answer=_cut_after_eos(generated, eos),
+    return Turn(encoded=prompt_length, cached=cached, answer=_cut_after_eos(generated, eos),
                 uncached=_cut_after_eos(last_canvas, eos), steps=counter.steps,
                 tokens_per_forward=out.tokens_per_forward[0].item(), seconds=seconds, cache=out.past_key_values)
 
@@ -180,9 +194,15 @@ def _display(tokenizer, drafts: bool):
     return kind(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def _first_turn(processor: DiffusionGemmaProcessor, message: str) -> list[int]:
-    return processor.apply_chat_template([{"role": "user", "content": message}], tokenize=True,
-                                         add_generation_prompt=True)[0]
+def _ids(ids: list[int]) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.tensor([ids])}
+
+
+def _first_turn(processor: DiffusionGemmaProcessor, message: str, images: list) -> dict[str, torch.Tensor]:
+    """The processor's whole output: with images, their pixels and where their soft tokens go too."""
+    content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": message}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True, return_dict=True,
+                                         return_tensors="pt", add_generation_prompt=True)
 
 
 def _next_turn(processor: DiffusionGemmaProcessor, answer: list[int], message: str) -> list[int]:
@@ -202,27 +222,31 @@ def _next_turn(processor: DiffusionGemmaProcessor, answer: list[int], message: s
     return answer + after
 
 
-def _check_fits(prompt: list[int], folder: str) -> None:
+def _check_fits(length: int, folder: str) -> None:
     config = DiffusionGemmaConfig.from_json_file(os.path.join(folder, "config.json"))
     limit = config.text_config.max_position_embeddings
-    if len(prompt) >= limit:
-        raise ValueError(f"the prompt is {len(prompt)} tokens long, but the model has only {limit} positions")
+    if length >= limit:
+        raise ValueError(f"the prompt is {length} tokens long, but the model has only {limit} positions")
 
 
 def cmd_generate(args) -> None:
+    if args.raw and args.image:
+        raise ValueError("--raw cannot be combined with --image: a raw prompt has no place for images")
     folder, processor, overrides = _load(args)
+    images = _images(args, folder)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    prompt = processor.tokenizer.encode(text) if args.raw else _first_turn(processor, text)
-    _check_fits(prompt, folder)
+    inputs = _ids(processor.tokenizer.encode(text)) if args.raw else _first_turn(processor, text, images)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    _check_fits(prompt_tokens, folder)
     model = _load_model(folder, args)
     display = None if args.json else _display(processor.tokenizer, sys.stdout.isatty() and not args.no_drafts)
-    turn = _run_turn(model, prompt, None, display, overrides)
+    turn = _run_turn(model, inputs, None, display, overrides)
     if args.verbose:
         print(turn.summary(), file=sys.stderr)
     if args.json:
         print(json.dumps({
             "text": processor.decode(turn.answer, skip_special_tokens=True),
-            "prompt_tokens": len(prompt),
+            "prompt_tokens": prompt_tokens,
             "token_ids": turn.answer,
             "tokens_per_forward": turn.tokens_per_forward,
             "steps_per_canvas": turn.steps,
@@ -245,6 +269,7 @@ def _lines(interactive: bool):
 
 def cmd_chat(args) -> None:
     folder, processor, overrides = _load(args)
+    images = _images(args, folder)
     model = _load_model(folder, args)
     interactive = sys.stdin.isatty()
     display = _display(processor.tokenizer, interactive and sys.stdout.isatty() and not args.no_drafts)
@@ -265,8 +290,9 @@ def cmd_chat(args) -> None:
         try:
             if command.startswith("/") and " " not in command:
                 raise ValueError(f"unknown command {command}: /reset starts a new conversation, /exit quits")
-            prompt = _first_turn(processor, line) if cache is None else _next_turn(processor, answer, line)
-            turn = _run_turn(model, prompt, cache, display, overrides)
+            inputs = (_first_turn(processor, line, images) if cache is None
+                      else _ids(_next_turn(processor, answer, line)))
+            turn = _run_turn(model, inputs, cache, display, overrides)
         except ValueError as error:
             if not interactive:
                 raise
@@ -288,6 +314,10 @@ def _parameter_counts(config: DiffusionGemmaConfig, vision: VisionConfig | None)
     experts = sum(p.numel() for name, p in text_model.named_parameters() if ".experts." in name)
     active = total - experts * (text.num_experts - text.top_k_experts) // text.num_experts
     return total, active, sum(p.numel() for module in vision_modules for p in module.parameters())
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _count(n: int) -> str:
@@ -328,7 +358,8 @@ def cmd_info(args) -> None:
         ("vocabulary", text.vocab_size),
         ("sliding window", text.sliding_window),
         ("max positions", text.max_position_embeddings),
-        ("vision tower", f"{vision.num_hidden_layers} layers, hidden {vision.hidden_size}" if vision else "none"),
+        ("vision tower", f"{_plural(vision.num_hidden_layers, 'layer')}, hidden {vision.hidden_size}, "
+                         f"patch {vision.patch_size}" if vision else "none"),
         ("parameters", f"{_count(total + vision_total)} total"),
         ("  text", _count(total)),
         ("  vision", _count(vision_total)),
@@ -344,6 +375,38 @@ def cmd_init_random(args) -> None:
     print(f"wrote a random-weights '{args.preset}' checkpoint to {args.out}; it writes gibberish and exists to "
           "try the commands offline")
 
+
+def cmd_serve(args) -> None:
+    try:
+        from .server import serve
+    except ImportError as error:
+        raise SystemExit(f"{PROG}: error: `serve` needs fastapi and uvicorn: pip install 'diffusiongemma[serve]' "
+                         f"({error})") from None
+    serve(_checkpoint_folder(args.model), model_name=args.model, host=args.host, port=args.port,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+          api_key=args.api_key, device=args.device, dtype=args.dtype)
+
+
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                                description="Serve /v1/chat/completions, /v1/completions and /v1/models, with "
+                                            "/health and Prometheus /metrics. Requests are denoised side by side, "
+                                            "one step each in turn; streamed answers arrive a canvas at a time.")
+    serve.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, metavar="N",
+                       help="requests denoised side by side (default: 8)")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N",
+                       help="requests that may wait for a place in the batch; more get 429 (default: 64)")
+    serve.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                       help="longer prompts get 400 (default: the model's positions)")
+    serve.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on the /v1/ endpoints")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: CUDA when available (default)")
+    serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                       help="dtype of the weights; auto: the checkpoint's (default)")
+    serve.set_defaults(run=cmd_serve)
 
 def _generation_options() -> argparse.ArgumentParser:
     options = _Parser(add_help=False)
@@ -383,8 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Answer one prompt, streaming the text as canvases are committed.")
     generate.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
     generate.add_argument("prompt", metavar="PROMPT", help="the user's message; - reads it from stdin")
+    generate.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
+                          help="an image the message is about, placed before its text; repeat for several "
+                               "(needs a checkpoint with a vision tower)")
     generate.add_argument("--raw", action="store_true",
-                          help="tokenize PROMPT as it is (after the tokenizer's BOS), without the chat template")
+                          help="tokenize PROMPT as it is (after the tokenizer's BOS), without the chat template "
+                               "(and without images)")
     generate.add_argument("--json", action="store_true",
                           help="print one JSON object: text, token ids, tokens per forward, steps per canvas, "
                                "seconds and tokens per second")
@@ -395,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "ones. Reads one message per line; /reset starts a new conversation, "
                                            "/exit quits. From a pipe, only the answers are printed.")
     chat.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
+    chat.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
+                      help="an image placed before the text of the first message, and again after each /reset: "
+                           "later turns only see it through the cache; repeat for several (needs a checkpoint "
+                           "with a vision tower)")
     chat.set_defaults(run=cmd_chat)
 
     info = commands.add_parser("info", help="describe a checkpoint from its config.json",
@@ -406,12 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     init = commands.add_parser("init-random", help="write a random-weights checkpoint, to try the commands offline",
-                               description="Write a checkpoint with random weights, a small tokenizer and a chat "
-                                           "template. Its output is gibberish; it exists to try the commands.")
+                               description="Write a checkpoint with random weights (a tiny vision tower included), "
+                                           "a small tokenizer, a chat template and an image processor config. Its "
+                                           "output is gibberish; it exists to try the commands.")
     init.add_argument("out", metavar="OUT", help="folder to create (must not exist, or be empty)")
     init.add_argument("--preset", choices=tuple(PRESETS), default="tiny", help="model size (default: tiny)")
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     init.set_defaults(run=cmd_init_random)
+    _add_serve_command(commands)
     return parser
 
 

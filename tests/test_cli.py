@@ -13,8 +13,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from diffusiongemma.cli import main
 from diffusiongemma.processing import AutoProcessor
@@ -23,6 +26,8 @@ CANVAS = 16  # the tiny preset's canvas length
 PROMPT = "Why is the sky blue?"
 # One thread per process: several of them run at once, and a tiny model gains nothing from more.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# Short answers: at most 3 canvases of at most 3 steps.
+SHORT = ["--max-new-tokens", 40, "--max-denoising-steps", 3]
 TURN = re.compile(r"^turn (\d+): encoded (\d+) new tokens after (\d+) cached; generated (\d+) tokens in (\d+) canvases")
 
 
@@ -56,15 +61,47 @@ def processor(checkpoint):
     return AutoProcessor.from_pretrained(checkpoint)
 
 
-def template_ids(processor, message: str) -> list[int]:
-    return processor.apply_chat_template([{"role": "user", "content": message}], tokenize=True,
+def template_ids(processor, message: str, images=()) -> list[int]:
+    content = [*({"type": "image", "image": str(image)} for image in images), {"type": "text", "text": message}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
                                          add_generation_prompt=True)[0]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    """Two noise images of different shapes, so that they cost different numbers of soft tokens."""
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for seed, shape in enumerate([(40, 60, 3), (90, 30, 3)]):
+        pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+        paths.append(folder / f"image{seed}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def _partial_copy(source: Path, target: Path, without: str) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        if path.name != without:
+            (target / path.name).symlink_to(path)
+    return target
+
+
+@pytest.fixture(scope="module")
+def text_only(checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint with the vision tower taken out of its config.json: enough for `info` and for
+    refusing --image, which both stop before the weights load."""
+    folder = _partial_copy(checkpoint, tmp_path_factory.mktemp("text-only") / "tiny", "config.json")
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["vision_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def test_init_random_writes_a_complete_checkpoint(checkpoint, processor):
     names = {path.name for path in checkpoint.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja"} <= names
+            "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"} <= names
     tokenizer = processor.tokenizer
     config = json.loads((checkpoint / "config.json").read_text())
     generation = json.loads((checkpoint / "generation_config.json").read_text())
@@ -73,10 +110,23 @@ def test_init_random_writes_a_complete_checkpoint(checkpoint, processor):
     assert (config["boi_token_id"], config["eoi_token_id"], config["image_token_id"]) == (
         tokenizer.boi_token_id, tokenizer.eoi_token_id, tokenizer.image_token_id)
     assert config["canvas_length"] == CANVAS and config["text_config"]["vocab_size"] == 512
+    # The image processor cuts the patches the tower reads, at the smallest soft-token budget.
+    vision, image_processor = config["vision_config"], processor.image_processor
+    assert (image_processor.patch_size, image_processor.pooling_kernel_size) == (
+        vision["patch_size"], vision["pooling_kernel_size"])
+    assert image_processor.max_soft_tokens == 70
+
+
+def test_init_random_randomizes_the_vision_tower(checkpoint):
+    tensors = {name: t for name, t in load_file(checkpoint / "model.safetensors").items() if "vision" in name}
+    norms = [t for name, t in tensors.items() if "norm" in name]
+    (table,) = [t for name, t in tensors.items() if name.endswith("position_embedding_table")]
+    assert norms and not any(bool((t == 1).all()) for t in norms)
+    assert table.std() > 0.1, "every patch position has an embedding of its own"
 
 
 @pytest.fixture(scope="module")
-def json_runs(checkpoint, tmp_path_factory):
+def json_runs(checkpoint, images, tmp_path_factory):
     """`generate --json` in several settings, run concurrently."""
     # A copy whose generation_config.json asks for one canvas of at most 2 steps.
     limited = tmp_path_factory.mktemp("limited")
@@ -86,7 +136,7 @@ def json_runs(checkpoint, tmp_path_factory):
     generation = json.loads((checkpoint / "generation_config.json").read_text())
     (limited / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": CANVAS,
                                                                 "max_denoising_steps": 2}))
-    flags = ["--max-new-tokens", 40, "--max-denoising-steps", 3, "--json"]
+    flags = [*SHORT, "--json"]
     results = run_all({
         "seed 7": (["generate", checkpoint, PROMPT, *flags, "--seed", 7], None),
         "seed 8": (["generate", checkpoint, PROMPT, *flags, "--seed", 8], None),
@@ -95,8 +145,10 @@ def json_runs(checkpoint, tmp_path_factory):
         "raw from stdin, all steps": (["generate", checkpoint, "-", "--raw", *flags, "--no-adaptive-stopping"],
                                       "The sky is"),
         "checkpoint settings": (["generate", limited, PROMPT, "--json"], None),
-        "plain": (["generate", checkpoint, PROMPT, "--max-new-tokens", 40, "--max-denoising-steps", 3,
-                   "--seed", 7], None),
+        "plain": (["generate", checkpoint, PROMPT, *SHORT, "--seed", 7], None),
+        "one image": (["generate", checkpoint, PROMPT, *flags, "--seed", 7, "--image", images[0]], None),
+        "two images": (["generate", checkpoint, PROMPT, *flags, "--seed", 7, "--image", images[0],
+                        "--image", images[1]], None),
     })
     return {name: ok(result) for name, result in results.items()}
 
@@ -131,6 +183,17 @@ def test_generate_seed_decides_the_output(json_runs):
     assert first["token_ids"] != other["token_ids"]
     # The plain run had seed 7 too.
     assert json_runs["plain"].stdout == first["text"] + "\n"
+
+
+def test_generate_with_images(json_runs, processor, images):
+    text, one, two = (record(json_runs[name]) for name in ("seed 7", "one image", "two images"))
+    soft_tokens = [processor.image_processor([str(image)])["num_soft_tokens_per_image"][0] for image in images]
+    assert soft_tokens[0] != soft_tokens[1] and max(soft_tokens) <= 70
+    # Each image adds its soft tokens between a begin-of-image and an end-of-image token.
+    assert one["prompt_tokens"] == text["prompt_tokens"] + soft_tokens[0] + 2
+    assert two["prompt_tokens"] == text["prompt_tokens"] + sum(soft_tokens) + 4
+    assert two["prompt_tokens"] == len(template_ids(processor, PROMPT, images))
+    assert len({tuple(out["token_ids"]) for out in (text, one, two)}) == 3, "the images reach the model"
 
 
 def test_generate_flags_reach_the_sampler(json_runs):
@@ -172,6 +235,20 @@ def test_chat_reuses_the_cache_between_turns(checkpoint, processor):
     assert cached3 == 0 and encoded3 == len(template_ids(processor, "Again")), "/reset starts from nothing"
 
 
+def test_chat_sends_the_images_with_the_first_message(checkpoint, processor, images, json_runs):
+    conversation = f"{PROMPT}\nAnd then?\n/reset\n{PROMPT}\n"
+    result = ok(run("chat", checkpoint, "--image", images[0], *SHORT, "--seed", 7, "-v", stdin=conversation))
+    # The first turn is the one-image `generate` run, with the same seed: the same answer.
+    assert result.stdout.startswith(record(json_runs["one image"])["text"] + "\n")
+    turns = [tuple(map(int, TURN.match(line).groups())) for line in result.stderr.splitlines()]
+    (_, encoded1, cached1, _, canvases1), (_, encoded2, cached2, _, _), (_, encoded3, cached3, _, _) = turns
+    assert cached1 == 0 and encoded1 == len(template_ids(processor, PROMPT, images[:1]))
+    # The second turn finds the image in the cache and encodes text tokens only.
+    assert cached2 == encoded1 + (canvases1 - 1) * CANVAS
+    assert encoded2 <= CANVAS + 2 + len(template_ids(processor, "And then?")) - 1
+    assert (cached3, encoded3) == (0, encoded1), "after /reset the image comes with the first message again"
+
+
 def _info(result) -> dict[str, str]:
     return dict(re.split(r":\s+", line.strip(), maxsplit=1) for line in ok(result).stdout.splitlines())
 
@@ -199,24 +276,12 @@ def _reference_counts(config_path: Path) -> tuple[int, int, int]:
 
 
 @pytest.fixture(scope="module")
-def vision_config_folder(checkpoint, tmp_path_factory) -> Path:
-    """Only a config.json, with a vision tower: `info` needs nothing else."""
-    folder = tmp_path_factory.mktemp("vision")
-    config = json.loads((checkpoint / "config.json").read_text())
-    config["vision_config"] = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32,
-                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
-                                   patch_size=4, position_embedding_size=64)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def info_runs(checkpoint, vision_config_folder) -> dict[str, dict[str, str]]:
+def info_runs(checkpoint, text_only) -> dict[str, dict[str, str]]:
     # The console script, where installed, is what `pip install` puts on PATH: it must run the same `main`.
     script = shutil.which("diffusiongemma", path=os.path.dirname(sys.executable))
-    vision_args = ["info", str(vision_config_folder), "--dtype", "float32"]
+    vision_args = ["info", str(checkpoint), "--dtype", "float32"]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        text = pool.submit(run, "info", checkpoint)
+        text = pool.submit(run, "info", text_only)
         vision = (pool.submit(subprocess.run, [script, *vision_args], env=ENV, capture_output=True, text=True,
                               timeout=300) if script else pool.submit(run, *vision_args))
         return {"text": _info(text.result()), "vision": _info(vision.result())}
@@ -224,16 +289,17 @@ def info_runs(checkpoint, vision_config_folder) -> dict[str, dict[str, str]]:
 
 def test_info_describes_the_architecture(info_runs):
     text, vision = info_runs["text"], info_runs["vision"]
-    assert text["layers"] == "4 (3 sliding, 1 full)"
-    assert text["attention"] == ("4 query heads; sliding layers: KV heads 2, head dim 16; "
-                                 "full layers: KV heads 1, head dim 32")
-    assert text["experts"] == "8, top-2 per token (expert MLP 32)"
-    assert (text["canvas length"], text["vocabulary"], text["sliding window"]) == ("16", "512", "32")
-    assert (text["vision tower"], vision["vision tower"]) == ("none", "2 layers, hidden 16")
+    for shown in (text, vision):
+        assert shown["layers"] == "4 (3 sliding, 1 full)"
+        assert shown["attention"] == ("4 query heads; sliding layers: KV heads 2, head dim 16; "
+                                      "full layers: KV heads 1, head dim 32")
+        assert shown["experts"] == "8, top-2 per token (expert MLP 32)"
+        assert (shown["canvas length"], shown["vocabulary"], shown["sliding window"]) == ("16", "512", "32")
+    assert (text["vision tower"], vision["vision tower"]) == ("none", "1 layer, hidden 32, patch 4")
 
 
-def test_info_counts_parameters_like_the_reference(info_runs, checkpoint, vision_config_folder):
-    for shown, folder in ((info_runs["text"], checkpoint), (info_runs["vision"], vision_config_folder)):
+def test_info_counts_parameters_like_the_reference(info_runs, checkpoint, text_only):
+    for shown, folder in ((info_runs["text"], text_only), (info_runs["vision"], checkpoint)):
         text_total, active, vision = _reference_counts(folder / "config.json")
         has_vision = json.loads((folder / "config.json").read_text()).get("vision_config") is not None
         assert (_number(shown["text"]), _number(shown["active per token"])) == (text_total, active)
@@ -243,18 +309,11 @@ def test_info_counts_parameters_like_the_reference(info_runs, checkpoint, vision
     assert shown["weights in float32"] == f"{_number(shown['parameters']) * 4 / 2**20:.2f} MiB"
 
 
-def _partial_copy(source: Path, target: Path, without: str) -> Path:
-    target.mkdir()
-    for path in source.iterdir():
-        if path.name != without:
-            (target / path.name).symlink_to(path)
-    return target
-
-
 @pytest.fixture(scope="module")
-def mistakes(checkpoint, tmp_path_factory) -> dict[str, list]:
+def mistakes(checkpoint, images, text_only, tmp_path_factory) -> dict[str, list]:
     base = tmp_path_factory.mktemp("mistakes")
     no_config = _partial_copy(checkpoint, base / "no-config", "config.json")
+    (base / "not-an-image.png").write_text("plain text")
     return {
         "missing folder": ["generate", base / "absent", "hi"],
         "no config.json": ["generate", no_config, "hi"],
@@ -274,6 +333,10 @@ def mistakes(checkpoint, tmp_path_factory) -> dict[str, list]:
         "output not empty": ["init-random", checkpoint],
         "not a number": ["generate", checkpoint, "hi", "--max-new-tokens", "many"],
         "no command": [],
+        "raw prompt with an image": ["generate", checkpoint, "hi", "--raw", "--image", images[0]],
+        "missing image": ["generate", checkpoint, "hi", "--image", base / "absent.png"],
+        "unreadable image": ["chat", checkpoint, "--image", base / "not-an-image.png"],
+        "image for a text-only checkpoint": ["generate", text_only, "hi", "--image", images[0]],
     }
 
 
@@ -295,6 +358,10 @@ ERRORS = {
     "output not empty": (1, "already exists and is not an empty folder"),
     "not a number": (2, "argument --max-new-tokens: invalid int value: 'many'"),
     "no command": (2, "the following arguments are required: COMMAND"),
+    "raw prompt with an image": (1, "--raw cannot be combined with --image"),
+    "missing image": (1, "absent.png' is not an existing file"),
+    "unreadable image": (1, "not-an-image.png: cannot identify image file"),
+    "image for a text-only checkpoint": (1, "--image needs a checkpoint with a vision tower"),
 }
 
 
