@@ -1,0 +1,432 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a tiny random model.
+
+Every server here runs in a background thread on 127.0.0.1, on a socket the test bound to a free port,
+and is stopped (worker thread included) before its fixture returns.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
+from diffusiongemma import scheduler as engine
+from diffusiongemma.presets import write_random_checkpoint
+from diffusiongemma.server import create_app
+
+API_KEY = "test-key"
+MODEL = "tiny-random"
+# Few steps and short answers keep each request to a few dozen milliseconds on one CPU core.
+FAST = {"max_denoising_steps": 4}
+WAIT_SECONDS = 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-random")
+    write_random_checkpoint(folder, "tiny", seed=0)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    """(model, processor) of the tiny checkpoint. Torch gets one thread: the server shares the cores
+    with the test's clients, and a tiny model gains nothing from more."""
+    folder = checkpoint
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield DiffusionGemmaForBlockDiffusion.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serves `app` from a thread; yields its base URL and stops it, worker included, on the way out."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_SECONDS)
+        sock.close()
+        assert not thread.is_alive(), "the server thread did not stop"
+        assert not app.state.scheduler.alive, "the scheduler thread did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    model, processor = tiny
+    app = create_app(model, processor, MODEL, max_batch=4, max_queue=32, max_prompt_tokens=200, api_key=API_KEY)
+    with running(app) as url:
+        yield url, app
+
+
+def client(url, key=API_KEY, cls=openai.OpenAI):
+    # No retries: a 429 or 500 must reach the test, not be retried away.
+    return cls(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=WAIT_SECONDS)
+
+
+def chat_ids(processor, text):
+    ids = processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=True, return_tensors="pt")
+    return ids[0].tolist()
+
+
+def expected(model, processor, ids, seed, max_tokens, steps=FAST["max_denoising_steps"]):
+    """(text, completion tokens, finish reason) that `generate` gives after `torch.manual_seed(seed)`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, max_denoising_steps=steps)
+    eos = set(model.generation_config.eos_token_id)
+    generated = out.sequences[0, len(ids):].tolist()
+    end = next((i for i, token in enumerate(generated) if token in eos), None)
+    kept = (generated if end is None else generated[:end + 1])[:max_tokens]
+    reason = "stop" if any(token in eos for token in kept) else "length"
+    return processor.decode(kept, skip_special_tokens=True), len(kept), reason
+
+
+def metric(url, name):
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"diffusiongemma_{name} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name}")
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_models_health_and_metrics(server):
+    url, _ = server
+    assert [m.id for m in client(url).models.list().data] == [MODEL]
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("requests_received_total", "queue_depth", "active_batch_size", "generated_tokens_total",
+                 "tokens_per_forward", "denoising_steps_per_canvas_count"):
+        assert f"diffusiongemma_{name}" in text
+
+
+def test_chat_matches_generate_and_seed_reproduces(server, tiny):
+    url, _ = server
+    model, processor = tiny
+    ids = chat_ids(processor, "Why is the sky blue?")
+    text, tokens, reason = expected(model, processor, ids, seed=5, max_tokens=40)
+    answers = [client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content":
+                                                                           "Why is the sky blue?"}],
+                                                   max_tokens=40, seed=5, extra_body=FAST) for _ in range(2)]
+    for answer in answers:
+        assert answer.object == "chat.completion" and answer.model == MODEL
+        assert answer.choices[0].message.role == "assistant"
+        assert answer.choices[0].message.content == text
+        assert answer.choices[0].finish_reason == reason
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(ids), tokens)
+        assert answer.usage.total_tokens == len(ids) + tokens
+
+
+def test_completion_streamed_equals_whole(server, tiny):
+    url, _ = server
+    model, processor = tiny
+    api = client(url)
+    settings = dict(model=MODEL, prompt="Once upon a time", max_tokens=48, seed=11, extra_body=FAST)
+    whole = api.completions.create(**settings)
+    ids = processor.tokenizer.encode("Once upon a time")
+    assert (whole.choices[0].text, whole.usage.completion_tokens, whole.choices[0].finish_reason) == \
+        expected(model, processor, ids, seed=11, max_tokens=48)
+    chunks = list(api.completions.create(**settings, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    drafted = list(api.completions.create(**settings, stream=True, stream_options={"include_drafts": True}))
+    assert "".join(c.choices[0].text for c in drafted) == whole.choices[0].text
+    assert any(c.choices[0].model_extra.get("draft") is not None for c in drafted)
+
+
+def test_chat_stream_with_drafts(server):
+    url, _ = server
+    api = client(url)
+    settings = dict(model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                    max_completion_tokens=40, seed=3, extra_body=FAST)
+    whole = api.chat.completions.create(**settings).choices[0].message.content
+    plain = list(api.chat.completions.create(**settings, stream=True))
+    drafted = list(api.chat.completions.create(**settings, stream=True,
+                                               stream_options={"include_usage": False, "include_drafts": True}))
+    for chunks in (plain, drafted):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert not any((c.choices[0].delta.model_extra or {}).get("draft") is not None for c in plain)
+    drafts = [c.choices[0].delta.model_extra["draft"] for c in drafted
+              if (c.choices[0].delta.model_extra or {}).get("draft") is not None]
+    # One draft per denoising step, each the text of one canvas.
+    assert 1 <= len(drafts) <= 3 * FAST["max_denoising_steps"]
+    assert all(isinstance(d, str) for d in drafts)
+
+
+def test_stop_string_and_temperature_zero(server):
+    url, _ = server
+    api = client(url)
+    settings = dict(model=MODEL, prompt="abc", max_tokens=64, seed=2, extra_body=FAST)
+    full = api.completions.create(**settings).choices[0].text
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = api.completions.create(**settings, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = list(api.completions.create(**settings, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    greedy = [api.completions.create(**settings, temperature=0).choices[0].text for _ in range(2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_batched_requests_answer_as_alone(server):
+    url, _ = server
+    seeded = [dict(prompt=f"question {i}", seed=100 + i, max_tokens=24 + 8 * i) for i in range(3)]
+    api = client(url)
+    alone = [api.completions.create(model=MODEL, extra_body=FAST, **s).choices[0].text for s in seeded]
+
+    async def together():
+        async_api = client(url, cls=openai.AsyncOpenAI)
+        others = [dict(prompt="noise " * (i + 1), max_tokens=64, extra_body={"max_denoising_steps": 6})
+                  for i in range(5)]
+        answers = await asyncio.gather(*(async_api.completions.create(model=MODEL, **{"extra_body": FAST, **s})
+                                         for s in [*others[:3], *seeded, *others[3:]]))
+        await async_api.close()
+        return [a.choices[0].text for a in answers[3:6]]
+
+    assert asyncio.run(together()) == alone
+
+
+def test_sixteen_concurrent_streams(server, tiny):
+    url, _ = server
+    model, processor = tiny
+    before = metric(url, 'requests_finished_total{outcome="stop"}') + metric(
+        url, 'requests_finished_total{outcome="length"}')
+    prompts = [f"load test {i}" for i in range(16)]
+    wanted = [expected(model, processor, chat_ids(processor, p), seed=i, max_tokens=32)[0]
+              for i, p in enumerate(prompts)]
+
+    async def one(api, i):
+        stream = await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}],
+                                                   max_tokens=32, seed=i, stream=True, extra_body=FAST)
+        parts, reasons = [], []
+        async for chunk in stream:
+            parts.append(chunk.choices[0].delta.content or "")
+            reasons.append(chunk.choices[0].finish_reason)
+        return "".join(parts), reasons[-1]
+
+    async def all_of_them():
+        api = client(url, cls=openai.AsyncOpenAI)
+        results = await asyncio.wait_for(asyncio.gather(*(one(api, i) for i in range(16))), WAIT_SECONDS * 3)
+        await api.close()
+        return results
+
+    results = asyncio.run(all_of_them())
+    assert [text for text, _ in results] == wanted
+    assert all(reason in ("stop", "length") for _, reason in results)
+    wait_for(lambda: metric(url, "active_batch_size") == 0, "an idle scheduler")
+    after = metric(url, 'requests_finished_total{outcome="stop"}') + metric(
+        url, 'requests_finished_total{outcome="length"}')
+    assert after - before == 16
+    assert metric(url, "queue_depth") == 0
+
+
+def test_api_key(server):
+    url, _ = server
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client(url, key="wrong").models.list()
+    assert caught.value.status_code == 401
+    response = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "temperature": 3}, "temperature"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi", "entropy_bound": -1}, "entropy_bound"),
+    ({"prompt": "hi", "max_denoising_steps": 2.5}, "max_denoising_steps"),
+    ({"prompt": "hi", "t_min": 0.9, "t_max": 0.5}, "t_max"),
+    ({"prompt": "hi", "seed": "x"}, "seed"),
+    ({"prompt": "hi", "seed": 2 ** 64}, "seed"),
+    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "hi", "stream": "yes"}, "stream"),
+    ({"prompt": "hi", "stream_options": {"include_drafts": True}}, "stream_options"),
+    ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [1, 99999]}, "prompt"),
+    ({"prompt": "word " * 300}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 5000}, "max_tokens"),
+])
+def test_bad_completion_requests(server, body, param):
+    url, _ = server
+    response = httpx.post(f"{url}/v1/completions", json={"model": MODEL, **body},
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "t_min": NaN}', "not valid JSON"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_denoising_steps": 4,
+                 "stability_threshold": 10 ** 9}).encode(), "stability_threshold"),
+    (json.dumps({"messages": []}).encode(), "messages"),
+    (json.dumps({"messages": [{"content": "no role"}]}).encode(), "role"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+     .encode(), "images are not supported"),
+    (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), "chat template"),
+])
+def test_bad_chat_requests(server, content, message):
+    url, _ = server
+    response = httpx.post(f"{url}/v1/chat/completions", content=content,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_openai_client_sees_400(server):
+    url, _ = server
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            extra_body={"entropy_bound": 0})
+    assert caught.value.body["param"] == "entropy_bound"
+
+
+# A canvas that never settles: many steps, and a confidence no random model reaches.
+ENDLESS = {"max_tokens": 16, "max_denoising_steps": 100000, "confidence_threshold": 1e-12}
+
+
+def test_full_queue_gets_429_and_disconnects_cancel(tiny):
+    model, processor = tiny
+    app = create_app(model, processor, MODEL, max_batch=1, max_queue=1)
+    with running(app) as url, httpx.Client(base_url=url, timeout=WAIT_SECONDS) as http:
+        request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, **ENDLESS}
+        with contextlib.ExitStack() as streams:
+            first = streams.enter_context(http.stream("POST", "/v1/chat/completions", json=request))
+            assert first.status_code == 200
+            wait_for(lambda: metric(url, "active_batch_size") == 1, "the first request to run")
+            second = streams.enter_context(http.stream("POST", "/v1/chat/completions", json=request))
+            assert second.status_code == 200
+            wait_for(lambda: metric(url, "queue_depth") == 1, "the second request to wait")
+            refused = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert "429" in httpx.get(f"{url}/metrics").text
+        # Both clients are gone: the running request stops and the waiting one never starts.
+        wait_for(lambda: metric(url, 'requests_finished_total{outcome="cancelled"}') == 2, "two cancellations")
+        assert metric(url, "active_batch_size") == 0 and metric(url, "queue_depth") == 0
+        # A client that gives up on a whole (not streamed) answer cancels it too.
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/chat/completions", json={**request, "stream": False}, timeout=1.0)
+        wait_for(lambda: metric(url, 'requests_finished_total{outcome="cancelled"}') == 3, "a third cancellation")
+        answer = client(url).completions.create(model=MODEL, prompt="after", max_tokens=8, extra_body=FAST)
+        assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_long_request_does_not_block_short_ones(server):
+    url, _ = server
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    cancelled = metric(url, 'requests_finished_total{outcome="cancelled"}')
+    long_request = {"model": MODEL, "prompt": "long", "stream": True, **ENDLESS}
+    with httpx.Client(base_url=url, timeout=WAIT_SECONDS, headers=headers) as http:
+        with http.stream("POST", "/v1/completions", json=long_request) as stream:
+            assert stream.status_code == 200
+            wait_for(lambda: metric(url, "active_batch_size") == 1, "the long request to run")
+            short = client(url).completions.create(model=MODEL, prompt="short", max_tokens=32, extra_body=FAST)
+            assert short.choices[0].finish_reason in ("stop", "length")
+            assert metric(url, "active_batch_size") == 1
+    wait_for(lambda: metric(url, 'requests_finished_total{outcome="cancelled"}') == cancelled + 1,
+             "the long request to be cancelled")
+
+
+def test_failing_request_does_not_stop_the_others(server, monkeypatch):
+    url, app = server
+    advance = engine._Running.advance
+
+    def fail_seed_666(self):
+        if self.request.settings.seed == 666:
+            raise RuntimeError("injected fault")
+        return advance(self)
+
+    monkeypatch.setattr(engine._Running, "advance", fail_seed_666)
+    errors_before = metric(url, 'requests_finished_total{outcome="error"}')
+
+    async def both():
+        api = client(url, cls=openai.AsyncOpenAI)
+        good = api.completions.create(model=MODEL, prompt="fine", max_tokens=32, seed=1, extra_body=FAST)
+        bad = api.completions.create(model=MODEL, prompt="broken", max_tokens=32, seed=666, extra_body=FAST)
+        results = await asyncio.gather(good, bad, return_exceptions=True)
+        await api.close()
+        return results
+
+    good, bad = asyncio.run(both())
+    assert isinstance(bad, openai.InternalServerError) and "injected fault" in bad.message
+    assert good.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.APIError, match="injected fault"):
+        list(client(url).completions.create(model=MODEL, prompt="broken", max_tokens=8, seed=666, stream=True,
+                                            extra_body=FAST))
+    assert metric(url, 'requests_finished_total{outcome="error"}') == errors_before + 2
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert app.state.scheduler.alive
+
+
+def test_serve_command(checkpoint):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "diffusiongemma", "serve", checkpoint, "--port", str(port), "--api-key", "k",
+               "--max-batch", "2", "--max-queue", "4", "--max-prompt-tokens", "100"]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        def healthy():
+            assert process.poll() is None, process.stderr.read().decode()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"{url}/health").status_code == 200
+            return False
+
+        wait_for(healthy, "`diffusiongemma serve` to come up")
+        api = client(url, key="k")
+        assert [m.id for m in api.models.list().data] == [checkpoint]
+        answer = api.chat.completions.create(model=checkpoint, messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=16, extra_body=FAST)
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError):
+            api.completions.create(model=checkpoint, prompt="word " * 150)
+    finally:
+        process.terminate()
+        try:
+            log = process.communicate(timeout=WAIT_SECONDS)[1].decode()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(WAIT_SECONDS)
+    # uvicorn shuts down in order, then ends with the signal it got.
+    assert process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log
