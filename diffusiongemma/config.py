@@ -67,10 +67,10 @@ class DiffusionGemmaTextConfig:
     """
 
     # Sizes.
-    vocab_size: int = 262_144
-    hidden_size: int = 2304
-    intermediate_size: int = 9216
     num_hidden_layers: int = 30
+    hidden_size: int = 2304
+    intermediate_size: int = 9216  # of the dense MLP beside the experts
+    vocab_size: int = 2**18
     # Attention. Full-attention layers get `global_head_dim` and `num_global_key_value_heads` unless
     # `per_layer_config` ({layer_index: {"head_dim": .., "num_key_value_heads": ..}}) says otherwise.
     num_attention_heads: int = 8
@@ -97,9 +97,9 @@ class DiffusionGemmaTextConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     # Special tokens.
-    pad_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 1
     bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = 0
     # Keys of the file this engine does not use; kept so that saving writes them back.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -54,6 +54,16 @@ def make_reference(text_overrides=None, canvas_length=8, vision=True, seed=0, im
 
 
 @pytest.fixture(scope="session")
+def tokenizer_folder(tmp_path_factory):
+    """A folder holding the project-made tokenizer (512 ids) and its chat template."""
+    from diffusiongemma.chat_fixture import write_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(folder, 512)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def reference_checkpoint(tmp_path_factory):
     """(reference model, folder it was saved to) for the default tiny config."""
     folder = tmp_path_factory.mktemp("tiny")

@@ -54,15 +54,11 @@ def reference_config(case, canvas_length=8):
                      canvas_length=canvas_length, boi_token_id=381, eoi_token_id=382, image_token_id=383)
 
 
-def reference_facts(config):
-    text = config.text_config
-    vision = config.vision_config
+def shared_facts(config, text):
+    """Facts that both configs expose under the same names."""
     return dict(
         layer_types=list(text.layer_types),
-        shapes=[(text.per_layer_config[i].head_dim, text.per_layer_config[i].num_key_value_heads)
-                for i in range(text.num_hidden_layers)],
         sliding_window=text.sliding_window,
-        causal=text.use_bidirectional_attention != "all",
         bidirectional=text.use_bidirectional_attention,
         rope=json.loads(json.dumps(text.rope_parameters)),
         canvas_length=config.canvas_length,
@@ -72,11 +68,24 @@ def reference_facts(config):
                text.num_attention_heads, text.max_position_embeddings),
         experts=(text.num_experts, text.top_k_experts, text.moe_intermediate_size),
         numerics=(text.rms_norm_eps, text.final_logit_softcapping, text.hidden_activation),
-        vision=None if vision is None else (
-            vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads,
-            vision.num_key_value_heads, vision.head_dim, vision.patch_size, vision.position_embedding_size,
-            vision.pooling_kernel_size, vision.standardize, vision.use_clipped_linears,
-            vision.rope_parameters["rope_theta"]),
+    )
+
+
+def vision_facts(vision, rope_theta):
+    return None if vision is None else (
+        vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads,
+        vision.num_key_value_heads, vision.head_dim, vision.patch_size, vision.position_embedding_size,
+        vision.pooling_kernel_size, vision.standardize, vision.use_clipped_linears, rope_theta)
+
+
+def reference_facts(config):
+    text, vision = config.text_config, config.vision_config
+    return dict(
+        shared_facts(config, text),
+        shapes=[(text.per_layer_config[i].head_dim, text.per_layer_config[i].num_key_value_heads)
+                for i in range(text.num_hidden_layers)],
+        causal=text.use_bidirectional_attention != "all",
+        vision=vision_facts(vision, vision and vision.rope_parameters["rope_theta"]),
     )
 
 
@@ -84,23 +93,10 @@ def our_facts(config: DiffusionGemmaConfig):
     text = config.text_config
     vision = None if config.vision_config is None else VisionConfig.from_dict(config.vision_config)
     return dict(
-        layer_types=list(text.layer_types),
+        shared_facts(config, text),
         shapes=[(s.head_dim, s.num_key_value_heads) for s in text.attention_shapes],
-        sliding_window=text.sliding_window,
         causal=text.is_causal,
-        bidirectional=text.use_bidirectional_attention,
-        rope=json.loads(json.dumps(text.rope_parameters)),
-        canvas_length=config.canvas_length,
-        tokens=(config.boi_token_id, config.eoi_token_id, config.image_token_id, text.pad_token_id,
-                text.bos_token_id, text.eos_token_id),
-        sizes=(text.vocab_size, text.hidden_size, text.intermediate_size, text.num_hidden_layers,
-               text.num_attention_heads, text.max_position_embeddings),
-        experts=(text.num_experts, text.top_k_experts, text.moe_intermediate_size),
-        numerics=(text.rms_norm_eps, text.final_logit_softcapping, text.hidden_activation),
-        vision=None if vision is None else (
-            vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads,
-            vision.num_key_value_heads, vision.head_dim, vision.patch_size, vision.position_embedding_size,
-            vision.pooling_kernel_size, vision.standardize, vision.use_clipped_linears, vision.rope_theta),
+        vision=vision_facts(vision, vision and vision.rope_theta),
     )
 
 

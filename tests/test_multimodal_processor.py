@@ -17,7 +17,6 @@ from PIL import Image
 
 from conftest import reference_processor
 
-from diffusiongemma.chat_fixture import write_tokenizer
 from diffusiongemma.processing import DEFAULT_MAX_IMAGES, AutoProcessor, DiffusionGemmaProcessor
 
 import transformers
@@ -69,10 +68,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(folder, 512)
-    return folder
+def folder(tokenizer_folder):
+    return tokenizer_folder
 
 
 @pytest.fixture(scope="module")

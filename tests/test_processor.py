@@ -41,10 +41,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(folder, 512)
-    return folder
+def folder(tokenizer_folder):
+    return tokenizer_folder
 
 
 @pytest.fixture(scope="module")
