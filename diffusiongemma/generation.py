@@ -178,13 +178,15 @@ class DiffusionGemmaGenerationOutput:
         return getattr(self, key)
 
 
+def _with_step(processor) -> bool:
+    # Processors that take more than (input_ids, scores) get the step, as transformers' list does.
+    return len(inspect.signature(processor.__call__).parameters) > 2
+
+
 def _apply_processors(processors, input_ids, scores, cur_step):
-    for processor in processors:
-        # Processors that take more than (input_ids, scores) get the step, as transformers' list does.
-        if len(inspect.signature(processor.__call__).parameters) > 2:
-            scores = processor(input_ids, scores, cur_step=cur_step)
-        else:
-            scores = processor(input_ids, scores)
+    """`processors`: (processor, whether it takes the step) pairs, resolved once per `generate`."""
+    for processor, with_step in processors:
+        scores = processor(input_ids, scores, cur_step=cur_step) if with_step else processor(input_ids, scores)
     return scores
 
 
@@ -292,6 +294,7 @@ class GenerationMixin:
         if config.t_min is not None and config.t_max is not None:
             processors.append(LinearTemperatureScheduleLogitsProcessor(config.t_min, config.t_max,
                                                                        config.max_denoising_steps))
+        processors = [(processor, _with_step(processor)) for processor in processors]
         stops = list(stopping_criteria or []) + [MaxLengthCriteria(max_length)]
         if eos is not None:
             stops.append(EosTokenCriteria(eos))

@@ -216,7 +216,7 @@ class _Running:
         positions = torch.arange(start, start + self.canvas_length, dtype=torch.int32, device=self.device)[None]
         sampling = "argmax" if self.request.settings.temperature == 0 else "multinomial"
         self.model._denoising_step(self.canvas, self.step, self.uncached, self.cache, None, positions, self.sampler,
-                                   [self.schedule], self.adaptive_stop, sampling)
+                                   [(self.schedule, True)], self.adaptive_stop, sampling)
         return bool(self.canvas.finished.all())
 
     def _commit(self) -> Finished | None:
