@@ -87,9 +87,6 @@ class KVCache:
     def get_seq_length(self) -> int:
         return self.layers[0].length
 
-    def __len__(self) -> int:
-        return self.get_seq_length()
-
     @property
     def batch_size(self) -> int | None:
         keys = self.layers[0].keys

@@ -94,8 +94,9 @@ class SafetensorsFile:
             target.copy_(self.read(name))
 
 
-def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> str:
-    """A local folder as is; otherwise a Hugging Face repo id, fetched or found in the hub cache."""
+def resolve_folder(path_or_repo_id: str | os.PathLike, patterns: list[str] = HUB_PATTERNS, **hub_kwargs) -> str:
+    """A local folder as is; otherwise a Hugging Face repo id, whose files matching `patterns` are
+    fetched or found in the hub cache."""
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
         return path
@@ -107,7 +108,7 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(path, allow_patterns=HUB_PATTERNS, **hub_kwargs)
+        return snapshot_download(path, allow_patterns=patterns, **hub_kwargs)
     except LocalEntryNotFoundError:
         raise FileNotFoundError(f"{path} is neither a local folder nor in the Hugging Face cache, and it "
                                 "could not be downloaded (offline mode or no network)") from None

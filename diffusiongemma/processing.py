@@ -12,7 +12,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .image_processing import ImageProcessor
-from .tokenizer import TOKENIZER_FILES, DiffusionGemmaTokenizer, snapshot_folder
+from .loading import resolve_folder
+from .tokenizer import TOKENIZER_FILES, DiffusionGemmaTokenizer
 
 PROCESSOR_FILES = ["processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja"]
 # The keys the reference reads an image part's source from.
@@ -126,7 +127,7 @@ class DiffusionGemmaProcessor:
     def from_pretrained(
         cls, path_or_repo_id: str | Path, max_images: int = DEFAULT_MAX_IMAGES
     ) -> "DiffusionGemmaProcessor":
-        folder = snapshot_folder(path_or_repo_id, TOKENIZER_FILES + PROCESSOR_FILES)
+        folder = Path(resolve_folder(path_or_repo_id, TOKENIZER_FILES + PROCESSOR_FILES))
         tokenizer = DiffusionGemmaTokenizer.from_pretrained(folder)
         return cls(tokenizer, read_chat_template(folder), ImageProcessor.from_pretrained(folder), max_images)
 

@@ -4,23 +4,12 @@ import json
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 from tokenizers import AddedToken, Tokenizer
+
+from .loading import resolve_folder
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def snapshot_folder(path_or_repo_id: str | Path, allow_patterns: list[str]) -> Path:
-    """A local folder as is, or the Hub snapshot of a repo id (cached files only when HF_HUB_OFFLINE=1)."""
-    if Path(path_or_repo_id).is_dir():
-        return Path(path_or_repo_id)
-    try:
-        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=allow_patterns))
-    except (ValueError, OSError) as err:
-        raise ValueError(
-            f"'{path_or_repo_id}' is not a local folder and could not be fetched from the Hugging Face Hub: {err}"
-        ) from err
 
 
 def _read_json(path: Path) -> dict:
@@ -94,7 +83,7 @@ class DiffusionGemmaTokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path) -> "DiffusionGemmaTokenizer":
-        folder = snapshot_folder(path_or_repo_id, TOKENIZER_FILES)
+        folder = Path(resolve_folder(path_or_repo_id, TOKENIZER_FILES))
         if not (folder / "tokenizer.json").is_file():
             raise ValueError(f"No tokenizer.json in '{folder}': a DiffusionGemma tokenizer needs one")
         special_tokens, extra_special_tokens = _read_special_tokens(folder)

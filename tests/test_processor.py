@@ -190,7 +190,7 @@ def test_repo_ids_resolve_through_the_hub_cache_offline(folder, tmp_path, monkey
     processor = DiffusionGemmaProcessor.from_pretrained("someone/tiny-diffusiongemma")
     assert processor.tokenizer.eos_token_id == 1
     assert processor.chat_template == (folder / "chat_template.jinja").read_text()
-    with pytest.raises(ValueError, match="'someone/not-cached' is not a local folder and could not be fetched"):
+    with pytest.raises(FileNotFoundError, match="someone/not-cached is neither a local folder nor in the Hugging Face cache"):
         DiffusionGemmaTokenizer.from_pretrained("someone/not-cached")
 
 
