@@ -35,24 +35,28 @@ _DEFAULT_ROPE_THETA = 100.0
 
 @dataclass(frozen=True)
 class VisionConfig:
+    """The `vision_config` of a checkpoint (model_type "gemma4_vision"), with the reference's defaults."""
+
+    # Images into patches, patches into soft tokens.
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    pooling_kernel_size: int = 3
+    standardize: bool = False
+    # The transformer over the patches.
+    num_hidden_layers: int = 16
     hidden_size: int = 768
     intermediate_size: int = 3072
-    num_hidden_layers: int = 16
+    hidden_activation: str = "gelu_pytorch_tanh"
     num_attention_heads: int = 12
     num_key_value_heads: int = 12
     head_dim: int = 64
-    hidden_activation: str = "gelu_pytorch_tanh"
+    rope_theta: float = _DEFAULT_ROPE_THETA
+    use_clipped_linears: bool = False
     rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 131_072
     # Kept for the config's sake only: the reference builds its projections without bias whatever this says.
     attention_bias: bool = False
     attention_dropout: float = 0.0
-    rope_theta: float = _DEFAULT_ROPE_THETA
-    pooling_kernel_size: int = 3
-    patch_size: int = 16
-    position_embedding_size: int = 10 * 1024
-    use_clipped_linears: bool = False
-    standardize: bool = False
+    max_position_embeddings: int = 131_072
     initializer_range: float = 0.02
     # Keys this engine does not interpret (e.g. `default_output_length`, `dtype`), kept so that
     # `to_dict` gives back what `from_dict` was given.
