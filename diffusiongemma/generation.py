@@ -316,6 +316,9 @@ class GenerationMixin:
             cur_len = cache.get_seq_length()
             decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
             decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+            # Without padding the decoder needs no mask; deciding it once per canvas keeps the check
+            # (a device sync) out of every denoising step.
+            step_mask = None if bool(decoder_mask.all()) else decoder_mask
 
             # The reference draws the starting noise even when the caller supplies the first canvas.
             noise = sampler.initialize_canvas(batch, device)
@@ -327,7 +330,7 @@ class GenerationMixin:
                 adaptive_stop.reset()
             for step in range(config.max_denoising_steps, 0, -1):
                 decoder_passes += ~(canvas.finished | finished_rows)
-                self._denoising_step(canvas, step, input_ids, cache, decoder_mask, decoder_positions, sampler,
+                self._denoising_step(canvas, step, input_ids, cache, step_mask, decoder_positions, sampler,
                                      processors, adaptive_stop,
                                      "inverse_cdf" if config.fast_sampling else "multinomial")
                 if streamer is not None and hasattr(streamer, "put_draft"):

@@ -558,3 +558,10 @@ def test_peak_memory_of_a_load_is_about_the_checkpoint(tmp_path):
     assert increase < 1.3 * size, f"peak RSS grew by {increase / size:.2f}x the checkpoint's size"
     # The weights are resident after the load, so a smaller figure means the measurement is broken.
     assert increase > 0.8 * size, f"peak RSS grew by only {increase / size:.2f}x the checkpoint's size"
+
+
+def test_a_missing_relative_path_is_not_taken_for_a_hub_id():
+    from diffusiongemma.loading import resolve_folder
+
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint folder at \./nope"):
+        resolve_folder("./nope")

@@ -172,6 +172,8 @@ def test_generate_argument_errors():
         model.generate(torch.tensor([[3, 4, 5]]), max_length=3)
     with pytest.raises(ValueError, match="positions"):
         model.generate(torch.tensor([[3, 4]]), max_new_tokens=200_000)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(torch.tensor([[3, 4]]), max_new_tokens=None)
     with pytest.raises(ValueError, match="input_ids"):
         model.generate([[3, 4]])
 
