@@ -23,10 +23,11 @@ def hardware() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def record(title: str, table: str) -> None:
-    """Prints the table and appends it, dated, to benchmarks/RESULTS.md."""
+def record(title: str, table: str, keep: bool = True) -> None:
+    """Prints the table and, with `keep`, appends it, dated, to benchmarks/RESULTS.md."""
     stamp = datetime.date.today().isoformat()
     entry = f"\n## {title}, {stamp}\n\nHardware: {hardware()}\n\n{table}\n"
     print(entry)
-    with open(RESULTS, "a", encoding="utf-8") as handle:
-        handle.write(entry)
+    if keep:
+        with open(RESULTS, "a", encoding="utf-8") as handle:
+            handle.write(entry)

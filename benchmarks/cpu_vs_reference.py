@@ -90,10 +90,7 @@ def main() -> None:
             rows.append(f"| {name} | {median:.3f} | {1000 * median / steps:.1f} | {base / median:.2f}x |")
     table = "\n".join(rows) + (f"\n\nSmall config (REFERENCE.md section 5), prompt 200, 256 new tokens, 16 fixed "
                                f"steps, float32, {args.runs} alternating runs; tokens identical to the reference.")
-    if args.no_record:
-        print(table)
-    else:
-        record("CPU, small config, ours vs reference", table)
+    record("CPU, small config, ours vs reference", table, keep=not args.no_record)
 
 
 if __name__ == "__main__":

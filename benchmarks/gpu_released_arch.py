@@ -148,10 +148,8 @@ def main() -> None:
         f"reached to {floor_ms / step_ms[1]:.0%}.\n\n"
         f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
         f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.")
-    if args.no_record:
-        print(table)
-    else:
-        record(f"GPU, {'tiny check config' if args.tiny else 'released architecture'}, ours vs reference", table)
+    title = f"GPU, {'tiny check config' if args.tiny else 'released architecture'}, ours vs reference"
+    record(title, table, keep=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -366,10 +366,15 @@ class GenerationMixin:
                         sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str) -> None:
         """One denoising step for every row of `canvas`, updated in place; random numbers come from
         `sampler.generator` (torch's global generator when None)."""
-        cur_step = torch.tensor(step, dtype=torch.int32, device=input_ids.device)
         logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
                       decoder_attention_mask=decoder_mask, past_key_values=cache,
                       decoder_position_ids=decoder_positions).logits
+        self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling)
+
+    def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, step: int, input_ids,
+                       sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str) -> None:
+        """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`."""
+        cur_step = torch.tensor(step, dtype=torch.int32, device=logits.device)
         logits = _apply_processors(processors, input_ids, logits, cur_step)
         denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling, sampler.generator)
         argmax = torch.argmax(logits, dim=-1)

@@ -193,13 +193,21 @@ class TransformerLayer(nn.Module):
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
         self.register_buffer("decoder_layer_scalar", torch.ones(1))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, scalar: torch.Tensor):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, scalar: torch.Tensor,
+                experts_per_row: bool = False):
+        """`experts_per_row`: run the experts once per batch row. How many tokens an expert gets picks the
+        grouped product's kernel on the CPU, so rows that are independent requests must not share one call
+        if each is to get the numbers it gets alone; every other product here is exact row by row."""
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attend))
         # The dense MLP and the experts read the same residual in parallel.
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, indices = self.router(flat)
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, indices)
+        routed = (self.pre_feedforward_layernorm_2(flat), weights, indices)
+        if experts_per_row:
+            moe = torch.cat([self.experts(*row) for row in zip(*(t.split(x.shape[1]) for t in routed))])
+        else:
+            moe = self.experts(*routed)
         moe = self.post_feedforward_layernorm_2(moe.view(x.shape))
         x = x + self.post_feedforward_layernorm(dense + moe)
         return x * scalar

@@ -39,6 +39,19 @@ def _attention(visible_keys, make_mask):
     return for_layer
 
 
+def _attention_per_row(caches: list[KVCache], index: int):
+    """Layer `index`'s attention when row r of the batch is one request's canvas over `caches[r]`: one
+    product per row, the very one that request gets alone. Padding the prefixes to one length would copy
+    the caches on every step, and the masked keys would change the kernel's summation order."""
+    def attend(q, k, v):
+        rows = []
+        for row, cache in enumerate(caches):
+            keys, values, _ = cache.layers[index].with_canvas(k[row:row + 1], v[row:row + 1])
+            rows.append(F.scaled_dot_product_attention(q[row:row + 1], keys, values, scale=1.0, enable_gqa=True))
+        return torch.cat(rows)
+    return attend
+
+
 class TextBackbone(nn.Module):
     """Embeddings, layers and final norm shared by the encoder and the decoder."""
 
@@ -82,19 +95,25 @@ class TextBackbone(nn.Module):
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | list[KVCache],
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Bidirectional pass over the canvas, attending to the cached prefix; the cache is not extended."""
+        """Bidirectional pass over the canvas, attending to the cached prefix; the cache is not extended.
+        With a list of caches, row r is the canvas of its own request over `cache[r]` (no padding mask):
+        each row gets exactly the numbers it gets alone."""
+        if isinstance(cache, list):
+            attends = [_attention_per_row(cache, index) for index in range(len(self.layers))]
+            return self._run(hidden, positions, attends, decoder=True, per_row=True)
         attention = _attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
                                lambda sliding, start, end: decoder_mask(attention_mask, start, end))
         return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=True)
 
-    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, attends, decoder: bool) -> torch.Tensor:
+    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, attends, decoder: bool,
+             per_row: bool = False) -> torch.Tensor:
         rope = {t: self.rotary(positions, t, hidden.dtype) for t in (SLIDING, FULL) if t in self.config.layer_types}
         for layer, attend in zip(self.layers, attends):
             scalar = layer.decoder_layer_scalar if decoder else layer.encoder_layer_scalar
-            hidden = layer(hidden, *rope[layer.layer_type], attend, scalar)
+            hidden = layer(hidden, *rope[layer.layer_type], attend, scalar, experts_per_row=per_row)
         return self.norm(hidden)
 
 
@@ -148,8 +167,12 @@ def _check_mask(name: str, mask: torch.Tensor | None, batch: int, length: int) -
     return mask.bool()
 
 
-def _check_cache(cache: KVCache | None, batch: int) -> None:
-    if cache is not None and cache.batch_size not in (None, batch):
+def _check_cache(cache: KVCache | list[KVCache] | None, batch: int) -> None:
+    if isinstance(cache, list):
+        if len(cache) != batch or any(c.batch_size != 1 for c in cache):
+            raise ValueError(f"a list in `past_key_values` needs one filled cache of batch 1 per row; got "
+                             f"{len(cache)} caches for a batch of {batch}")
+    elif cache is not None and cache.batch_size not in (None, batch):
         raise ValueError(f"`past_key_values` holds a batch of {cache.batch_size}, the inputs a batch of {batch}")
 
 
@@ -293,25 +316,40 @@ class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):
     def forward(
         self,
         decoder_input_ids: torch.Tensor,
-        past_key_values: KVCache | None = None,
+        past_key_values: KVCache | list[KVCache] | None = None,
         self_conditioning_logits: torch.Tensor | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         decoder_position_ids: torch.Tensor | None = None,
     ) -> DecoderOutput:
+        """`past_key_values` may also be a list with one cache per row, each of its own length: the rows
+        are then independent requests denoised side by side (see `TextBackbone.decode`), and
+        `self_conditioning_logits` may be a list too, one [1, canvas, vocab] tensor per row or None for a
+        row on the first step of its canvas."""
         if past_key_values is None:
             raise ValueError("the decoder attends to the encoded prefix: `past_key_values` is required")
         batch, length = decoder_input_ids.shape
         _check_cache(past_key_values, batch)
-        prefix = past_key_values.get_seq_length()
         embeds = self.backbone.embed(decoder_input_ids)
         soft = None
-        if self_conditioning_logits is not None:
+        if isinstance(self_conditioning_logits, list):
+            # Row by row: on the CPU one request's vocabulary-sized tensor stays in cache, a batch's does
+            # not. A row without a signal gets zeros, which the self-conditioning MLP maps to exactly zero.
+            rows = [None if logits is None else self.soft_embeddings(logits, None, embeds.dtype)
+                    for logits in self_conditioning_logits]
+            if any(row is not None for row in rows):
+                soft = torch.cat([torch.zeros_like(embeds[:1]) if row is None else row for row in rows])
+        elif self_conditioning_logits is not None:
             soft = self.soft_embeddings(self_conditioning_logits, self_conditioning_mask, embeds.dtype)
         hidden = self.self_conditioning(embeds, soft)
+        caches = past_key_values if isinstance(past_key_values, list) else [past_key_values]
         if decoder_position_ids is None:
-            decoder_position_ids = torch.arange(prefix, prefix + length, device=embeds.device)[None]
-        mask = _check_mask("decoder_attention_mask", decoder_attention_mask, batch, prefix + length)
+            decoder_position_ids = torch.stack([torch.arange(c.get_seq_length(), c.get_seq_length() + length,
+                                                             device=embeds.device) for c in caches])
+        if decoder_attention_mask is not None and isinstance(past_key_values, list):
+            raise ValueError("`decoder_attention_mask` needs one cache for the whole batch, not a list")
+        mask = _check_mask("decoder_attention_mask", decoder_attention_mask, batch,
+                           caches[0].get_seq_length() + length)
         return DecoderOutput(last_hidden_state=self.backbone.decode(hidden, decoder_position_ids, past_key_values, mask))
 
 

@@ -1,20 +1,29 @@
 """Continuous batching for the server: many requests denoised side by side by one worker thread.
 
 Each scheduler tick admits waiting requests (up to `max_batch` running at once), drops the cancelled
-ones, and then advances every running request by exactly one denoising step, in turn. A request that
-starts a canvas first encodes what its cache lacks (the prompt, then its last committed canvas); a
-request whose canvas is done commits it and either finishes or starts the next canvas on its next
-turn. Requests therefore join and leave between ticks, and a long request costs a short one only one
-step's time per tick, never its whole length.
+ones, and then runs one denoising step for all running requests at once, in a single decoder pass. A
+request that starts a canvas first encodes, on its own, what its cache lacks (the prompt, then its last
+committed canvas); a request whose canvas is done commits it and either leaves or starts its next canvas
+at the next tick. Requests therefore join and leave between ticks, each with its own prefix length,
+settings and step counter, and a long request costs a short one a row in each pass, never its length.
 
-What is batched and what is not: requests share the worker, the model and the tick, but every
-forward pass is still a batch of one, because each request keeps its own key/value cache with its
-own prefix length; merging caches of different lengths into one padded batch would copy them on
-every step. Running each request alone is also what makes a seeded request give exactly the tokens
-it gives alone (and the tokens `generate` gives after `torch.manual_seed(seed)` on the CPU): every
-random number it uses comes from its own `torch.Generator`, drawn in `generate`'s order (the
-canvas noise, then per step the samples and the renoising), and no other request touches that
-generator or its tensors. Prompts are encoded in one pass, not in chunks.
+How the pass is shared: the canvases, one row per request, go through the backbone's token-wise
+operations together (embedding, self-conditioning MLP, norms, projections, dense MLP, router); attention
+and the experts run per request inside each layer (`TextBackbone.decode` with a list of caches).
+Attention reads each request's own cache: padding caches of different lengths to one would copy them on
+every step, and the masked keys would change the kernel's summation order. The experts run per request
+because a grouped product's bits depend on how many tokens each expert gets. The batched products give
+each token the same bits whatever the number of rows (measured on the CPU, where every row count is a
+multiple of the canvas length; a GPU library may pick another kernel for another row count). What is
+vocabulary-sized runs per request: the self-conditioning signal's expected embedding, the LM head and
+the sampler, because on the CPU one request's [canvas, vocabulary] tensor stays in cache and a batch's
+does not (batching them made the step slower).
+
+The sampler's half of the step works on the request's own logits: its temperature from its own step
+counter, its acceptance, renoising and adaptive stopping, and every random number from its own
+`torch.Generator`, drawn in `generate`'s order (the canvas noise, then per step the samples and the
+renoising). So on the CPU a seeded request gives the same tokens alone or in any batch, the tokens
+`generate` gives after `torch.manual_seed(seed)`. Prompts are encoded in one pass, not in chunks.
 """
 
 from __future__ import annotations
@@ -173,6 +182,7 @@ class _Running:
         scale = settings.temperature if settings.temperature > 0 else 1.0
         self.schedule = LinearTemperatureScheduleLogitsProcessor(settings.t_min * scale, settings.t_max * scale,
                                                                  settings.max_denoising_steps)
+        self.sampling = "argmax" if settings.temperature == 0 else "multinomial"
         self.adaptive_stop = None
         if settings.stability_threshold is not None:
             self.adaptive_stop = StableAndConfidentStoppingCriteria(settings.stability_threshold,
@@ -183,13 +193,29 @@ class _Running:
         self.sent = ""
         self.step = 0  # steps left in the current canvas; 0 means no canvas is being denoised
         self.canvas: DenoisingState | None = None
+        self.positions: torch.Tensor | None = None  # the canvas's positions, after the cached prefix
 
-    def advance(self) -> tuple[int | None, Finished | None]:
-        """One denoising step (preceded by the encoder pass when a canvas starts). Returns the steps the
-        canvas took when this step committed it (else None), and the outcome once the answer is done."""
-        if self.step == 0:
-            self._start_canvas()
-        stopped = self._denoise()
+    def start_canvas(self) -> None:
+        """Encodes what the cache lacks and draws the canvas's starting noise."""
+        start = self.cache.get_seq_length()
+        positions = torch.arange(start, start + self.uncached.shape[1], dtype=torch.int32, device=self.device)[None]
+        self.model.model.encoder(input_ids=self.uncached, past_key_values=self.cache, position_ids=positions)
+        start = self.cache.get_seq_length()
+        self.positions = torch.arange(start, start + self.canvas_length, dtype=torch.int32, device=self.device)[None]
+        noise = self.sampler.initialize_canvas(1, self.device)
+        self.canvas = DenoisingState(current=noise, argmax=noise, self_conditioning_logits=None,
+                                     finished=torch.zeros(1, dtype=torch.bool, device=self.device))
+        self.step = self.request.settings.max_denoising_steps
+        if self.adaptive_stop is not None:
+            self.adaptive_stop.reset()
+
+    def update(self, hidden: torch.Tensor) -> tuple[int | None, Finished | None]:
+        """The rest of the step, `generate`'s, from this request's row of the decoder's output [1, canvas,
+        hidden]: the LM head, then the sampler. Returns the steps the canvas took when this step committed
+        it (else None), and the outcome once the answer is done."""
+        self.model._update_canvas(self.canvas, self.model.logits(hidden), self.step, self.uncached, self.sampler,
+                                  [(self.schedule, True)], self.adaptive_stop, self.sampling)
+        stopped = bool(self.canvas.finished.all())
         if self.request.drafts:
             self.request.emit(Draft(self.tokenizer.decode(self.canvas.argmax[0].tolist(), skip_special_tokens=True)))
         self.step -= 1
@@ -198,26 +224,6 @@ class _Running:
         steps = self.request.settings.max_denoising_steps - self.step
         self.step = 0
         return steps, self._commit()
-
-    def _start_canvas(self) -> None:
-        start = self.cache.get_seq_length()
-        positions = torch.arange(start, start + self.uncached.shape[1], dtype=torch.int32, device=self.device)[None]
-        self.model.model.encoder(input_ids=self.uncached, past_key_values=self.cache, position_ids=positions)
-        noise = self.sampler.initialize_canvas(1, self.device)
-        self.canvas = DenoisingState(current=noise, argmax=noise, self_conditioning_logits=None,
-                                     finished=torch.zeros(1, dtype=torch.bool, device=self.device))
-        self.step = self.request.settings.max_denoising_steps
-        if self.adaptive_stop is not None:
-            self.adaptive_stop.reset()
-
-    def _denoise(self) -> bool:
-        """The step `generate` takes, for this request's single row; True when the canvas may stop."""
-        start = self.cache.get_seq_length()
-        positions = torch.arange(start, start + self.canvas_length, dtype=torch.int32, device=self.device)[None]
-        sampling = "argmax" if self.request.settings.temperature == 0 else "multinomial"
-        self.model._denoising_step(self.canvas, self.step, self.uncached, self.cache, None, positions, self.sampler,
-                                   [(self.schedule, True)], self.adaptive_stop, sampling)
-        return bool(self.canvas.finished.all())
 
     def _commit(self) -> Finished | None:
         canvas = self.canvas.argmax[0].tolist()
@@ -268,7 +274,9 @@ class Metrics:
         self.finished = collections.Counter()  # by outcome: stop, length, cancelled, error
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        self.decoder_forwards = 0
+        self.decoder_forwards = 0  # request steps: one per row of each batched pass
+        self.batched_steps = 0  # decoder passes
+        self.step_batch_size = 0  # rows of the last pass while requests run; 0 when idle
         self.step_buckets = [0] * len(STEP_BUCKETS)
         self.canvases = 0
         self.steps = 0
@@ -355,23 +363,59 @@ class Scheduler:
     def _work(self) -> None:
         with torch.inference_mode():
             while self._admit():
-                for running in list(self.running):
-                    self._advance(running)
+                self._tick()
         for request in [*self.waiting, *(running.request for running in self.running)]:
             self._fail(request, RuntimeError("the server is shutting down"))
         self.waiting.clear()
         self.running.clear()
 
-    def _advance(self, running: _Running) -> None:
-        request = running.request
-        if request.cancelled:
+    def _tick(self) -> None:
+        """One denoising step for every running request, in one decoder pass."""
+        batch = [running for running in list(self.running) if self._ready(running)]
+        with self.metrics.lock:
+            self.metrics.step_batch_size = len(batch)
+        if batch:
+            try:
+                hidden = self._decode(batch)
+            except Exception as error:  # the pass was theirs together: every request in it fails
+                for running in batch:
+                    self._drop(running, error)
+            else:
+                with self.metrics.lock:
+                    self.metrics.decoder_forwards += len(batch)
+                    self.metrics.batched_steps += 1
+                for row, running in enumerate(batch):
+                    self._update(running, hidden[row:row + 1])
+        if not self.running:
+            with self.metrics.lock:
+                self.metrics.step_batch_size = 0
+
+    def _ready(self, running: _Running) -> bool:
+        """Drops a cancelled request; starts a canvas for one that needs it. True if it takes this step."""
+        if running.request.cancelled:
             self.running.remove(running)
             self._count("cancelled")
-            return
+            return False
+        if running.step == 0:
+            try:
+                running.start_canvas()
+            except Exception as error:  # the failure belongs to this request alone
+                self._drop(running, error)
+                return False
+        return True
+
+    def _decode(self, batch: list[_Running]) -> torch.Tensor:
+        """The decoder's last hidden states [requests, canvas, hidden], row r for `batch[r]` over its own cache."""
+        return self.model.model.decoder(
+            decoder_input_ids=torch.cat([running.canvas.current for running in batch]),
+            past_key_values=[running.cache for running in batch],
+            self_conditioning_logits=[running.canvas.self_conditioning_logits for running in batch],
+            decoder_position_ids=torch.cat([running.positions for running in batch])).last_hidden_state
+
+    def _update(self, running: _Running, hidden: torch.Tensor) -> None:
+        request = running.request
         try:
-            steps, outcome = running.advance()
-            with self.metrics.lock:
-                self.metrics.decoder_forwards += 1
+            steps, outcome = running.update(hidden)
             if steps is not None:
                 self.metrics.canvas_done(steps)
             if outcome is not None:
@@ -383,9 +427,12 @@ class Scheduler:
                 if not request.cancelled:
                     request.emit(outcome)
         except Exception as error:  # the failure belongs to this request alone
-            if running in self.running:
-                self.running.remove(running)
-            self._fail(request, error)
+            self._drop(running, error)
+
+    def _drop(self, running: _Running, error: BaseException) -> None:
+        if running in self.running:
+            self.running.remove(running)
+        self._fail(running.request, error)
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self._count("error")

@@ -174,6 +174,7 @@ def _prometheus(scheduler: Scheduler, counters: _Counters) -> str:
     with metrics.lock:
         finished = dict(metrics.finished)
         generated, forwards, prompt = metrics.generated_tokens, metrics.decoder_forwards, metrics.prompt_tokens
+        passes, step_batch = metrics.batched_steps, metrics.step_batch_size
         buckets, canvases, steps = list(metrics.step_buckets), metrics.canvases, metrics.steps
     add("requests_received_total", "counter", "Requests received, by endpoint.",
         [(f'{{endpoint="{k}"}}', v) for k, v in sorted(counters.received.items())])
@@ -183,10 +184,15 @@ def _prometheus(scheduler: Scheduler, counters: _Counters) -> str:
         [(f'{{outcome="{k}"}}', finished.get(k, 0)) for k in ("stop", "length", "cancelled", "error")])
     add("queue_depth", "gauge", "Requests waiting for a batch slot.", [("", scheduler.queue_depth)])
     add("active_batch_size", "gauge", "Requests being denoised.", [("", scheduler.batch_size)])
+    add("step_batch_size", "gauge", "Requests in the batched denoising step running or last run (rows of one "
+        "decoder pass); 0 when idle.", [("", step_batch)])
+    add("batched_steps_total", "counter", "Batched denoising steps run: one decoder pass each, over every running "
+        "request.", [("", passes)])
     add("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", [("", prompt)])
     add("generated_tokens_total", "counter", "Tokens returned to finished requests.", [("", generated)])
-    add("decoder_forwards_total", "counter", "Denoising steps (decoder passes) run.", [("", forwards)])
-    add("tokens_per_forward", "gauge", "Generated tokens per decoder pass since start.",
+    add("decoder_forwards_total", "counter", "Denoising steps run, counted per request (one row of a batched "
+        "step each).", [("", forwards)])
+    add("tokens_per_forward", "gauge", "Generated tokens per request denoising step since start.",
         [("", generated / forwards if forwards else 0.0)])
     histogram = [(f'_bucket{{le="{bound}"}}', count) for bound, count in zip(engine.STEP_BUCKETS, buckets)]
     add("denoising_steps_per_canvas", "histogram", "Denoising steps each committed canvas took.",

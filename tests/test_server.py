@@ -6,6 +6,7 @@ and is stopped (worker thread included) before its fixture returns.
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import uvicorn
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma import scheduler as engine
+from diffusiongemma.cache import KVCache
 from diffusiongemma.presets import write_random_checkpoint
 from diffusiongemma.server import create_app
 
@@ -93,11 +95,11 @@ def chat_ids(processor, text):
     return ids[0].tolist()
 
 
-def expected(model, processor, ids, seed, max_tokens, steps=FAST["max_denoising_steps"]):
+def expected(model, processor, ids, seed, max_tokens, steps=FAST["max_denoising_steps"], **settings):
     """(text, completion tokens, finish reason) that `generate` gives after `torch.manual_seed(seed)`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, max_denoising_steps=steps)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, max_denoising_steps=steps, **settings)
     eos = set(model.generation_config.eos_token_id)
     generated = out.sequences[0, len(ids):].tolist()
     end = next((i for i, token in enumerate(generated) if token in eos), None)
@@ -217,38 +219,82 @@ def test_batched_requests_answer_as_alone(server):
     assert asyncio.run(together()) == alone
 
 
-def test_sixteen_concurrent_streams(server, tiny):
-    url, _ = server
+def test_batched_decoder_pass_equals_each_request_alone(tiny):
+    """The pass the scheduler runs: every row over its own cache, then the LM head per row, bit for bit
+    what that row gets alone, with prefixes of different lengths (some past the sliding window) and rows
+    on their first step (no self-conditioning signal) beside rows that have one."""
+    model, _ = tiny
+    config, generator = model.config, torch.Generator().manual_seed(0)
+    length, vocab = config.canvas_length, config.text_config.vocab_size
+    caches, canvases, signals, positions = [], [], [], []
+    with torch.inference_mode():
+        for prefix in (3, 20, 45, 90, 7):
+            caches.append(KVCache(config.text_config, length))
+            model.model.encoder(input_ids=torch.randint(0, vocab, (1, prefix), generator=generator),
+                                past_key_values=caches[-1])
+            canvases.append(torch.randint(0, vocab, (1, length), generator=generator))
+            signals.append(None if prefix in (20, 7) else 4 * torch.randn(1, length, vocab, generator=generator))
+            positions.append(torch.arange(prefix, prefix + length, dtype=torch.int32)[None])
+        alone = [model(decoder_input_ids=canvas, past_key_values=cache, self_conditioning_logits=signal,
+                       decoder_position_ids=position).logits
+                 for cache, canvas, signal, position in zip(caches, canvases, signals, positions)]
+        hidden = model.model.decoder(decoder_input_ids=torch.cat(canvases), past_key_values=caches,
+                                     self_conditioning_logits=signals,
+                                     decoder_position_ids=torch.cat(positions)).last_hidden_state
+        for row, logits in enumerate(alone):
+            assert torch.equal(model.logits(hidden[row:row + 1]), logits), f"row {row} differs from its pass alone"
+
+
+def live_requests() -> int:
+    """Caches and running requests still reachable: what a scheduler holds between requests."""
+    gc.collect()
+    return sum(type(thing) in (KVCache, engine._Running) for thing in gc.get_objects())
+
+
+def test_sixty_four_concurrent_streams(tiny):
+    """A bounded load test: 64 streams at once, more than the batch takes, with settings that make them
+    join and leave at different steps. Each must get exactly its own `generate` answer, and the server
+    must go back to idle."""
     model, processor = tiny
-    before = metric(url, 'requests_finished_total{outcome="stop"}') + metric(
-        url, 'requests_finished_total{outcome="length"}')
-    prompts = [f"load test {i}" for i in range(16)]
-    wanted = [expected(model, processor, chat_ids(processor, p), seed=i, max_tokens=32)[0]
-              for i, p in enumerate(prompts)]
+    count = 64
+    requests = [dict(prompt=f"load test {i}" + " more" * (i % 5), seed=i, max_tokens=(8, 16, 24, 40)[i % 4],
+                     steps=2 + i % 4, entropy_bound=(0.1, 0.5, 2.0)[i % 3]) for i in range(count)]
+    wanted = [expected(model, processor, chat_ids(processor, r["prompt"]), seed=r["seed"], max_tokens=r["max_tokens"],
+                       steps=r["steps"], sampler_config={"entropy_bound": r["entropy_bound"]}) for r in requests]
 
-    async def one(api, i):
-        stream = await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}],
-                                                   max_tokens=32, seed=i, stream=True, extra_body=FAST)
-        parts, reasons = [], []
+    async def one(api, r):
+        stream = await api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": r["prompt"]}], max_tokens=r["max_tokens"],
+            seed=r["seed"], stream=True, stream_options={"include_usage": True},
+            extra_body={"max_denoising_steps": r["steps"], "entropy_bound": r["entropy_bound"]})
+        parts, reasons, usage = [], [], None
         async for chunk in stream:
-            parts.append(chunk.choices[0].delta.content or "")
-            reasons.append(chunk.choices[0].finish_reason)
-        return "".join(parts), reasons[-1]
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                reasons.append(chunk.choices[0].finish_reason)
+            usage = chunk.usage or usage
+        return "".join(parts), usage.completion_tokens, reasons[-1]
 
-    async def all_of_them():
+    async def all_of_them(url):
         api = client(url, cls=openai.AsyncOpenAI)
-        results = await asyncio.wait_for(asyncio.gather(*(one(api, i) for i in range(16))), WAIT_SECONDS * 3)
-        await api.close()
-        return results
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(api, r) for r in requests)), WAIT_SECONDS * 3)
+        finally:
+            await api.close()
 
-    results = asyncio.run(all_of_them())
-    assert [text for text, _ in results] == wanted
-    assert all(reason in ("stop", "length") for _, reason in results)
-    wait_for(lambda: metric(url, "active_batch_size") == 0, "an idle scheduler")
-    after = metric(url, 'requests_finished_total{outcome="stop"}') + metric(
-        url, 'requests_finished_total{outcome="length"}')
-    assert after - before == 16
-    assert metric(url, "queue_depth") == 0
+    idle = live_requests()
+    app = create_app(model, processor, MODEL, max_batch=16, max_queue=count)
+    with running(app) as url:
+        assert asyncio.run(all_of_them(url)) == wanted
+        wait_for(lambda: metric(url, "active_batch_size") == 0, "an idle scheduler")
+        assert metric(url, "queue_depth") == 0 and metric(url, "step_batch_size") == 0
+        finished = [metric(url, f'requests_finished_total{{outcome="{k}"}}') for k in ("stop", "length")]
+        assert sum(finished) == count
+        assert metric(url, 'requests_finished_total{outcome="error"}') == 0
+        # Batched for real: fewer decoder passes than request steps, never more rows than the batch takes.
+        passes, steps = metric(url, "batched_steps_total"), metric(url, "decoder_forwards_total")
+        assert passes < steps <= 16 * passes
+    assert live_requests() == idle
 
 
 def test_api_key(server):
@@ -367,14 +413,14 @@ def test_long_request_does_not_block_short_ones(server):
 
 def test_failing_request_does_not_stop_the_others(server, monkeypatch):
     url, app = server
-    advance = engine._Running.advance
+    update = engine._Running.update
 
-    def fail_seed_666(self):
+    def fail_seed_666(self, hidden):
         if self.request.settings.seed == 666:
             raise RuntimeError("injected fault")
-        return advance(self)
+        return update(self, hidden)
 
-    monkeypatch.setattr(engine._Running, "advance", fail_seed_666)
+    monkeypatch.setattr(engine._Running, "update", fail_seed_666)
     errors_before = metric(url, 'requests_finished_total{outcome="error"}')
 
     async def both():

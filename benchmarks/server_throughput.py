@@ -1,0 +1,171 @@
+"""`diffusiongemma serve` throughput: the same streaming requests sent one by one, then all at once.
+
+Starts `diffusiongemma serve` as a subprocess on a random-weights checkpoint (`init-random`), sends
+`--requests` seeded streaming chat requests one after the other, then the same requests concurrently,
+and reports for both the total seconds, requests per second and generated tokens per second, and the
+request steps per decoder pass read from the server's /metrics. Every request's text must be the same in
+both phases (a seeded request does not depend on its batch).
+
+    .venv/bin/python benchmarks/server_throughput.py [--preset small] [--requests 64] [--threads 2]
+"""
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import openai
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import record  # noqa: E402
+
+from diffusiongemma.presets import write_random_checkpoint  # noqa: E402
+
+MODEL = "random"  # the server answers whatever model name a request gives
+STARTUP_SECONDS = 120
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def metrics(url: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("diffusiongemma_"):
+            name, value = line.rsplit(" ", 1)
+            values[name.removeprefix("diffusiongemma_")] = float(value)
+    return values
+
+
+def start_server(folder: str, port: int, max_batch: int, requests: int, threads: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "diffusiongemma", "serve", folder, "--port", str(port),
+               "--max-batch", str(max_batch), "--max-queue", str(requests)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: {process.stderr.read().decode()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit("the server did not come up")
+        time.sleep(0.2)
+
+
+def request(i: int, args) -> dict:
+    return dict(model=MODEL, messages=[{"role": "user", "content": f"Request {i}: tell me a story."}],
+                max_tokens=args.max_tokens, seed=i, stream=True, stream_options={"include_usage": True},
+                extra_body={"max_denoising_steps": args.steps})
+
+
+def one_by_one(url: str, args) -> list[tuple[str, int]]:
+    api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
+    answers = []
+    for i in range(args.requests):
+        text, tokens = [], 0
+        for chunk in api.chat.completions.create(**request(i, args)):
+            if chunk.choices:
+                text.append(chunk.choices[0].delta.content or "")
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        answers.append(("".join(text), tokens))
+    return answers
+
+
+async def all_at_once(url: str, args) -> list[tuple[str, int]]:
+    api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
+
+    async def one(i):
+        text, tokens = [], 0
+        async for chunk in await api.chat.completions.create(**request(i, args)):
+            if chunk.choices:
+                text.append(chunk.choices[0].delta.content or "")
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return "".join(text), tokens
+
+    try:
+        return await asyncio.gather(*(one(i) for i in range(args.requests)))
+    finally:
+        await api.close()
+
+
+def timed(url: str, run) -> tuple[float, list[tuple[str, int]], float, float]:
+    """(seconds, answers, request steps per decoder pass, denoising steps per canvas) of one phase."""
+    before = metrics(url)
+    start = time.perf_counter()
+    answers = run()
+    seconds = time.perf_counter() - start
+    after = metrics(url)
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    per_pass = delta["decoder_forwards_total"] / max(delta["batched_steps_total"], 1)
+    per_canvas = delta["denoising_steps_per_canvas_sum"] / max(delta["denoising_steps_per_canvas_count"], 1)
+    return seconds, answers, per_pass, per_canvas
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("tiny", "small"), default="small")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=16, help="max_denoising_steps of every request")
+    parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument("--note", default="", help="a sentence added under the table (the machine's state)")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # only for the hardware line: the server is another process
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_random_checkpoint(folder, args.preset, seed=0)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(folder, port, args.max_batch, args.requests, args.threads)
+        try:
+            one_by_one(url, argparse.Namespace(**{**vars(args), "requests": 1}))  # warm-up
+            phases = {"one by one": timed(url, lambda: one_by_one(url, args)),
+                      f"{args.requests} at once": timed(url, lambda: asyncio.run(all_at_once(url, args)))}
+        finally:
+            server.terminate()
+            server.wait(60)
+
+    (_, first, _, _), (_, second, _, _) = phases.values()
+    if first != second:
+        differ = sum(a != b for a, b in zip(first, second))
+        raise SystemExit(f"{differ} of {args.requests} answers differ between the two phases")
+    rows = ["| requests sent | seconds | requests/s | generated tokens/s | request steps per decoder pass "
+            "| steps per canvas |", "|---|---|---|---|---|---|"]
+    for name, (seconds, answers, per_pass, per_canvas) in phases.items():
+        tokens = sum(count for _, count in answers)
+        rows.append(f"| {name} | {seconds:.1f} | {len(answers) / seconds:.2f} | {tokens / seconds:.1f} "
+                    f"| {per_pass:.2f} | {per_canvas:.1f} |")
+    (sequential, *_), (concurrent, *_) = phases.values()
+    tokens = sum(count for _, count in first)
+    table = "\n".join(rows) + (
+        f"\n\nAt once / one by one: {sequential / concurrent:.2f}x the throughput. `{args.preset}` preset (random "
+        f"weights), {args.requests} seeded streaming chat requests, max_tokens {args.max_tokens} "
+        f"({tokens} tokens kept in all), max_denoising_steps {args.steps}, server `--max-batch {args.max_batch}` "
+        f"with {args.threads} torch threads; every answer identical in both phases.")
+    if args.note:
+        table += f" {args.note}"
+    record(f"`serve` throughput, {args.preset} preset", table, keep=not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
