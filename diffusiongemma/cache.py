@@ -75,14 +75,45 @@ class LayerCache:
         return self._write(keys, values, keys.shape[2])
 
 
-class KVCache:
-    """Per-layer keys and values of every token the encoder has committed."""
+class DifferentiableLayerCache:
+    """The training cache of one layer: the same answers as `LayerCache`, built by concatenation instead
+    of writes into a shared buffer, because autograd refuses to differentiate through tensors that were
+    later overwritten in place (a canvas pass would overwrite what the encoder's backward needs)."""
 
-    def __init__(self, config: DiffusionGemmaTextConfig, canvas_length: int = 0):
+    def __init__(self, is_sliding: bool, sliding_window: int):
+        self.is_sliding = is_sliding
+        self.keep = sliding_window - 1
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def with_canvas(self, keys: torch.Tensor, values: torch.Tensor):
+        if self.keys is None:
+            return keys, values, 0
+        first = max(self.length - self.keep, 0) if self.is_sliding else 0
+        return (torch.cat([self.keys[:, :, first:], keys], dim=2), torch.cat([self.values[:, :, first:], values], dim=2),
+                first)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, canvas_room: int):
+        visible = self.with_canvas(keys, values)
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
+        self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
+        return visible
+
+
+class KVCache:
+    """Per-layer keys and values of every token the encoder has committed. `differentiable=True` gives the
+    training cache, through which gradients flow from the decoder back into the encoder."""
+
+    def __init__(self, config: DiffusionGemmaTextConfig, canvas_length: int = 0, differentiable: bool = False):
         self.config = config
         # Room kept free after the prefix so that a canvas pass needs no reallocation.
         self.canvas_length = canvas_length
-        self.layers = [LayerCache(s.is_sliding, config.sliding_window) for s in config.attention_shapes]
+        layer = DifferentiableLayerCache if differentiable else LayerCache
+        self.layers = [layer(s.is_sliding, config.sliding_window) for s in config.attention_shapes]
 
     def get_seq_length(self) -> int:
         return self.layers[0].length

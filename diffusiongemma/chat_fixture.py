@@ -86,27 +86,28 @@ TRAINING_TEXT = [
 ]
 
 
-def _train_pieces(vocab_budget: int) -> tuple[list[str], list[tuple[str, str]]]:
+def _train_pieces(vocab_budget: int, texts: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Learn BPE pieces and merges that never cross a word boundary, as SentencePiece's do."""
     trainer_tokenizer = Tokenizer(BPE())
     trainer_tokenizer.normalizer = normalizers.Replace(" ", "▁")
     trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next")
     trainer = BpeTrainer(vocab_size=vocab_budget, show_progress=False)
-    trainer_tokenizer.train_from_iterator(TRAINING_TEXT, trainer=trainer)
+    trainer_tokenizer.train_from_iterator(texts, trainer=trainer)
     model = json.loads(trainer_tokenizer.to_str())["model"]
     pieces = sorted(model["vocab"], key=model["vocab"].get)
     return pieces, [tuple(merge) for merge in model["merges"]]
 
 
-def build_tokenizer(vocab_size: int) -> Tokenizer:
-    """The `tokenizers` pipeline of the fixture, with exactly `vocab_size` ids."""
+def build_tokenizer(vocab_size: int, texts: list[str] | None = None) -> Tokenizer:
+    """The `tokenizers` pipeline of the fixture, with exactly `vocab_size` ids, its pieces learned from
+    `texts` (the fixture's own sample text by default)."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size must be at least {MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens "
             f"and {len(BYTE_TOKENS)} byte tokens), got {vocab_size}"
         )
     fixed = list(SPECIAL_TOKENS.values()) + BYTE_TOKENS
-    pieces, merges = _train_pieces(vocab_size - len(fixed))
+    pieces, merges = _train_pieces(vocab_size - len(fixed), texts if texts is not None else TRAINING_TEXT)
     pieces = [piece for piece in pieces if piece not in fixed][: vocab_size - len(fixed)]
     unused = [f"<unused{i}>" for i in range(vocab_size - len(fixed) - len(pieces))]
     vocab = {token: i for i, token in enumerate(fixed + pieces + unused)}
@@ -123,14 +124,14 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def write_tokenizer(folder: str | Path, vocab_size: int) -> dict[str, int]:
+def write_tokenizer(folder: str | Path, vocab_size: int, texts: list[str] | None = None) -> dict[str, int]:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja.
 
     Returns the id of every special token, keyed by its name (`"eos_token"`, `"boi_token"`, ...).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, texts)
     tokenizer.save(str(folder / "tokenizer.json"))
 
     ids = {name: tokenizer.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}

@@ -1,4 +1,4 @@
-"""The `diffusiongemma` command: generate, chat, info and init-random.
+"""The `diffusiongemma` command: generate, chat, info, init-random, train and serve.
 
 A user's mistake ends in one line on stderr and a non-zero exit status; a traceback means a bug.
 """
@@ -18,6 +18,7 @@ import torch
 
 from .cache import KVCache
 from .config import FULL, SLIDING, DiffusionGemmaConfig
+from .demo import DEMO_MODEL
 from .generation import DiffusionGemmaGenerationConfig
 from .image_processing import load_image
 from .loading import INDEX_NAME, WEIGHTS_NAME, resolve_folder
@@ -25,7 +26,7 @@ from .model import DiffusionGemmaForBlockDiffusion
 from .presets import PRESETS, write_random_checkpoint
 from .processing import AutoProcessor, DiffusionGemmaProcessor
 from .sampler import EntropyBoundSamplerConfig
-from .streamers import TextDiffusionStreamer, TextStreamer
+from .streamers import StepCounter, TextDiffusionStreamer, TextStreamer
 from .vision import VisionConfig, VisionEmbedder, VisionTower
 
 PROG = "diffusiongemma"
@@ -109,33 +110,6 @@ def _load_model(folder: str, args) -> DiffusionGemmaForBlockDiffusion:
     return model
 
 
-class _StepCounter:
-    """Counts the denoising steps of each canvas (one draft per step) and passes every call on to `inner`."""
-
-    def __init__(self, inner=None):
-        self.inner = inner
-        self.steps: list[int] = []
-        self._drafts = 0
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        if self._prompt_seen:
-            self.steps.append(self._drafts)
-            self._drafts = 0
-        self._prompt_seen = True
-        if self.inner is not None:
-            self.inner.put(value)
-
-    def put_draft(self, value, **kwargs) -> None:
-        self._drafts += 1
-        if hasattr(self.inner, "put_draft"):
-            self.inner.put_draft(value, **kwargs)
-
-    def end(self) -> None:
-        if self.inner is not None:
-            self.inner.end()
-
-
 @dataclass
 class Turn:
     """One `generate` call. `answer` is every generated token up to and including the end-of-sequence
@@ -168,7 +142,7 @@ def _cut_after_eos(ids: list[int], eos: set[int]) -> list[int]:
 
 def _run_turn(model, inputs: dict[str, torch.Tensor], cache: KVCache | None, display, overrides: dict) -> Turn:
     """`inputs`: what `generate` takes besides the settings, `input_ids` [1, tokens] first among them."""
-    counter = _StepCounter(display)
+    counter = StepCounter(display)
     cached = 0
     if cache is not None:
         cached = cache.get_seq_length()
@@ -230,6 +204,10 @@ def _check_fits(length: int, folder: str) -> None:
 
 
 def cmd_generate(args) -> None:
+    if len(args.model_and_prompt) > 2:
+        raise ValueError(f"generate takes [MODEL] PROMPT, got {len(args.model_and_prompt)} arguments; "
+                         "quote a prompt that has spaces")
+    args.model, args.prompt = ([str(DEMO_MODEL)] + args.model_and_prompt)[-2:]
     if args.raw and args.image:
         raise ValueError("--raw cannot be combined with --image: a raw prompt has no place for images")
     folder, processor, overrides = _load(args)
@@ -387,11 +365,21 @@ def cmd_serve(args) -> None:
           api_key=args.api_key, device=args.device, dtype=args.dtype)
 
 
+def cmd_train(args) -> None:
+    from .training import TrainingConfig, train
+
+    result = train(TrainingConfig.from_yaml(args.recipe), resume=args.resume)
+    final = result["evaluations"][-1] if result["evaluations"] else None
+    print(json.dumps({"steps": len(result["history"]), "final_loss": result["history"][-1]["diffusion_loss"],
+                      "evaluation": final}))
+
+
 def _add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                                 description="Serve /v1/chat/completions, /v1/completions and /v1/models, with "
                                             "/health and Prometheus /metrics. Requests are denoised side by side, "
-                                            "one step each in turn; streamed answers arrive a canvas at a time.")
+                                            "one decoder pass per step for all of them; streamed answers arrive "
+                                            "a canvas at a time.")
     serve.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
@@ -444,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", parents=[generation], help="answer one prompt",
                                    description="Answer one prompt, streaming the text as canvases are committed.")
-    generate.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
-    generate.add_argument("prompt", metavar="PROMPT", help="the user's message; - reads it from stdin")
+    generate.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT",
+                          help="checkpoint folder or Hugging Face Hub id (default: the demo model that ships with "
+                               "the package), then the user's message (- reads it from stdin)")
     generate.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
                           help="an image the message is about, placed before its text; repeat for several "
                                "(needs a checkpoint with a vision tower)")
@@ -461,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Multi-turn chat; each turn reuses the key/value cache of the earlier "
                                            "ones. Reads one message per line; /reset starts a new conversation, "
                                            "/exit quits. From a pipe, only the answers are printed.")
-    chat.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
+    chat.add_argument("model", metavar="MODEL", nargs="?", default=str(DEMO_MODEL),
+                      help="checkpoint folder or Hugging Face Hub id (default: the demo model that ships with the "
+                           "package)")
     chat.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
                       help="an image placed before the text of the first message, and again after each /reset: "
                            "later turns only see it through the cache; repeat for several (needs a checkpoint "
@@ -485,6 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     init.set_defaults(run=cmd_init_random)
     _add_serve_command(commands)
+
+    train = commands.add_parser("train", help="train or fine-tune a model from a YAML recipe",
+                                description="Block-diffusion training from a YAML recipe (see the README): "
+                                            "checkpoints go to OUTPUT/checkpoint-STEP, the trained model to "
+                                            "OUTPUT/final.")
+    train.add_argument("recipe", metavar="RECIPE.yaml", help="the training recipe")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in the recipe's output folder")
+    train.set_defaults(run=cmd_train)
     return parser
 
 

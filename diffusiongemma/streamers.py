@@ -184,3 +184,30 @@ class DiffusionIteratorStreamer(TextIteratorStreamer):
             self.queue.put(StreamEvent("text", text))
         if stream_end:
             self.queue.put(_END)
+
+
+class StepCounter:
+    """Counts the denoising steps of each canvas (one draft per step) and passes every call on to `inner`."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.steps: list[int] = []
+        self._drafts = 0
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.steps.append(self._drafts)
+            self._drafts = 0
+        self._prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def put_draft(self, value, **kwargs) -> None:
+        self._drafts += 1
+        if hasattr(self.inner, "put_draft"):
+            self.inner.put_draft(value, **kwargs)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()

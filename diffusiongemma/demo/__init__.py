@@ -1,0 +1,28 @@
+"""The small demo model that ships inside the package: `model/` (its card is `model/MODEL_CARD.md`) and the
+held-out chats its figures were measured on. `recipes/demo/` in the repository rebuilds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).parent / "model"
+DEMO_HELDOUT = Path(__file__).parent / "heldout.jsonl"
+# Batch and seed of the held-out evaluation: the model card's figures are reproducible only with these.
+EVALUATION_BATCH_SIZE = 32
+EVALUATION_SEED = 0
+
+
+def evaluate_demo(folder: str | Path = DEMO_MODEL) -> dict[str, float]:
+    """Held-out loss and denoising token accuracy of a model on the demo's held-out chats, in float32 on the CPU."""
+    import torch
+
+    from ..model import DiffusionGemmaForBlockDiffusion
+    from ..processing import AutoProcessor
+    from ..training import evaluate
+    from ..training_data import canvas_examples, read_chats
+
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder)
+    examples = canvas_examples(read_chats(DEMO_HELDOUT), processor, model.config.canvas_length,
+                               model.config.text_config.max_position_embeddings)
+    return evaluate(model, examples, EVALUATION_BATCH_SIZE, processor.tokenizer.pad_token_id, EVALUATION_SEED)

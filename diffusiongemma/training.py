@@ -1,0 +1,337 @@
+"""Training: a YAML recipe in, checkpoints and a trained model out.
+
+    diffusiongemma train recipe.yaml        # or: train(TrainingConfig.from_yaml("recipe.yaml"))
+
+The loop is plain: AdamW with linear warm-up and cosine decay, gradient accumulation and clipping,
+bfloat16 autocast on CUDA, an evaluation on held-out chats (loss and denoising accuracy), checkpoints
+that resume exactly. Exactly means the same losses as an uninterrupted run: the weights and the
+optimizer state are saved bit for bit, the data order follows from the seed and the epoch, and each
+micro-batch's random draws come from a generator seeded by its own index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .loading import resolve_folder
+from .lora import apply_lora, merge_lora
+from .model import DiffusionGemmaForBlockDiffusion
+from .objective import ObjectiveSettings, block_diffusion_loss, denoising_metrics
+from .processing import AutoProcessor
+from .training_data import canvas_examples, collate, epoch_batches, read_chats
+
+# What a trained model folder needs besides its weights and config.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "processor_config.json", "preprocessor_config.json")
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class LoRASettings:
+    rank: int = 8
+    alpha: float = 16.0
+
+
+@dataclass
+class TrainingConfig:
+    """One training run. Paths are relative to the recipe file when read with `from_yaml`."""
+
+    model: str  # checkpoint folder or Hub id to start from
+    train_data: str  # JSONL, one {"messages": [...]} chat per line
+    output: str  # checkpoints go to output/checkpoint-STEP, the trained model to output/final
+    eval_data: str | None = None
+    steps: int = 1000
+    batch_size: int = 16  # canvases per micro-batch
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    noise_eps: float = 1e-3
+    self_conditioning_p: float = 0.5
+    encoder_loss_weight: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    device: str = "auto"
+    threads: int | None = None
+    lora: LoRASettings | None = None
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            unknown = sorted(set(self.lora) - {f.name for f in fields(LoRASettings)})
+            if unknown:
+                raise ValueError(f"unknown `lora` settings {unknown}; known: rank, alpha")
+            self.lora = LoRASettings(**self.lora)
+        self.adam_betas = tuple(self.adam_betas)
+        self._validate()
+
+    def _validate(self) -> None:
+        def need(ok: bool, name: str, requirement: str):
+            if not ok:
+                raise ValueError(f"`{name}` must be {requirement}, got {getattr(self, name, None)!r}")
+
+        for name in ("model", "train_data", "output"):
+            need(isinstance(getattr(self, name), str) and getattr(self, name), name, "a non-empty string")
+        need(self.eval_data is None or isinstance(self.eval_data, str), "eval_data", "a path or absent")
+        for name in ("steps", "batch_size", "gradient_accumulation", "log_every"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "a positive integer")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
+        need(_is_number(self.learning_rate) and self.learning_rate > 0, "learning_rate", "a number > 0")
+        need(_is_number(self.min_learning_rate) and 0 <= self.min_learning_rate <= self.learning_rate,
+             "min_learning_rate", "a number between 0 and learning_rate")
+        for name in ("weight_decay", "encoder_loss_weight"):
+            need(_is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
+        need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
+        need(len(self.adam_betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.adam_betas),
+             "adam_betas", "two numbers in [0, 1)")
+        need(_is_number(self.noise_eps) and 0 <= self.noise_eps < 1, "noise_eps", "a number in [0, 1)")
+        need(_is_number(self.self_conditioning_p) and 0 <= self.self_conditioning_p <= 1, "self_conditioning_p",
+             "a probability in [0, 1]")
+        need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"), "device",
+             "auto, cpu, cuda or cuda:N")
+        need(self.threads is None or (_is_int(self.threads) and self.threads > 0), "threads", "a positive integer")
+        if self.lora is not None:
+            need(_is_int(self.lora.rank) and self.lora.rank > 0, "lora", "a rank that is a positive integer")
+            need(_is_number(self.lora.alpha) and self.lora.alpha > 0, "lora", "an alpha > 0")
+
+    @classmethod
+    def from_dict(cls, data: dict, base: Path | None = None) -> TrainingConfig:
+        if not isinstance(data, dict):
+            raise ValueError("a training recipe must be a mapping of settings")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING)
+        if missing:
+            raise ValueError(f"the training recipe lacks {missing}")
+        data = dict(data)
+        for name in ("train_data", "eval_data", "output", "model"):
+            value = data.get(name)
+            # A relative path means relative to the recipe; a model that is no folder there is a Hub id.
+            if base is not None and isinstance(value, str) and not Path(value).is_absolute():
+                if name != "model" or (base / value).exists():
+                    data[name] = str(base / value)
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainingConfig:
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {error}") from None
+        return cls.from_dict(data, base=path.parent)
+
+    def objective(self) -> ObjectiveSettings:
+        return ObjectiveSettings(self.noise_eps, self.self_conditioning_p, self.encoder_loss_weight)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def learning_rate(config: TrainingConfig, step: int) -> float:
+    """Linear warm-up to `learning_rate`, then cosine decay to `min_learning_rate` at the last step."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
+
+
+@torch.no_grad()
+def initialize_weights(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
+    """Weights to train from scratch: normal(0, initializer_range) matrices and embeddings; norms and scales
+    at one."""
+    std = model.config.text_config.initializer_range
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if parameter.dim() >= 2:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+        elif "bias" in name:
+            parameter.zero_()
+        else:
+            parameter.fill_(1.0)
+
+
+def _optimizer(model, config: TrainingConfig) -> torch.optim.AdamW:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Decay matrices only: norms and scales are multiplicative gains that should stay near one.
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas)
+
+
+def _device(config: TrainingConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("`device` asks for CUDA, but PyTorch sees no CUDA device here")
+    return torch.device(config.device)
+
+
+def _autocast(device: torch.device):
+    # bfloat16 products on the GPU; the model keeps norms, softmaxes and logits in float32 itself.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+
+class Progress:
+    """One status line (rewritten in place on a terminal): step, loss, learning rate, tokens/s, time left."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream = total, stream
+        self.started = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, step: int, first_step: int, loss: float, lr: float, tokens: int, show: bool) -> None:
+        self.tokens += tokens
+        if not show:
+            return
+        elapsed = time.perf_counter() - self.started
+        done = step - first_step
+        remaining = elapsed / max(done, 1) * (self.total - step)
+        line = (f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {self.tokens / elapsed:,.0f} tokens/s"
+                f"  {remaining / 60:.1f} min left")
+        end = "\r" if self.stream.isatty() else "\n"
+        self.stream.write(line + end)
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        self.stream.write(("\n" if self.stream.isatty() else "") + text + "\n")
+        self.stream.flush()
+
+
+def evaluate(model, examples, batch_size: int, pad_token_id: int, seed: int = 0) -> dict[str, float]:
+    """Held-out cross-entropy and denoising accuracy on answer tokens, each example at one noise level drawn
+    from `seed`: the same figures for the same model and data on any run."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total_loss, correct, scored = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_token_id).to(model.device)
+        loss, right, count = denoising_metrics(model, batch, generator)
+        total_loss, correct, scored = total_loss + loss, correct + right, scored + count
+    model.train(was_training)
+    return {"loss": total_loss / scored, "accuracy": correct / scored, "tokens": scored}
+
+
+def _latest_checkpoint(output: Path) -> Path | None:
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def _save_checkpoint(output: Path, step: int, model, optimizer, history: list[dict], evaluations: list[dict]):
+    folder = output / f"checkpoint-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "history": history, "evaluations": evaluations}, folder / STATE_FILE)
+
+
+def _export(model, source: Path, target: Path) -> None:
+    """Writes a loadable model folder: weights, config, generation config and the source's tokenizer files."""
+    model.save_pretrained(target)
+    model.generation_config.save_pretrained(target)
+    for name in COMPANION_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, target / name)
+
+
+def train(config: TrainingConfig, resume: bool = False, progress: Progress | None = None) -> dict:
+    """Runs the recipe; returns the per-step history (loss, learning rate) and the evaluations."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = _device(config)
+    source = Path(resolve_folder(config.model))
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(source, dtype=torch.float32, device=device)
+    if config.lora is not None:
+        apply_lora(model, config.lora.rank, config.lora.alpha)
+    model.train()
+    processor = AutoProcessor.from_pretrained(source)
+    pad = processor.tokenizer.pad_token_id
+    canvas, positions = model.config.canvas_length, model.config.text_config.max_position_embeddings
+    examples = canvas_examples(read_chats(config.train_data), processor, canvas, positions)
+    held_out = (canvas_examples(read_chats(config.eval_data), processor, canvas, positions)
+                if config.eval_data else None)
+    optimizer = _optimizer(model, config)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "recipe.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    step, history, evaluations = 0, [], []
+    if resume:
+        checkpoint = _latest_checkpoint(output)
+        if checkpoint is None:
+            raise ValueError(f"nothing to resume: {output} holds no checkpoint-STEP folder")
+        state = torch.load(checkpoint / STATE_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, evaluations = state["step"], state["history"], state["evaluations"]
+
+    progress = progress or Progress(config.steps)
+    per_epoch = -(-len(examples) // config.batch_size)
+    objective = config.objective()
+    first_step = step
+    shuffled = (-1, [])  # (epoch, its batches), drawn again only when an epoch begins
+    while step < config.steps:
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        parts_sum, tokens = {}, 0
+        for micro in range(config.gradient_accumulation):
+            index = step * config.gradient_accumulation + micro
+            epoch, position = divmod(index, per_epoch)
+            if shuffled[0] != epoch:
+                shuffled = (epoch, epoch_batches(examples, config.batch_size, config.seed, epoch))
+            batch = collate([examples[i] for i in shuffled[1][position]], pad).to(device)
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+            with _autocast(device):
+                loss, parts = block_diffusion_loss(model, batch, objective, generator)
+            (loss / config.gradient_accumulation).backward()
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + value / config.gradient_accumulation
+            tokens += int(batch.attention_mask.sum()) + batch.target.numel()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        optimizer.step()
+        step += 1
+        history.append({"step": step, "lr": lr, **parts_sum})
+        progress.update(step, first_step, parts_sum["diffusion_loss"], lr, tokens,
+                        show=step % config.log_every == 0 or step == config.steps)
+        if held_out and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            evaluations.append({"step": step, **evaluate(model, held_out, config.batch_size, pad)})
+            progress.message(f"eval at step {step}: {json.dumps(evaluations[-1])}")
+        if config.save_every and step % config.save_every == 0 and step < config.steps:
+            _save_checkpoint(output, step, model, optimizer, history, evaluations)
+
+    _save_checkpoint(output, step, model, optimizer, history, evaluations)
+    if held_out:
+        evaluations.append({"step": step, **evaluate(model, held_out, config.batch_size, pad)})
+        progress.message(f"eval at step {step}: {json.dumps(evaluations[-1])}")
+    if config.lora is not None:
+        merge_lora(model)
+    _export(model.eval(), source, output / "final")
+    result = {"history": history, "evaluations": evaluations}
+    (output / "final" / "training_log.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
