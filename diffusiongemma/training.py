@@ -74,6 +74,10 @@ class TrainingConfig:
             if unknown:
                 raise ValueError(f"unknown `lora` settings {unknown}; known: rank, alpha")
             self.lora = LoRASettings(**self.lora)
+        elif self.lora is not None and not isinstance(self.lora, LoRASettings):
+            raise ValueError(f"`lora` must be a mapping such as {{rank: 8, alpha: 16}}, got {self.lora!r}")
+        if not isinstance(self.adam_betas, (list, tuple)):
+            raise ValueError(f"`adam_betas` must be two numbers in [0, 1), got {self.adam_betas!r}")
         self.adam_betas = tuple(self.adam_betas)
         self._validate()
 

@@ -54,8 +54,11 @@ def read_chats(path: str | Path) -> list[list[dict]]:
                 messages = json.loads(line)["messages"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{path}:{number}: expected a JSON object with a 'messages' list") from None
-            if not isinstance(messages, list) or not any(
-                    isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise ValueError(f"{path}:{number}: 'messages' must be a list of objects")
+            if not all(isinstance(m.get("content"), str) for m in messages):
+                raise ValueError(f"{path}:{number}: every message needs text 'content' (training takes no images)")
+            if not any(m.get("role") == "assistant" for m in messages):
                 raise ValueError(f"{path}:{number}: the chat has no assistant message to learn from")
             chats.append(messages)
     if not chats:

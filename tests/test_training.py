@@ -266,6 +266,8 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum(start_model, data, tm
     ({"colour": "blue"}, r"unknown training settings \['colour'\]"),
     ({"lora": {"rank": 4, "dropout": 0.1}}, r"unknown `lora` settings \['dropout'\]"),
     ({"device": "tpu"}, "`device` must be auto, cpu, cuda"),
+    ({"lora": 8}, "`lora` must be a mapping"),
+    ({"adam_betas": 0.9}, "`adam_betas` must be two numbers"),
 ])
 def test_bad_recipes_are_refused_by_name(start_model, data, tmp_path, change, message):
     settings = dict(model=str(start_model), train_data=str(data / "train.jsonl"), output=str(tmp_path))
@@ -294,6 +296,10 @@ def test_bad_chat_lines_are_refused_with_their_line_number(tmp_path):
         read_chats(path)
     path.write_text("not json\n")
     with pytest.raises(ValueError, match=r"chats.jsonl:1: expected a JSON object"):
+        read_chats(path)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
+                                             {"role": "assistant", "content": "a cat"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"chats.jsonl:1: every message needs text 'content'"):
         read_chats(path)
 
 
