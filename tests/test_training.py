@@ -3,6 +3,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -350,3 +351,18 @@ def test_gradients_reach_the_encoder_through_the_cache(start_model, data):
     canvas = torch.randint(0, 384, batch.target.shape, generator=torch.Generator().manual_seed(0))
     canvas_loss(decode(model, cache, batch, canvas), batch.target).backward()
     assert all(k.grad is not None and k.grad.abs().sum() > 0 for k in keys)
+
+
+def test_progress_reports_loss_and_tokens_per_second_on_the_steps_it_shows():
+    import io
+
+    from diffusiongemma.training import Progress
+
+    stream = io.StringIO()
+    progress = Progress(total=10, stream=stream)
+    progress.update(1, 0, 2.5, 1e-3, tokens=100, show=False)
+    assert stream.getvalue() == ""
+    progress.update(2, 0, 1.25, 5e-4, tokens=100, show=True)
+    line = stream.getvalue()
+    assert line.startswith("step 2/10  loss 1.2500  lr 5.00e-04  ") and line.endswith("min left\n")
+    assert re.search(r"  [\d,]+ tokens/s  ", line)
