@@ -8,10 +8,12 @@ until every row has finished or the length limit is reached.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,8 @@ from .sampler import (
     EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
+    draw_multinomial_words,
+    samples_from_words,
     sample_tokens,
     token_entropy,
 )
@@ -190,6 +194,13 @@ def _apply_processors(processors, input_ids, scores, cur_step):
     return scores
 
 
+@functools.cache
+def _word_drawer() -> ThreadPoolExecutor:
+    """A denoising step's random words do not depend on its logits; one worker draws them while the
+    decoder runs (its small products keep one core busy, not all)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusiongemma-words")
+
+
 class MaxLengthCriteria:
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -302,6 +313,10 @@ class GenerationMixin:
         if config.stability_threshold is not None and config.confidence_threshold is not None:
             adaptive_stop = StableAndConfidentStoppingCriteria(config.stability_threshold, config.confidence_threshold)
 
+        # A logits processor of the caller's might draw random numbers itself; the words must then be
+        # drawn after it, in the reference's order.
+        draw_ahead = not config.fast_sampling and not logits_processor and samples_from_words(device)
+        sampling = "inverse_cdf" if config.fast_sampling else "multinomial"
         finished_rows = torch.zeros(batch, dtype=torch.bool, device=device)
         decoder_passes = torch.zeros(batch, dtype=torch.int, device=device)
         if streamer is not None:
@@ -331,8 +346,7 @@ class GenerationMixin:
             for step in range(config.max_denoising_steps, 0, -1):
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, cache, step_mask, decoder_positions, sampler,
-                                     processors, adaptive_stop,
-                                     "inverse_cdf" if config.fast_sampling else "multinomial")
+                                     processors, adaptive_stop, sampling, draw_ahead)
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     # The argmax canvas is the draft closest to what will be committed.
                     if getattr(streamer, "_takes_logits", False):
@@ -363,20 +377,29 @@ class GenerationMixin:
                                               past_key_values=cache)
 
     def _denoising_step(self, canvas: DenoisingState, step: int, input_ids, cache, decoder_mask, decoder_positions,
-                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str) -> None:
+                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
+                        draw_ahead: bool = False) -> None:
         """One denoising step for every row of `canvas`, updated in place; random numbers come from
-        `sampler.generator` (torch's global generator when None)."""
+        `sampler.generator` (torch's global generator when None). With `draw_ahead`, the step's multinomial
+        words are drawn while the decoder runs: nothing else draws in between."""
+        words = None
+        if draw_ahead:
+            words = _word_drawer().submit(draw_multinomial_words, (canvas.current.numel(), sampler.vocab_size),
+                                          sampler.generator)
         logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
                       decoder_attention_mask=decoder_mask, past_key_values=cache,
                       decoder_position_ids=decoder_positions).logits
-        self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling)
+        self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling,
+                            words.result() if words is not None else None)
 
     def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, step: int, input_ids,
-                       sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str) -> None:
+                       sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
+                       words=None) -> None:
         """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`."""
         cur_step = torch.tensor(step, dtype=torch.int32, device=logits.device)
         logits = _apply_processors(processors, input_ids, logits, cur_step)
-        denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling, sampler.generator)
+        denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling, sampler.generator,
+                                 words)
         argmax = torch.argmax(logits, dim=-1)
         entropy = token_entropy(logits)
         accepted = sampler.accept_canvas(canvas.current, denoised, logits, cur_step, entropy=entropy)

@@ -414,7 +414,8 @@ class DiffusionGemmaForBlockDiffusion(GenerationMixin, DiffusionGemmaPreTrainedM
         logits = F.linear(hidden, self.model.backbone.embed_tokens.weight).float()
         cap = self.config.text_config.final_logit_softcapping
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+            # In place where autograd keeps no intermediates: two vocabulary-sized temporaries fewer per step.
+            logits = torch.tanh(logits / cap) * cap if logits.requires_grad else logits.div_(cap).tanh_().mul_(cap)
         return logits
 
     def forward(

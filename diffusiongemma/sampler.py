@@ -7,6 +7,8 @@ gives the same tokens.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,31 +23,122 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     (normalised log-probabilities, clamped at the dtype's minimum), so ties and sums match the reference."""
     log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
     probs = torch.softmax(log_probs, dim=-1)
-    log_probs = torch.clamp(log_probs, min=torch.finfo(log_probs.dtype).min)
-    return -(log_probs * probs).sum(-1)
+    # In place: the same operations without two more vocabulary-sized temporaries.
+    return -log_probs.clamp_(min=torch.finfo(log_probs.dtype).min).mul_(probs).sum(-1)
 
 
 SAMPLING = ("multinomial", "inverse_cdf", "argmax")
 
+# torch.multinomial(probs, 1) on the CPU takes one 64-bit word w from the generator for every entry, in
+# row-major order, turns it into the exponential variate q = float32(-log1p(-u)) with
+# u = (w mod 2^53) / 2^53, and returns the first argmax of probs / q. As -log1p(-u) >= u, probs / u bounds
+# each entry's ratio from above: only entries whose bound reaches the exact ratio of the bound's own
+# argmax can win, and only those need the logarithm. The words, the floats compared and the token are
+# the reference's; drawing a word costs a fraction of drawing a variate, and the words do not depend on
+# the probabilities, so they can be drawn before the logits exist (`draw_multinomial_words`).
+_MANTISSA = (1 << 53) - 1
+# Covers the float32 roundings in the bound and in q (under 2^-20 relative in all).
+_BOUND_SLACK = 1 + 2.0 ** -18
 
-def sample_tokens(probs: torch.Tensor, method: str = "multinomial",
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+
+@dataclass
+class MultinomialWords:
+    """The words one `torch.multinomial` call on probabilities of `words.shape` would draw; `bound_scale`
+    (1 / u, with slack) turns probabilities into the bounds; `state_before` is the generator's state
+    before the draw, to let torch redo it in the cases only torch can answer."""
+
+    words: torch.Tensor
+    bound_scale: torch.Tensor
+    generator: torch.Generator
+    state_before: torch.Tensor
+
+
+def draw_multinomial_words(shape: tuple[int, ...], generator: torch.Generator | None = None) -> MultinomialWords:
+    generator = generator if generator is not None else torch.default_generator
+    state = generator.get_state()
+    # The full int64 range takes each 64-bit word as it comes, as the exponential kernel does.
+    words = torch.empty(shape, dtype=torch.int64).random_(-2 ** 63, None, generator=generator)
+    # A zero u gives an infinite scale, hence a bound that wins the argmax and a ratio that is not finite:
+    # the case handed back to torch.
+    bound_scale = (words & _MANTISSA).to(torch.float32).mul_(2.0 ** -53).reciprocal_().mul_(_BOUND_SLACK)
+    return MultinomialWords(words, bound_scale, generator, state)
+
+
+def _exponential_variates(words: list[int]) -> torch.Tensor:
+    """The variates torch's CPU kernel makes from these words: libm's log1p in double (math.log1p is that
+    same function; torch's vectorized log1p is not), rounded to float32."""
+    return torch.tensor([-math.log1p(-((w & _MANTISSA) * 2.0 ** -53)) for w in words],
+                        dtype=torch.float64).to(torch.float32)
+
+
+def _exact_ratios(probs: torch.Tensor, words: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return probs[rows, cols] / _exponential_variates(words[rows, cols].tolist())
+
+
+def _multinomial_from_words(probs: torch.Tensor, drawn: MultinomialWords) -> torch.Tensor | None:
+    """torch.multinomial(probs, 1)[:, 0] for 2-D float32 probs, from its words; None where only torch's
+    kernel gives its answer (a zero variate, probabilities that are not finite)."""
+    words = drawn.words
+    bound = probs * drawn.bound_scale
+    first = bound.argmax(dim=-1)
+    threshold = _exact_ratios(probs, words, torch.arange(probs.shape[0]), first)
+    if not bool(torch.isfinite(threshold).all()):
+        return None
+    rows, cols = (bound >= threshold[:, None]).nonzero(as_tuple=True)
+    ratios = _exact_ratios(probs, words, rows, cols)
+    best = threshold.scatter_reduce(0, rows, ratios, "amax")
+    # The first of the best, as argmax picks; every row has a candidate: `first` itself.
+    candidates = torch.where(ratios == best[rows], cols, probs.shape[1])
+    return first.scatter_reduce(0, rows, candidates, "amin", include_self=False)
+
+
+@functools.cache
+def words_reproduce_multinomial() -> bool:
+    """Whether this torch build draws multinomial samples as `_multinomial_from_words` assumes: checked
+    once per process on the variates themselves, on samples and on the generator's state afterwards.
+    Where it does not, the exact path stays on `torch.multinomial`."""
+    seed = 20261127
+    probs = torch.softmax(torch.randn(16, 4096, generator=torch.Generator().manual_seed(seed)) * 4, dim=-1)
+    reference, ours = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    variates = torch.empty(4096).exponential_(generator=reference)
+    if not torch.equal(_exponential_variates(draw_multinomial_words((4096,), ours).words.tolist()), variates):
+        return False
+    expected = torch.multinomial(probs, 1, generator=reference)[:, 0]
+    tokens = _multinomial_from_words(probs, draw_multinomial_words(tuple(probs.shape), ours))
+    return tokens is not None and torch.equal(tokens, expected) and torch.equal(reference.get_state(),
+                                                                                  ours.get_state())
+
+
+def samples_from_words(device: torch.device) -> bool:
+    """Whether the default sampling on `device` can take words drawn before the logits exist."""
+    return device.type == "cpu" and words_reproduce_multinomial()
+
+
+def sample_tokens(probs: torch.Tensor, method: str = "multinomial", generator: torch.Generator | None = None,
+                  words: MultinomialWords | None = None) -> torch.Tensor:
     """One token per position from probs [..., vocab].
 
-    "multinomial" is `torch.multinomial`, whose random stream the reference uses (same seed, same
-    tokens); on the CPU it draws an exponential variate for every vocabulary entry. "inverse_cdf" draws
-    one uniform per position and inverts the cumulative distribution: the same distribution, other
-    random numbers, a fraction of the cost. "argmax" takes the most likely token.
+    "multinomial" gives `torch.multinomial`'s tokens from its random stream, so the reference's seed gives
+    the reference's tokens; on the CPU it goes through the words (see `_multinomial_from_words`), which may
+    have been drawn ahead. "inverse_cdf" draws one uniform per position and inverts the cumulative
+    distribution: the same distribution, other random numbers, a fraction of the cost. "argmax" takes the
+    most likely token.
     """
     flat = probs.reshape(-1, probs.shape[-1])
     if method == "inverse_cdf":
         cumulative = flat.cumsum(dim=-1)
         targets = torch.rand(flat.shape[0], 1, device=flat.device, dtype=cumulative.dtype, generator=generator)
         tokens = torch.searchsorted(cumulative, targets * cumulative[:, -1:], right=True)
-        tokens = tokens.clamp_(max=flat.shape[-1] - 1)
-    elif method == "argmax":
-        tokens = flat.argmax(dim=-1, keepdim=True)
-    else:
+        return tokens.clamp_(max=flat.shape[-1] - 1).view(probs.shape[:-1])
+    if method == "argmax":
+        return flat.argmax(dim=-1).view(probs.shape[:-1])
+    if words is None and flat.dtype == torch.float32 and samples_from_words(flat.device):
+        words = draw_multinomial_words(tuple(flat.shape), generator)
+    tokens = _multinomial_from_words(flat, words) if words is not None else None
+    if tokens is None:
+        if words is not None:
+            words.generator.set_state(words.state_before)
+            generator = words.generator
         tokens = torch.multinomial(flat, num_samples=1, generator=generator)
     return tokens.view(probs.shape[:-1])
 

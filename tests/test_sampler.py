@@ -253,3 +253,101 @@ def test_fast_sampling_keeps_the_acceptance_behaviour():
     assert torch.equal(outputs[0].tokens_per_forward, outputs[1].tokens_per_forward)
     with pytest.raises(ValueError, match="fast_sampling"):
         model.generate(torch.tensor([[3, 4]]), fast_sampling="yes")
+
+
+def _distributions():
+    """Peaked, flat, tied, with zeros, tiny vocabularies and a batch of rows: what a denoising step meets."""
+    source = torch.Generator().manual_seed(7)
+    for vocab, scale in ((4096, 20.0), (4096, 0.01), (3000, 3.0), (7, 1.0), (2, 5.0)):
+        logits = torch.randn(24, vocab, generator=source) * scale
+        yield torch.softmax(logits, dim=-1)
+    tied = torch.zeros(8, 500)
+    tied[:, 100:400:3] = 2.0
+    yield torch.softmax(tied, dim=-1)
+    zeros = torch.randn(16, 1000, generator=source)
+    zeros[:, ::2] = -float("inf")
+    yield torch.softmax(zeros, dim=-1)
+    one_hot = torch.zeros(4, 64)
+    one_hot[:, 5] = 1.0
+    yield one_hot
+
+
+def test_multinomial_from_words_is_torch_multinomial():
+    """The default sampler's tokens and the generator's state afterwards are torch.multinomial's, seed by
+    seed: with an explicit generator and with the global one, and with the words drawn before the call."""
+    from diffusiongemma.sampler import draw_multinomial_words, sample_tokens, words_reproduce_multinomial
+
+    assert words_reproduce_multinomial(), "this torch build draws multinomial samples another way"
+    for index, probs in enumerate(_distributions()):
+        for seed in range(3):
+            expected_gen = torch.Generator().manual_seed(seed)
+            expected = torch.multinomial(probs, 1, generator=expected_gen)[:, 0]
+            generator = torch.Generator().manual_seed(seed)
+            assert torch.equal(sample_tokens(probs, generator=generator), expected), (index, seed)
+            assert torch.equal(generator.get_state(), expected_gen.get_state())
+
+            generator = torch.Generator().manual_seed(seed)
+            words = draw_multinomial_words(tuple(probs.shape), generator)
+            assert torch.equal(sample_tokens(probs, generator=generator, words=words), expected)
+            assert torch.equal(generator.get_state(), expected_gen.get_state())
+
+            torch.manual_seed(seed)
+            global_tokens = sample_tokens(probs[None])
+            assert global_tokens.shape == (1, probs.shape[0])
+            assert torch.equal(global_tokens[0], expected)
+            assert torch.equal(torch.get_rng_state(), expected_gen.get_state())
+
+
+def test_multinomial_hands_torch_the_cases_it_alone_answers():
+    """A zero variate (u = 0 gives an infinite ratio, or NaN beside a zero probability) goes back to
+    torch.multinomial from the state before the words; probabilities that are not finite get torch's error."""
+    from diffusiongemma.sampler import MultinomialWords, draw_multinomial_words, sample_tokens
+
+    probs = torch.softmax(torch.randn(4, 300, generator=torch.Generator().manual_seed(1)), dim=-1)
+    probs[2, 17] = 0.0
+    for row, col in ((1, 40), (2, 17)):
+        generator = torch.Generator().manual_seed(5)
+        drawn = draw_multinomial_words(tuple(probs.shape), generator)
+        after = generator.get_state()
+        words, scale = drawn.words.clone(), drawn.bound_scale.clone()
+        words[row, col], scale[row, col] = 1 << 53, float("inf")
+        forged = MultinomialWords(words, scale, drawn.generator, drawn.state_before)
+        # Forged so the words path alone would say `col`; torch's draw from the same state decides instead.
+        expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
+        assert torch.equal(sample_tokens(probs, generator=generator, words=forged), expected)
+        assert torch.equal(generator.get_state(), after)
+
+    broken = probs.clone()
+    broken[0, 3] = float("nan")
+    with pytest.raises(RuntimeError) as ours:
+        sample_tokens(broken)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.multinomial(broken, 1)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_words_drawn_ahead_change_nothing(monkeypatch):
+    """generate draws each step's words while the decoder runs; the tokens and the global generator's
+    state afterwards equal those of sampling with torch.multinomial itself. A caller's logits processor
+    that draws random numbers keeps the reference's order (its draw comes before the step's words)."""
+    import diffusiongemma.generation as generation
+
+    model = tiny_model(canvas_length=8)
+    prompt = torch.tensor([[3, 4, 5]])
+    settings = dict(max_new_tokens=24, max_denoising_steps=5)
+
+    def drawing_processor(input_ids, scores):
+        return scores + 1e-3 * torch.rand(scores.shape)
+
+    def run(**extra):
+        torch.manual_seed(11)
+        out = model.generate(prompt, **settings, **extra).sequences
+        return out, torch.get_rng_state()
+
+    ahead = run()
+    ahead_with_processor = run(logits_processor=[drawing_processor])
+    monkeypatch.setattr(generation, "samples_from_words", lambda device: False)
+    monkeypatch.setattr("diffusiongemma.sampler.samples_from_words", lambda device: False)
+    for ours, torchs in ((ahead, run()), (ahead_with_processor, run(logits_processor=[drawing_processor]))):
+        assert torch.equal(ours[0], torchs[0])
+        assert torch.equal(ours[1], torchs[1])
