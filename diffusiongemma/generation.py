@@ -201,6 +201,11 @@ def _word_drawer() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusiongemma-words")
 
 
+# A forked child inherits the executor but not its thread: it must make its own.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_word_drawer.cache_clear)
+
+
 class MaxLengthCriteria:
     def __init__(self, max_length: int):
         self.max_length = max_length

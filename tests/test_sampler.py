@@ -351,3 +351,33 @@ def test_words_drawn_ahead_change_nothing(monkeypatch):
     for ours, torchs in ((ahead, run()), (ahead_with_processor, run(logits_processor=[drawing_processor]))):
         assert torch.equal(ours[0], torchs[0])
         assert torch.equal(ours[1], torchs[1])
+
+
+def test_generate_after_fork():
+    """A process forked after `generate` drew words ahead gets a word drawer of its own (the parent's
+    worker thread does not survive the fork), so generating there finishes with the parent's tokens."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, torch
+        torch.set_num_threads(1)  # OpenMP's own thread pool does not survive a fork either
+        from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
+        text = DiffusionGemmaTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+                                        sliding_window=6, num_experts=4, top_k_experts=2, moe_intermediate_size=16)
+        model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, canvas_length=4)).eval()
+        def run():
+            torch.manual_seed(0)
+            return model.generate(torch.tensor([[3, 4]]), max_new_tokens=8, max_denoising_steps=3).sequences
+        parent = run()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if torch.equal(run(), parent) else 1)
+        _, status = os.waitpid(pid, 0)
+        print("child exit", os.waitstatus_to_exitcode(status))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "child exit 0"
