@@ -34,9 +34,11 @@ def pair(name: str):
     return reference, DiffusionGemmaForBlockDiffusion.from_pretrained(folder)
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
+def assert_same(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """Bit for bit: the engine runs the reference's float operations in the reference's order, which is
+    what keeps same-seed tokens identical; the relative error is printed to tell rounding from a bug."""
     error = (ours - reference).abs().max() / reference.abs().max()
-    assert error < 1e-5, f"relative error {error:.2e}"
+    assert torch.equal(ours, reference), f"not bit-identical; relative error {error:.2e}"
 
 
 def tokens(*shape, seed=0):
@@ -49,7 +51,7 @@ def tokens(*shape, seed=0):
 def test_logits_short_and_long_prompt(name, prompt_length):
     reference, ours = pair(name)
     prompt, canvas = tokens(2, prompt_length), tokens(2, 8, seed=1)
-    assert_close(ours(input_ids=prompt, decoder_input_ids=canvas).logits,
+    assert_same(ours(input_ids=prompt, decoder_input_ids=canvas).logits,
                  reference(input_ids=prompt, decoder_input_ids=canvas).logits)
 
 
@@ -66,7 +68,7 @@ def test_logits_left_padded_batch(name):
     kwargs = dict(input_ids=prompt, attention_mask=mask, decoder_input_ids=canvas, decoder_attention_mask=decoder_mask)
     ours_logits, reference_logits = ours(**kwargs).logits, reference(**kwargs).logits
     for row in range(3):  # each row against the reference, so that a small row is not hidden by a large one
-        assert_close(ours_logits[row], reference_logits[row])
+        assert_same(ours_logits[row], reference_logits[row])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -78,7 +80,7 @@ def test_logits_with_self_conditioning(name):
     for mask in (None, torch.tensor([True, False])):
         kwargs = dict(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=previous,
                       self_conditioning_mask=mask)
-        assert_close(ours(**kwargs).logits, reference(**kwargs).logits)
+        assert_same(ours(**kwargs).logits, reference(**kwargs).logits)
     # The signal matters: without it the logits differ.
     plain = ours(input_ids=prompt, decoder_input_ids=canvas).logits
     assert (plain - ours(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=previous).logits
@@ -98,10 +100,10 @@ def test_logits_after_several_committed_canvases(name):
         ours_out = ours(input_ids=chunk, past_key_values=ours_cache, decoder_input_ids=canvas)
         reference_out = reference(input_ids=chunk, past_key_values=reference_cache, decoder_input_ids=canvas)
         ours_cache, reference_cache = ours_out.past_key_values, reference_out.past_key_values
-        assert_close(ours_out.logits, reference_out.logits)
+        assert_same(ours_out.logits, reference_out.logits)
     assert ours_cache.get_seq_length() == reference_cache.get_seq_length() == 30
     positions = torch.arange(30, 38)[None]
-    assert_close(ours(past_key_values=ours_cache, decoder_input_ids=canvas, decoder_position_ids=positions).logits,
+    assert_same(ours(past_key_values=ours_cache, decoder_input_ids=canvas, decoder_position_ids=positions).logits,
                  reference(past_key_values=reference_cache, decoder_input_ids=canvas,
                            decoder_position_ids=positions).logits)
 
