@@ -43,25 +43,22 @@ _BOUND_SLACK = 1 + 2.0 ** -18
 
 @dataclass
 class MultinomialWords:
-    """The words one `torch.multinomial` call on probabilities of `words.shape` would draw; `bound_scale`
-    (1 / u, with slack) turns probabilities into the bounds; `state_before` is the generator's state
-    before the draw, to let torch redo it in the cases only torch can answer."""
+    """The words one `torch.multinomial` call on probabilities of `words.shape` would draw, and the
+    generator's state before the draw (to let torch redo it in the cases only torch can answer)."""
 
     words: torch.Tensor
-    bound_scale: torch.Tensor
     generator: torch.Generator
     state_before: torch.Tensor
 
 
 def draw_multinomial_words(shape: tuple[int, ...], generator: torch.Generator | None = None) -> MultinomialWords:
+    """Only the draw, a serial kernel: run on a second thread, it must not start a second team of
+    intra-op threads beside the decoder's."""
     generator = generator if generator is not None else torch.default_generator
     state = generator.get_state()
     # The full int64 range takes each 64-bit word as it comes, as the exponential kernel does.
     words = torch.empty(shape, dtype=torch.int64).random_(-2 ** 63, None, generator=generator)
-    # A zero u gives an infinite scale, hence a bound that wins the argmax and a ratio that is not finite:
-    # the case handed back to torch.
-    bound_scale = (words & _MANTISSA).to(torch.float32).mul_(2.0 ** -53).reciprocal_().mul_(_BOUND_SLACK)
-    return MultinomialWords(words, bound_scale, generator, state)
+    return MultinomialWords(words, generator, state)
 
 
 def _exponential_variates(words: list[int]) -> torch.Tensor:
@@ -79,7 +76,9 @@ def _multinomial_from_words(probs: torch.Tensor, drawn: MultinomialWords) -> tor
     """torch.multinomial(probs, 1)[:, 0] for 2-D float32 probs, from its words; None where only torch's
     kernel gives its answer (a zero variate, probabilities that are not finite)."""
     words = drawn.words
-    bound = probs * drawn.bound_scale
+    # A zero u gives a bound that wins the argmax and a ratio that is not finite: handed back to torch.
+    uniform = (words & _MANTISSA).to(torch.float32)
+    bound = torch.div(probs, uniform, out=uniform).mul_(2.0 ** 53 * _BOUND_SLACK)
     first = bound.argmax(dim=-1)
     threshold = _exact_ratios(probs, words, torch.arange(probs.shape[0]), first)
     if not bool(torch.isfinite(threshold).all()):
