@@ -13,7 +13,7 @@ import inspect
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +206,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_word_drawer.cache_clear)
 
 
+def draw_words_in_background(shape: tuple[int, int], generator: torch.Generator | None) -> Future:
+    """Starts drawing a step's multinomial words (see `sampler.draw_multinomial_words`); only for a
+    generator that nothing else draws from until the step samples."""
+    return _word_drawer().submit(draw_multinomial_words, shape, generator)
+
+
 class MaxLengthCriteria:
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -389,8 +395,7 @@ class GenerationMixin:
         words are drawn while the decoder runs: nothing else draws in between."""
         words = None
         if draw_ahead:
-            words = _word_drawer().submit(draw_multinomial_words, (canvas.current.numel(), sampler.vocab_size),
-                                          sampler.generator)
+            words = draw_words_in_background((canvas.current.numel(), sampler.vocab_size), sampler.generator)
         logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
                       decoder_attention_mask=decoder_mask, past_key_values=cache,
                       decoder_position_ids=decoder_positions).logits

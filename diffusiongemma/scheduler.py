@@ -32,18 +32,20 @@ import collections
 import contextlib
 import re
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .cache import KVCache
-from .generation import DenoisingState
+from .generation import DenoisingState, draw_words_in_background
 from .sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
+    samples_from_words,
 )
 
 # Byte-fallback tokens, which the decoder joins with their neighbours into characters.
@@ -209,12 +211,20 @@ class _Running:
         if self.adaptive_stop is not None:
             self.adaptive_stop.reset()
 
-    def update(self, hidden: torch.Tensor) -> tuple[int | None, Finished | None]:
+    def draw_words(self) -> Future | None:
+        """Starts drawing this step's multinomial words while the decoder runs; only this request draws from
+        its generator, so nothing can come in between."""
+        if self.sampling != "multinomial" or not samples_from_words(self.device):
+            return None
+        return draw_words_in_background((self.canvas_length, self.sampler.vocab_size), self.generator)
+
+    def update(self, hidden: torch.Tensor, words: Future | None = None) -> tuple[int | None, Finished | None]:
         """The rest of the step, `generate`'s, from this request's row of the decoder's output [1, canvas,
         hidden]: the LM head, then the sampler. Returns the steps the canvas took when this step committed
         it (else None), and the outcome once the answer is done."""
         self.model._update_canvas(self.canvas, self.model.logits(hidden), self.step, self.uncached, self.sampler,
-                                  [(self.schedule, True)], self.adaptive_stop, self.sampling)
+                                  [(self.schedule, True)], self.adaptive_stop, self.sampling,
+                                  words.result() if words is not None else None)
         stopped = bool(self.canvas.finished.all())
         if self.request.drafts:
             self.request.emit(Draft(self.tokenizer.decode(self.canvas.argmax[0].tolist(), skip_special_tokens=True)))
@@ -375,6 +385,7 @@ class Scheduler:
         with self.metrics.lock:
             self.metrics.step_batch_size = len(batch)
         if batch:
+            words = [running.draw_words() for running in batch]
             try:
                 hidden = self._decode(batch)
             except Exception as error:  # the pass was theirs together: every request in it fails
@@ -385,7 +396,7 @@ class Scheduler:
                     self.metrics.decoder_forwards += len(batch)
                     self.metrics.batched_steps += 1
                 for row, running in enumerate(batch):
-                    self._update(running, hidden[row:row + 1])
+                    self._update(running, hidden[row:row + 1], words[row])
         if not self.running:
             with self.metrics.lock:
                 self.metrics.step_batch_size = 0
@@ -412,10 +423,10 @@ class Scheduler:
             self_conditioning_logits=[running.canvas.self_conditioning_logits for running in batch],
             decoder_position_ids=torch.cat([running.positions for running in batch])).last_hidden_state
 
-    def _update(self, running: _Running, hidden: torch.Tensor) -> None:
+    def _update(self, running: _Running, hidden: torch.Tensor, words: Future | None) -> None:
         request = running.request
         try:
-            steps, outcome = running.update(hidden)
+            steps, outcome = running.update(hidden, words)
             if steps is not None:
                 self.metrics.canvas_done(steps)
             if outcome is not None:

@@ -415,10 +415,10 @@ def test_failing_request_does_not_stop_the_others(server, monkeypatch):
     url, app = server
     update = engine._Running.update
 
-    def fail_seed_666(self, hidden):
+    def fail_seed_666(self, hidden, words=None):
         if self.request.settings.seed == 666:
             raise RuntimeError("injected fault")
-        return update(self, hidden)
+        return update(self, hidden, words)
 
     monkeypatch.setattr(engine._Running, "update", fail_seed_666)
     errors_before = metric(url, 'requests_finished_total{outcome="error"}')
