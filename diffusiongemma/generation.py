@@ -25,6 +25,7 @@ from .sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
+    MultinomialWords,
     StableAndConfidentStoppingCriteria,
     draw_multinomial_words,
     samples_from_words,
@@ -404,7 +405,7 @@ class GenerationMixin:
 
     def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, step: int, input_ids,
                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                       words=None) -> None:
+                       words: MultinomialWords | None = None) -> None:
         """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`."""
         cur_step = torch.tensor(step, dtype=torch.int32, device=logits.device)
         logits = _apply_processors(processors, input_ids, logits, cur_step)
