@@ -329,6 +329,9 @@ class GenerationMixin:
         # drawn after it, in the reference's order.
         draw_ahead = not config.fast_sampling and not logits_processor and samples_from_words(device)
         sampling = "inverse_cdf" if config.fast_sampling else "multinomial"
+        # n = N..1 as views of one device tensor: a tensor made per step is a copy to the device, which
+        # waits for the work queued there.
+        step_numbers = torch.arange(config.max_denoising_steps, 0, -1, dtype=torch.int32, device=device)
         finished_rows = torch.zeros(batch, dtype=torch.bool, device=device)
         decoder_passes = torch.zeros(batch, dtype=torch.int, device=device)
         if streamer is not None:
@@ -355,7 +358,7 @@ class GenerationMixin:
                              finished=torch.zeros(batch, dtype=torch.bool, device=device))
             if adaptive_stop is not None:
                 adaptive_stop.reset()
-            for step in range(config.max_denoising_steps, 0, -1):
+            for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, cache, step_mask, decoder_positions, sampler,
                                      processors, adaptive_stop, sampling, draw_ahead)
@@ -365,7 +368,8 @@ class GenerationMixin:
                         streamer.put_draft(logits=canvas.self_conditioning_logits.cpu())
                     else:
                         streamer.put_draft(value=canvas.argmax.cpu())
-                if bool(canvas.finished.all()):
+                # Only adaptive stopping finishes a canvas early; without it, no step waits for the device.
+                if adaptive_stop is not None and bool(canvas.finished.all()):
                     break
 
             input_ids = torch.cat([input_ids, canvas.argmax], dim=-1)
@@ -388,7 +392,7 @@ class GenerationMixin:
         return DiffusionGemmaGenerationOutput(sequences=input_ids, tokens_per_forward=valid / decoder_passes,
                                               past_key_values=cache)
 
-    def _denoising_step(self, canvas: DenoisingState, step: int, input_ids, cache, decoder_mask, decoder_positions,
+    def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, cache, decoder_mask, decoder_positions,
                         sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
                         draw_ahead: bool = False) -> None:
         """One denoising step for every row of `canvas`, updated in place; random numbers come from
@@ -403,11 +407,11 @@ class GenerationMixin:
         self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling,
                             words.result() if words is not None else None)
 
-    def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, step: int, input_ids,
+    def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, cur_step: torch.Tensor, input_ids,
                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
                        words: MultinomialWords | None = None) -> None:
-        """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`."""
-        cur_step = torch.tensor(step, dtype=torch.int32, device=logits.device)
+        """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`;
+        `cur_step` is n (N..1) as a 0-d int32 tensor on the logits' device."""
         logits = _apply_processors(processors, input_ids, logits, cur_step)
         denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling, sampler.generator,
                                  words)
@@ -418,7 +422,8 @@ class GenerationMixin:
         if adaptive_stop is not None:
             # Rows that already stopped keep their canvas, argmax and logits.
             done = canvas.finished
-            if bool(done.any()):
+            # On an accelerator the selects cost less than waiting for `any`; on the CPU it is the reverse.
+            if done.device.type != "cpu" or bool(done.any()):
                 argmax = torch.where(done[:, None], canvas.argmax, argmax)
                 current = torch.where(done[:, None], canvas.current, current)
                 logits = torch.where(done[:, None, None], canvas.self_conditioning_logits, logits)

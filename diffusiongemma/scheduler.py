@@ -222,7 +222,8 @@ class _Running:
         """The rest of the step, `generate`'s, from this request's row of the decoder's output [1, canvas,
         hidden]: the LM head, then the sampler. Returns the steps the canvas took when this step committed
         it (else None), and the outcome once the answer is done."""
-        self.model._update_canvas(self.canvas, self.model.logits(hidden), self.step, self.uncached, self.sampler,
+        step = torch.tensor(self.step, dtype=torch.int32, device=self.device)
+        self.model._update_canvas(self.canvas, self.model.logits(hidden), step, self.uncached, self.sampler,
                                   [(self.schedule, True)], self.adaptive_stop, self.sampling,
                                   words.result() if words is not None else None)
         stopped = bool(self.canvas.finished.all())
