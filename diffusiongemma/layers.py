@@ -164,7 +164,8 @@ class Experts(nn.Module):
         experts = self.gate_up_proj.shape[0]
         sorted_experts, order = torch.sort(indices.reshape(-1))
         rows = x.index_select(0, order // top_k)  # a third of what advanced indexing costs here
-        ends = torch.bincount(sorted_experts, minlength=experts).cumsum(0).to(torch.int32)
+        # Where each expert's rows end, counted without bincount, which asks the device for its maximum.
+        ends = torch.searchsorted(sorted_experts, torch.arange(1, experts + 1, device=indices.device), out_int32=True)
         gate, up = _grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
         out = _grouped_linear(self.act(gate) * up, self.down_proj, ends)
         # Weights are float32, so the weighted sum over the top-k accumulates in float32.
