@@ -39,6 +39,8 @@ SAMPLING = ("multinomial", "inverse_cdf", "argmax")
 _MANTISSA = (1 << 53) - 1
 # Covers the float32 roundings in the bound and in q (under 2^-20 relative in all).
 _BOUND_SLACK = 1 + 2.0 ** -18
+# How many of a row's largest bounds are looked at before searching the whole row for candidates.
+_TOP_BOUNDS = 8
 
 
 @dataclass
@@ -76,19 +78,25 @@ def _multinomial_from_words(probs: torch.Tensor, drawn: MultinomialWords) -> tor
     """torch.multinomial(probs, 1)[:, 0] for 2-D float32 probs, from its words; None where only torch's
     kernel gives its answer (a zero variate, probabilities that are not finite)."""
     words = drawn.words
-    # A zero u gives a bound that wins the argmax and a ratio that is not finite: handed back to torch.
+    # A zero u gives a bound that wins and a ratio that is not finite: the case handed back to torch.
     uniform = (words & _MANTISSA).to(torch.float32)
     bound = torch.div(probs, uniform, out=uniform).mul_(2.0 ** 53 * _BOUND_SLACK)
-    first = bound.argmax(dim=-1)
-    threshold = _exact_ratios(probs, words, torch.arange(probs.shape[0]), first)
+    # The top bounds usually hold every candidate and cost one pass, as an argmax would.
+    top_bounds, top_cols = bound.topk(min(_TOP_BOUNDS, probs.shape[1]), dim=-1)
+    rows = torch.arange(probs.shape[0])
+    threshold = _exact_ratios(probs, words, rows, top_cols[:, 0])
     if not bool(torch.isfinite(threshold).all()):
         return None
-    rows, cols = (bound >= threshold[:, None]).nonzero(as_tuple=True)
+    if bool((top_bounds[:, -1] >= threshold).any()):
+        rows, cols = (bound >= threshold[:, None]).nonzero(as_tuple=True)
+    else:
+        keep = top_bounds >= threshold[:, None]
+        rows, cols = rows[:, None].expand_as(top_cols)[keep], top_cols[keep]
     ratios = _exact_ratios(probs, words, rows, cols)
     best = threshold.scatter_reduce(0, rows, ratios, "amax")
-    # The first of the best, as argmax picks; every row has a candidate: `first` itself.
+    # The first of the best, as argmax picks; every row has a candidate: its top bound.
     candidates = torch.where(ratios == best[rows], cols, probs.shape[1])
-    return first.scatter_reduce(0, rows, candidates, "amin", include_self=False)
+    return top_cols[:, 0].scatter_reduce(0, rows, candidates, "amin", include_self=False)
 
 
 @functools.cache

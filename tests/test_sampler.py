@@ -272,12 +272,15 @@ def _distributions():
     yield one_hot
 
 
-def test_multinomial_from_words_is_torch_multinomial():
+@pytest.mark.parametrize("top_bounds", [1, 8])
+def test_multinomial_from_words_is_torch_multinomial(monkeypatch, top_bounds):
     """The default sampler's tokens and the generator's state afterwards are torch.multinomial's, seed by
-    seed: with an explicit generator and with the global one, and with the words drawn before the call."""
+    seed: with an explicit generator and with the global one, and with the words drawn before the call.
+    With one top bound every call searches whole rows for candidates; with 8 nearly none does."""
     from diffusiongemma.sampler import draw_multinomial_words, sample_tokens, words_reproduce_multinomial
 
     assert words_reproduce_multinomial(), "this torch build draws multinomial samples another way"
+    monkeypatch.setattr("diffusiongemma.sampler._TOP_BOUNDS", top_bounds)
     for index, probs in enumerate(_distributions()):
         for seed in range(3):
             expected_gen = torch.Generator().manual_seed(seed)
