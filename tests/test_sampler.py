@@ -301,14 +301,18 @@ def test_multinomial_from_words_is_torch_multinomial(monkeypatch, top_bounds):
             assert torch.equal(torch.get_rng_state(), expected_gen.get_state())
 
 
-def test_multinomial_hands_torch_the_cases_it_alone_answers():
-    """A zero variate (u = 0 gives an infinite ratio, or NaN beside a zero probability) goes back to
-    torch.multinomial from the state before the words; probabilities that are not finite get torch's error."""
+def test_multinomial_hands_torch_the_cases_it_alone_answers(monkeypatch):
+    """A zero variate (u = 0 gives an infinite ratio, or NaN beside a zero probability, which torch's
+    argmax would pick) goes back to torch.multinomial from the state before the words; probabilities that
+    are not finite get torch's error."""
     from diffusiongemma.sampler import MultinomialWords, draw_multinomial_words, sample_tokens
 
+    calls = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *args, **kwargs: calls.append(1) or multinomial(*args, **kwargs))
     probs = torch.softmax(torch.randn(4, 300, generator=torch.Generator().manual_seed(1)), dim=-1)
     probs[2, 17] = 0.0
-    for row, col in ((1, 40), (2, 17)):
+    for case, (row, col) in enumerate(((1, 40), (2, 17))):
         generator = torch.Generator().manual_seed(5)
         drawn = draw_multinomial_words(tuple(probs.shape), generator)
         after = generator.get_state()
@@ -316,9 +320,10 @@ def test_multinomial_hands_torch_the_cases_it_alone_answers():
         words[row, col] = 1 << 53
         forged = MultinomialWords(words, drawn.generator, drawn.state_before)
         # Forged so the words path alone would say `col`; torch's draw from the same state decides instead.
-        expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
+        expected = multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
         assert torch.equal(sample_tokens(probs, generator=generator, words=forged), expected)
         assert torch.equal(generator.get_state(), after)
+        assert len(calls) == case + 1, "the forged word should have sent the draw back to torch"
 
     broken = probs.clone()
     broken[0, 3] = float("nan")
