@@ -392,8 +392,8 @@ class GenerationMixin:
         return DiffusionGemmaGenerationOutput(sequences=input_ids, tokens_per_forward=valid / decoder_passes,
                                               past_key_values=cache)
 
-    def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, cache, decoder_mask, decoder_positions,
-                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
+    def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, cache, decoder_mask,
+                        decoder_positions, sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
                         draw_ahead: bool = False) -> None:
         """One denoising step for every row of `canvas`, updated in place; random numbers come from
         `sampler.generator` (torch's global generator when None). With `draw_ahead`, the step's multinomial
