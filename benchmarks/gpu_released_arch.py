@@ -3,8 +3,9 @@
 No checkpoint is needed: the reference model is built with random weights directly on the GPU and ours
 shares its tensors, so the weights are in memory once (48 GB). Reported: milliseconds per denoising step
 and tokens per second at 16 fixed steps (batch 1, 4, 8), prefill time for 512- and 4096-token prompts,
-peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, and the reference's eager
-step at batch 1 for the ratio. `--tiny` runs the same script on a small config (any device) to check it.
+peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, the reference's eager step
+at batch 1 for the ratio, and how often a step waits for the device. `--tiny` runs the same script on a
+small config (any device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
 """
@@ -14,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -89,6 +91,28 @@ def step_time(model, device, batch: int, prompt_length: int, vocab: int, repeats
 
 
 @torch.no_grad()
+def syncs_per_step(model, vocab: int) -> float:
+    """Host synchronisations per denoising step (CUDA only): the warnings of torch's sync debug mode over
+    a canvas of 16 steps less those over 2 steps, per step. Zero is what capturing a step in a CUDA graph
+    needs."""
+    prompt = torch.randint(3, vocab - 3, (1, 512), device="cuda")
+    counts = {}
+    for steps in (2, STEPS):
+        settings = dict(max_new_tokens=model.config.canvas_length, max_denoising_steps=steps,
+                        confidence_threshold=None)
+        model.generate(prompt, **settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model.generate(prompt, **settings)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[steps] = len(caught)
+    return (counts[STEPS] - counts[2]) / (STEPS - 2)
+
+
+@torch.no_grad()
 def bytes_per_step(model, device, vocab: int) -> int:
     """Weights a batch-1 step must read: everything but the experts, plus the experts its canvas routes to."""
     touched = []
@@ -138,6 +162,7 @@ def main() -> None:
                                                    decoder_input_ids=torch.zeros(1, 1, dtype=torch.long,
                                                                                  device=device)), repeats)
                for n in (512, 4096)}
+    syncs = f"{syncs_per_step(ours, vocab):.1f}" if device.type == "cuda" else "not measured (no CUDA)"
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     bandwidth = next((value for key, value in BANDWIDTH.items() if key in name), None)
     floor_ms = 1000 * bytes_per_step(ours, device, vocab) / bandwidth if bandwidth else float("nan")
@@ -145,7 +170,7 @@ def main() -> None:
         f"\n\nPrefill (ours, batch 1): 512 tokens {1000 * prefill[512]:.1f} ms, 4096 tokens "
         f"{1000 * prefill[4096]:.1f} ms. Speed-up over the reference's eager step at batch 1: "
         f"{1000 * reference_step / step_ms[1]:.2f}x. Bandwidth floor of a batch-1 step: {floor_ms:.1f} ms, "
-        f"reached to {floor_ms / step_ms[1]:.0%}.\n\n"
+        f"reached to {floor_ms / step_ms[1]:.0%}. Host synchronisations per denoising step: {syncs}.\n\n"
         f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
         f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.")
     title = f"GPU, {'tiny check config' if args.tiny else 'released architecture'}, ours vs reference"
