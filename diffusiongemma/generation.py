@@ -401,11 +401,14 @@ class GenerationMixin:
         words = None
         if draw_ahead:
             words = draw_words_in_background((canvas.current.numel(), sampler.vocab_size), sampler.generator)
-        logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
-                      decoder_attention_mask=decoder_mask, past_key_values=cache,
-                      decoder_position_ids=decoder_positions).logits
-        self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling,
-                            words.result() if words is not None else None)
+        try:
+            logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
+                          decoder_attention_mask=decoder_mask, past_key_values=cache,
+                          decoder_position_ids=decoder_positions).logits
+        finally:
+            # Even when the decoder fails: nothing may go on drawing from the caller's generator afterwards.
+            drawn = words.result() if words is not None else None
+        self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling, drawn)
 
     def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, cur_step: torch.Tensor, input_ids,
                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,

@@ -2,6 +2,7 @@
 `tokens_per_forward`, against hand-computed expectations."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -389,3 +390,24 @@ def test_generate_after_fork():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "child exit 0"
+
+
+def test_a_failing_decoder_leaves_no_draw_running(monkeypatch):
+    """When the decoder fails mid-generate, the words drawn for that step are finished before the error
+    reaches the caller, so the global generator does not move afterwards."""
+    import diffusiongemma.generation as generation
+    from diffusiongemma.sampler import draw_multinomial_words
+
+    def slow_draw(*args):
+        time.sleep(0.3)
+        return draw_multinomial_words(*args)
+
+    monkeypatch.setattr(generation, "draw_multinomial_words", slow_draw)
+    model = tiny_model(canvas_length=8)
+    monkeypatch.setattr(model.model.decoder, "forward", lambda *args, **kwargs: 1 / 0)
+    torch.manual_seed(3)
+    with pytest.raises(ZeroDivisionError):
+        model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=8, max_denoising_steps=2)
+    state = torch.get_rng_state()
+    time.sleep(0.5)
+    assert torch.equal(torch.get_rng_state(), state)
