@@ -191,6 +191,8 @@ class _Running:
                                                                     settings.confidence_threshold)
         self.cache = KVCache(model.config.text_config, self.canvas_length)
         self.uncached = torch.tensor([request.prompt_ids], device=self.device)
+        # n = N..1 as views of one device tensor, as in `generate`: no copy to the device per step.
+        self.step_numbers = torch.arange(settings.max_denoising_steps, 0, -1, dtype=torch.int32, device=self.device)
         self.generated: list[int] = []
         self.sent = ""
         self.step = 0  # steps left in the current canvas; 0 means no canvas is being denoised
@@ -222,7 +224,7 @@ class _Running:
         """The rest of the step, `generate`'s, from this request's row of the decoder's output [1, canvas,
         hidden]: the LM head, then the sampler. Returns the steps the canvas took when this step committed
         it (else None), and the outcome once the answer is done."""
-        step = torch.tensor(self.step, dtype=torch.int32, device=self.device)
+        step = self.step_numbers[self.request.settings.max_denoising_steps - self.step]
         self.model._update_canvas(self.canvas, self.model.logits(hidden), step, self.uncached, self.sampler,
                                   [(self.schedule, True)], self.adaptive_stop, self.sampling,
                                   words.result() if words is not None else None)

@@ -2,6 +2,7 @@
 `tokens_per_forward`, against hand-computed expectations."""
 
 import math
+import os
 import time
 
 import pytest
@@ -369,14 +370,12 @@ def test_generate_after_fork():
     import sys
     import textwrap
 
-    script = textwrap.dedent("""
-        import os, torch
+    script = textwrap.dedent(f"""
+        import os, sys, torch
         torch.set_num_threads(1)  # OpenMP's own thread pool does not survive a fork either
-        from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
-        text = DiffusionGemmaTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
-                                        sliding_window=6, num_experts=4, top_k_experts=2, moe_intermediate_size=16)
-        model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, canvas_length=4)).eval()
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from test_sampler import tiny_model
+        model = tiny_model()
         def run():
             torch.manual_seed(0)
             return model.generate(torch.tensor([[3, 4]]), max_new_tokens=8, max_denoising_steps=3).sequences
