@@ -4,8 +4,9 @@ No checkpoint is needed: the reference model is built with random weights direct
 shares its tensors, so the weights are in memory once (48 GB). Reported: milliseconds per denoising step
 and tokens per second at 16 fixed steps (batch 1, 4, 8), prefill time for 512- and 4096-token prompts,
 peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, the reference's eager step
-at batch 1 for the ratio, and how often a step waits for the device. `--tiny` runs the same script on a
-small config (any device) to check it.
+at batch 1 for the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives the
+captured passes' tokens, and how often an eager step waits for the device. `--tiny` runs the same
+script on a small config (any device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
 """
@@ -81,10 +82,11 @@ def seconds(device, function, repeats=3) -> float:
 
 
 @torch.no_grad()
-def step_time(model, device, batch: int, prompt_length: int, vocab: int, repeats: int) -> float:
+def step_time(model, device, batch: int, prompt_length: int, vocab: int, repeats: int, **extra) -> float:
     """Seconds per denoising step: one canvas of 16 fixed steps, less the prompt's prefill."""
     prompt = torch.randint(3, vocab - 3, (batch, prompt_length), device=device)
-    settings = dict(max_new_tokens=model.config.canvas_length, max_denoising_steps=STEPS, confidence_threshold=None)
+    settings = dict(max_new_tokens=model.config.canvas_length, max_denoising_steps=STEPS, confidence_threshold=None,
+                    **extra)
     whole = seconds(device, lambda: model.generate(prompt, **settings), repeats)
     prefill = seconds(device, lambda: model(input_ids=prompt, decoder_input_ids=prompt[:, :1]), repeats)
     return (whole - prefill) / STEPS
@@ -99,7 +101,7 @@ def syncs_per_step(model, vocab: int) -> float:
     counts = {}
     for steps in (2, STEPS):
         settings = dict(max_new_tokens=model.config.canvas_length, max_denoising_steps=steps,
-                        confidence_threshold=None)
+                        confidence_threshold=None, cuda_graphs=False)
         model.generate(prompt, **settings)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -110,6 +112,17 @@ def syncs_per_step(model, vocab: int) -> float:
                 torch.cuda.set_sync_debug_mode("default")
         counts[steps] = len(caught)
     return (counts[STEPS] - counts[2]) / (STEPS - 2)
+
+
+@torch.no_grad()
+def same_tokens_eager_and_captured(model, device, vocab: int) -> bool:
+    prompt = torch.randint(3, vocab - 3, (2, 512), device=device)
+    settings = dict(max_new_tokens=2 * model.config.canvas_length, max_denoising_steps=STEPS)
+    outputs = []
+    for captured in (False, True):
+        torch.manual_seed(0)
+        outputs.append(model.generate(prompt, cuda_graphs=captured, **settings).sequences)
+    return torch.equal(*outputs)
 
 
 @torch.no_grad()
@@ -155,6 +168,9 @@ def main() -> None:
         step_ms[batch] = 1000 * step
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
         rows.append(f"| ours | {batch} | {1000 * step:.1f} | {batch * canvas / (STEPS * step):.0f} | {peak:.1f} |")
+    eager_step = step_time(ours, device, 1, 512, vocab, repeats, cuda_graphs=False)
+    rows.append(f"| ours, eager (`cuda_graphs=False`) | 1 | {1000 * eager_step:.1f} | "
+                f"{canvas / (STEPS * eager_step):.0f} | |")
     reference_step = step_time(reference, device, 1, 512, vocab, 1)
     rows.append(f"| reference (eager) | 1 | {1000 * reference_step:.1f} | {canvas / (STEPS * reference_step):.0f} | |")
 
@@ -170,7 +186,9 @@ def main() -> None:
         f"\n\nPrefill (ours, batch 1): 512 tokens {1000 * prefill[512]:.1f} ms, 4096 tokens "
         f"{1000 * prefill[4096]:.1f} ms. Speed-up over the reference's eager step at batch 1: "
         f"{1000 * reference_step / step_ms[1]:.2f}x. Bandwidth floor of a batch-1 step: {floor_ms:.1f} ms, "
-        f"reached to {floor_ms / step_ms[1]:.0%}. Host synchronisations per denoising step: {syncs}.\n\n"
+        f"reached to {floor_ms / step_ms[1]:.0%}. Host synchronisations per eager denoising step: {syncs}. "
+        f"Captured and eager passes give the same tokens (2 canvases, batch 2): "
+        f"{same_tokens_eager_and_captured(ours, device, vocab)}.\n\n"
         f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
         f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.")
     title = f"GPU, {'tiny check config' if args.tiny else 'released architecture'}, ours vs reference"

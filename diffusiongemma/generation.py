@@ -21,6 +21,7 @@ import torch
 
 from .cache import KVCache
 from .config import read_json
+from .graphs import DecoderGraph, captures
 from .sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
@@ -56,17 +57,20 @@ class DiffusionGemmaGenerationConfig:
     `confidence_threshold` to None turns adaptive stopping off (every canvas then takes all steps).
     `fast_sampling=True` samples each position by inverting its cumulative distribution instead of the
     reference's `torch.multinomial`: the same distribution, other random numbers (see `sample_tokens`).
+    `cuda_graphs=False` runs every decoder pass eagerly on CUDA instead of replaying one captured pass
+    per canvas (see `graphs.py`); the tokens are the same either way.
     """
 
     FIELDS = ("max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config",
               "t_min", "t_max", "stability_threshold", "confidence_threshold", "cache_implementation",
-              "bos_token_id", "pad_token_id", "eos_token_id", "fast_sampling")
+              "bos_token_id", "pad_token_id", "eos_token_id", "fast_sampling", "cuda_graphs")
 
     def __init__(self, **kwargs: Any):
         for name in self.FIELDS:
             setattr(self, name, None)
         self.return_dict_in_generate = True
         self.fast_sampling = False
+        self.cuda_graphs = True
         self.metadata = {k: kwargs.pop(k) for k in METADATA_KEYS if k in kwargs}
         unknown = sorted(set(kwargs) - set(self.FIELDS))
         if unknown:
@@ -127,7 +131,7 @@ class DiffusionGemmaGenerationConfig:
         if eos is not None and not (_is_int(eos) and eos >= 0) and not (
                 isinstance(eos, (list, tuple)) and eos and all(_is_int(e) and e >= 0 for e in eos)):
             fail("eos_token_id", "a token id or a non-empty list of token ids")
-        for name in ("return_dict_in_generate", "fast_sampling"):
+        for name in ("return_dict_in_generate", "fast_sampling", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
 
@@ -144,8 +148,11 @@ class DiffusionGemmaGenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: copy.deepcopy(getattr(self, name)) for name in self.FIELDS}
+        # The reference's generation config knows neither switch: written only when not the default.
         if not self.fast_sampling:
-            del out["fast_sampling"]  # the reference's generation config does not know this switch
+            del out["fast_sampling"]
+        if self.cuda_graphs:
+            del out["cuda_graphs"]
         if isinstance(self.sampler_config, EntropyBoundSamplerConfig):
             out["sampler_config"] = self.sampler_config.to_dict()
         out.update(self.metadata)
@@ -240,6 +247,24 @@ class DenoisingState:
     argmax: torch.Tensor
     self_conditioning_logits: torch.Tensor | None
     finished: torch.Tensor
+
+
+class CanvasPasses:
+    """The decoder passes of one canvas, `run(canvas tokens, self-conditioning logits)`: eager, or with
+    `capture`, captured in a CUDA graph on the first pass with self-conditioning and replayed after it."""
+
+    def __init__(self, run, capture: bool):
+        self.run = run
+        self.capture = capture
+        self.graph: DecoderGraph | None = None
+
+    def __call__(self, current: torch.Tensor, self_conditioning_logits: torch.Tensor | None) -> torch.Tensor:
+        if not self.capture or self_conditioning_logits is None:
+            return self.run(current, self_conditioning_logits)
+        if self.graph is None:
+            self.graph, logits = DecoderGraph.capture(self.run, current, self_conditioning_logits)
+            return logits
+        return self.graph(current, self_conditioning_logits)
 
 
 class GenerationMixin:
@@ -358,10 +383,15 @@ class GenerationMixin:
                              finished=torch.zeros(batch, dtype=torch.bool, device=device))
             if adaptive_stop is not None:
                 adaptive_stop.reset()
+            decode = CanvasPasses(functools.partial(self._decode, cache, step_mask, decoder_positions),
+                                  # A mask would be checked for padding inside the pass: a device sync. A
+                                  # capture pays for itself from the third step on.
+                                  capture=config.cuda_graphs and step_mask is None and captures(device)
+                                  and config.max_denoising_steps > 2)
             for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
-                self._denoising_step(canvas, step, input_ids, cache, step_mask, decoder_positions, sampler,
-                                     processors, adaptive_stop, sampling, draw_ahead)
+                self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
+                                     draw_ahead)
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     # The argmax canvas is the draft closest to what will be committed.
                     if getattr(streamer, "_takes_logits", False):
@@ -392,8 +422,13 @@ class GenerationMixin:
         return DiffusionGemmaGenerationOutput(sequences=input_ids, tokens_per_forward=valid / decoder_passes,
                                               past_key_values=cache)
 
-    def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, cache, decoder_mask,
-                        decoder_positions, sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
+    def _decode(self, cache, decoder_mask, decoder_positions, current, self_conditioning_logits) -> torch.Tensor:
+        return self(decoder_input_ids=current, self_conditioning_logits=self_conditioning_logits,
+                    decoder_attention_mask=decoder_mask, past_key_values=cache,
+                    decoder_position_ids=decoder_positions).logits
+
+    def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode: CanvasPasses,
+                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
                         draw_ahead: bool = False) -> None:
         """One denoising step for every row of `canvas`, updated in place; random numbers come from
         `sampler.generator` (torch's global generator when None). With `draw_ahead`, the step's multinomial
@@ -402,9 +437,7 @@ class GenerationMixin:
         if draw_ahead:
             words = draw_words_in_background((canvas.current.numel(), sampler.vocab_size), sampler.generator)
         try:
-            logits = self(decoder_input_ids=canvas.current, self_conditioning_logits=canvas.self_conditioning_logits,
-                          decoder_attention_mask=decoder_mask, past_key_values=cache,
-                          decoder_position_ids=decoder_positions).logits
+            logits = decode(canvas.current, canvas.self_conditioning_logits)
         finally:
             # Even when the decoder fails: nothing may go on drawing from the caller's generator afterwards.
             drawn = words.result() if words is not None else None

@@ -157,6 +157,8 @@ def test_generation_config_round_trip(tmp_path):
     (dict(eos_token_id="</s>"), "eos_token_id"),
     (dict(cache_implementation="quantized"), "cache_implementation"),
     (dict(temperature=0.7), "temperature"),
+    (dict(fast_sampling=1), "fast_sampling"),
+    (dict(cuda_graphs="no"), "cuda_graphs"),
 ])
 def test_invalid_generation_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

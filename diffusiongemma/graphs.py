@@ -1,0 +1,63 @@
+"""CUDA graphs of the decoder pass.
+
+Within one canvas every denoising step's decoder pass reads the same cache, positions and (absent)
+mask; only the canvas tokens and the self-conditioning logits change. On CUDA the pass is captured once
+per canvas, on its first step with self-conditioning, and replayed on the steps after it: one launch
+instead of thousands of small kernels, whose launch cost is most of an eager step at batch 1. The pass
+asks the device for no value (a capture would fail if it did), draws no random numbers, and writes the
+canvas's keys and values into cache slots that stay put for the whole canvas.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Pass = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def captures(device: torch.device) -> bool:
+    """Whether decoder passes on `device` are captured."""
+    return device.type == "cuda"
+
+
+class DecoderGraph:
+    """One decoder pass captured for one canvas: `run(canvas, self_conditioning_logits)` gives the logits."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor,
+                 logits: torch.Tensor):
+        self.graph = graph
+        # The addresses the capture saw: replays read their inputs from here and write their logits here.
+        self.canvas = canvas
+        self.self_conditioning_logits = self_conditioning_logits
+        self.logits = logits
+
+    @classmethod
+    def capture(cls, run: Pass, canvas: torch.Tensor,
+                self_conditioning_logits: torch.Tensor) -> tuple[DecoderGraph, torch.Tensor]:
+        """The graph, and this pass's logits."""
+        canvas, self_conditioning_logits = canvas.clone(), self_conditioning_logits.clone()
+        # A capture needs one eager pass before it, on a side stream, so that lazy initialisations are not
+        # captured; that pass gives this step's logits.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            first_logits = run(canvas, self_conditioning_logits)
+        torch.cuda.current_stream().wait_stream(side)
+        first_logits.record_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                logits = run(canvas, self_conditioning_logits)
+        except RuntimeError as error:
+            raise RuntimeError(f"capturing the decoder pass in a CUDA graph failed ({error}); pass "
+                               "cuda_graphs=False to generate to run it eagerly") from error
+        return cls(graph, canvas, self_conditioning_logits, logits), first_logits
+
+    def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor) -> torch.Tensor:
+        self.canvas.copy_(canvas)
+        self.self_conditioning_logits.copy_(self_conditioning_logits)
+        self.graph.replay()
+        # A copy: the caller keeps a step's logits past the next replay (self-conditioning, finished rows).
+        return self.logits.clone()

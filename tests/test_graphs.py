@@ -1,0 +1,173 @@
+"""The CUDA-graph path of `generate`, run on the CPU with a stand-in graph.
+
+The stand-in records the aten operations of the captured pass and replays exactly those, on the same
+tensors, as a CUDA graph replays its kernels on the same addresses. Python that ran during the capture
+does not run again, so a pass that depended on it, or inputs not copied into the captured buffers, give
+other tokens here as they would on the device; an operation that asks the device for a value or draws
+random numbers fails the recording, as it would fail a capture.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from diffusiongemma import (
+    DiffusionGemmaConfig,
+    DiffusionGemmaForBlockDiffusion,
+    DiffusionGemmaGenerationConfig,
+    DiffusionGemmaTextConfig,
+)
+from diffusiongemma import generation
+
+# Operations a capture cannot hold: reading a value back to the host, or drawing from a generator the
+# graph does not know about.
+FORBIDDEN = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "equal", "is_nonzero", "item",
+             "random", "rand", "multinomial", "normal", "uniform", "exponential", "bernoulli")
+
+
+class RecordedGraph:
+    instances: list = []
+
+    def __init__(self):
+        self.operations = []
+        self.replays = 0
+        RecordedGraph.instances.append(self)
+
+    def replay(self):
+        self.replays += 1
+        for function, args, kwargs, recorded in self.operations:
+            result = function(*args, **kwargs)
+            for into, value in zip(tree_leaves(recorded), tree_leaves(result)):
+                if isinstance(into, torch.Tensor) and into is not value:
+                    into.copy_(value)
+
+
+class Recording(TorchDispatchMode):
+    def __init__(self, graph: RecordedGraph):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, function, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = function.overloadpacket.__name__
+        if any(name.startswith(forbidden) for forbidden in FORBIDDEN):
+            raise RuntimeError(f"{name} cannot be captured in a CUDA graph")
+        out = function(*args, **kwargs)
+        self.graph.operations.append((function, args, kwargs, out))
+        return out
+
+
+class Stream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    RecordedGraph.instances = []
+    monkeypatch.setattr(generation, "captures", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordedGraph)
+    monkeypatch.setattr(torch.cuda, "graph", Recording)
+    return RecordedGraph.instances
+
+
+def tiny_model(canvas_length=4):
+    text = DiffusionGemmaTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, sliding_window=6,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=16)
+    torch.manual_seed(0)
+    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, canvas_length=canvas_length)).eval()
+
+
+def generate(model, prompt, seed, **settings):
+    torch.manual_seed(seed)
+    return model.generate(prompt, **settings)
+
+
+SETTINGS = {
+    "fixed steps": dict(max_new_tokens=12, max_denoising_steps=5, confidence_threshold=None),
+    # No temperature: the pass's own logits become the next pass's self-conditioning input.
+    "no temperature": dict(max_new_tokens=8, max_denoising_steps=4, t_min=None, t_max=None,
+                           confidence_threshold=None),
+    # Rows stop at different steps and keep their logits while the others go on.
+    "adaptive stopping": dict(max_new_tokens=12, max_denoising_steps=8, t_min=0.004, t_max=0.008,
+                              stability_threshold=1, confidence_threshold=0.5),
+    # ... and the logits they keep are a pass's own.
+    "adaptive stopping, no temperature": dict(max_new_tokens=12, max_denoising_steps=8, t_min=None, t_max=None,
+                                              stability_threshold=1, confidence_threshold=5.0),
+}
+
+
+class LogitsDrafts:
+    """A streamer that takes each step's logits as its draft."""
+
+    _takes_logits = True
+
+    def __init__(self):
+        self.drafts = []
+
+    def put(self, value):
+        pass
+
+    def put_draft(self, logits):
+        self.drafts.append(logits)
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_replayed_passes_give_the_eager_tokens_and_logits(stand_in_graphs, name):
+    model = tiny_model()
+    prompt = torch.tensor([[3, 4, 5], [9, 8, 7], [20, 30, 40]])
+    settings = SETTINGS[name]
+    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
+    eager = generate(model, prompt, 1, cuda_graphs=False, streamer=eager_drafts, **settings)
+    assert not stand_in_graphs
+    replayed = generate(model, prompt, 1, streamer=replayed_drafts, **settings)
+    assert torch.equal(replayed.sequences, eager.sequences)
+    assert torch.equal(replayed.tokens_per_forward, eager.tokens_per_forward)
+    # Rows that stopped keep their last logits, which a later replay must not overwrite.
+    assert len(replayed_drafts.drafts) == len(eager_drafts.drafts)
+    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts))
+    canvases = settings["max_new_tokens"] // model.config.canvas_length
+    assert len(stand_in_graphs) == canvases  # one capture per canvas
+    assert sum(graph.replays for graph in stand_in_graphs) > 0
+    if name.startswith("adaptive stopping"):
+        # The case is only tested if rows did stop at different steps.
+        assert len(set(eager.tokens_per_forward.tolist())) > 1
+    else:
+        assert all(graph.replays == settings["max_denoising_steps"] - 2 for graph in stand_in_graphs)
+
+
+def test_padding_two_steps_or_the_switch_keep_the_passes_eager(stand_in_graphs):
+    model = tiny_model()
+    prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
+    model.generate(prompt, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), max_new_tokens=4)
+    model.generate(prompt, max_new_tokens=4, max_denoising_steps=2)
+    model.generate(prompt, max_new_tokens=4, cuda_graphs=False)
+    assert not stand_in_graphs
+    model.generate(prompt, max_new_tokens=4, max_denoising_steps=3)
+    assert len(stand_in_graphs) == 1
+
+
+def test_the_switch_is_written_only_when_off(tmp_path):
+    assert "cuda_graphs" not in DiffusionGemmaGenerationConfig().to_dict()
+    DiffusionGemmaGenerationConfig(cuda_graphs=False).save_pretrained(tmp_path)
+    assert DiffusionGemmaGenerationConfig.from_pretrained(tmp_path).cuda_graphs is False
+
+
+def test_the_stand_in_fails_on_what_a_capture_cannot_hold(stand_in_graphs):
+    graph = RecordedGraph()
+    with pytest.raises(RuntimeError, match="_local_scalar_dense"), Recording(graph):
+        bool(torch.ones(2).sum() > 1)
+    with pytest.raises(RuntimeError, match="randint"), Recording(graph):
+        torch.randint(0, 5, (3,))
