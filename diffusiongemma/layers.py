@@ -12,22 +12,12 @@ from torch import nn
 from .config import AttentionShape, DiffusionGemmaTextConfig
 
 
-def rms_norm_formula(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     # float32 throughout, and pow(-0.5) rather than rsqrt: the reference's exact formula.
     normed = x.float() * torch.pow(x.float().pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
         normed = normed * weight.float()
     return normed.type_as(x)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    if x.device.type == "cpu" and (weight is None or weight.dtype == x.dtype):
-        # On the CPU torch's rms_norm runs `rms_norm_formula` operation by operation in C++: one call
-        # instead of eight, the same bits (tests/test_layers.py holds it to that). With a weight of another
-        # dtype (autocast) torch warns on every call; on an accelerator it is a fused kernel that rounds
-        # differently from the reference.
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
-    return rms_norm_formula(x, weight, eps)
 
 
 class RMSNorm(nn.Module):
