@@ -13,8 +13,10 @@ from .config import AttentionShape, DiffusionGemmaTextConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    # float32 throughout, and pow(-0.5) rather than rsqrt: the reference's exact formula.
-    normed = x.float() * torch.pow(x.float().pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    # float32 throughout, and pow(-0.5) rather than rsqrt: the reference's exact formula (which casts x
+    # twice; once gives the same values in one kernel fewer).
+    x32 = x.float()
+    normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
         normed = normed * weight.float()
     return normed.type_as(x)

@@ -122,6 +122,26 @@ def assert_same_generation(actual, expected):
     assert torch.equal(actual.tokens_per_forward, expected.tokens_per_forward)
 
 
+@torch.no_grad()
+def test_bfloat16_checkpoints_give_the_reference_bits():
+    """The GPU's dtype: float32 exactly where the reference keeps it (norms, router, rotary angles, logits)."""
+    from transformers import DiffusionGemmaForBlockDiffusion as Reference
+
+    folder = tempfile.mkdtemp()
+    make_reference(**CONFIGS["five_to_one"]).save_pretrained(folder)
+    reference = Reference.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ours = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype="bfloat16")
+    prompt, canvas = tokens(2, 30), tokens(2, 8, seed=1)
+    previous = 4 * torch.randn(2, 8, VOCAB, generator=torch.Generator().manual_seed(2))
+    kwargs = dict(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=previous)
+    assert_same(ours(**kwargs).logits, reference(**kwargs).logits)
+    settings = dict(max_new_tokens=16, max_denoising_steps=4)
+    torch.manual_seed(0)
+    expected = reference.generate(prompt, **settings)
+    torch.manual_seed(0)
+    assert_same_generation(ours.generate(prompt, **settings), expected)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_generate_fixed_steps(name):
     actual, expected = generate_both(name, tokens(2, 14), max_new_tokens=20, max_denoising_steps=5,
