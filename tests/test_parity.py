@@ -29,9 +29,10 @@ CONFIDENT = dict(t_min=0.004, t_max=0.008)
 def pair(name: str):
     """(reference model, our model loaded from the reference's saved checkpoint)."""
     reference = make_reference(**CONFIGS[name])
-    folder = tempfile.mkdtemp()
-    reference.save_pretrained(folder)
-    return reference, DiffusionGemmaForBlockDiffusion.from_pretrained(folder)
+    # Removed at once: without a vision config the reference writes a full-size vision tower (650 MB).
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        return reference, DiffusionGemmaForBlockDiffusion.from_pretrained(folder)
 
 
 def assert_same(ours: torch.Tensor, reference: torch.Tensor) -> None:
@@ -127,10 +128,10 @@ def test_bfloat16_checkpoints_give_the_reference_bits():
     """The GPU's dtype: float32 exactly where the reference keeps it (norms, router, rotary angles, logits)."""
     from transformers import DiffusionGemmaForBlockDiffusion as Reference
 
-    folder = tempfile.mkdtemp()
-    make_reference(**CONFIGS["five_to_one"]).save_pretrained(folder)
-    reference = Reference.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    ours = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype="bfloat16")
+    with tempfile.TemporaryDirectory() as folder:
+        make_reference(**CONFIGS["five_to_one"]).save_pretrained(folder)
+        reference = Reference.from_pretrained(folder, dtype=torch.bfloat16).eval()
+        ours = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype="bfloat16")
     prompt, canvas = tokens(2, 30), tokens(2, 8, seed=1)
     previous = 4 * torch.randn(2, 8, VOCAB, generator=torch.Generator().manual_seed(2))
     kwargs = dict(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=previous)
