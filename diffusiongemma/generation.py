@@ -21,7 +21,7 @@ import torch
 
 from .cache import KVCache
 from .config import read_json
-from .graphs import DecoderGraph, captures
+from .graphs import CanvasPasses, captures
 from .sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
@@ -247,24 +247,6 @@ class DenoisingState:
     argmax: torch.Tensor
     self_conditioning_logits: torch.Tensor | None
     finished: torch.Tensor
-
-
-class CanvasPasses:
-    """The decoder passes of one canvas, `run(canvas tokens, self-conditioning logits)`: eager, or with
-    `capture`, captured in a CUDA graph on the first pass with self-conditioning and replayed after it."""
-
-    def __init__(self, run, capture: bool):
-        self.run = run
-        self.capture = capture
-        self.graph: DecoderGraph | None = None
-
-    def __call__(self, current: torch.Tensor, self_conditioning_logits: torch.Tensor | None) -> torch.Tensor:
-        if not self.capture or self_conditioning_logits is None:
-            return self.run(current, self_conditioning_logits)
-        if self.graph is None:
-            self.graph, logits = DecoderGraph.capture(self.run, current, self_conditioning_logits)
-            return logits
-        return self.graph(current, self_conditioning_logits)
 
 
 class GenerationMixin:

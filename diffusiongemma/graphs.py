@@ -61,3 +61,21 @@ class DecoderGraph:
         self.graph.replay()
         # A copy: the caller keeps a step's logits past the next replay (self-conditioning, finished rows).
         return self.logits.clone()
+
+
+class CanvasPasses:
+    """The decoder passes of one canvas, `run(canvas tokens, self-conditioning logits)`: eager, or with
+    `capture`, captured in a CUDA graph on the first pass with self-conditioning and replayed after it."""
+
+    def __init__(self, run: Pass, capture: bool):
+        self.run = run
+        self.capture = capture
+        self.graph: DecoderGraph | None = None
+
+    def __call__(self, current: torch.Tensor, self_conditioning_logits: torch.Tensor | None) -> torch.Tensor:
+        if not self.capture or self_conditioning_logits is None:
+            return self.run(current, self_conditioning_logits)
+        if self.graph is None:
+            self.graph, logits = DecoderGraph.capture(self.run, current, self_conditioning_logits)
+            return logits
+        return self.graph(current, self_conditioning_logits)
