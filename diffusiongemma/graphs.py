@@ -38,8 +38,8 @@ class DecoderGraph:
                 self_conditioning_logits: torch.Tensor) -> tuple[DecoderGraph, torch.Tensor]:
         """The graph, and this pass's logits."""
         canvas, self_conditioning_logits = canvas.clone(), self_conditioning_logits.clone()
-        # A capture needs one eager pass before it, on a side stream, so that lazy initialisations are not
-        # captured; that pass gives this step's logits.
+        # A capture needs one eager pass before it, on the stream it will capture on, so that lazy
+        # initialisations (cuBLAS workspaces, per stream) are not captured; that pass gives this step's logits.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -48,7 +48,7 @@ class DecoderGraph:
         first_logits.record_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):
                 logits = run(canvas, self_conditioning_logits)
         except RuntimeError as error:
             raise RuntimeError(f"capturing the decoder pass in a CUDA graph failed ({error}); pass "
