@@ -14,6 +14,7 @@ sits.
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import DiffusionGemmaTextConfig
 
@@ -166,9 +167,19 @@ def encoder_mask(
     return allowed
 
 
+# Per padding mask, by its version (bumped by every in-place change) and key span: what `decoder_mask`
+# decided. A canvas's denoising steps ask the same question of the same mask each time, and answering it
+# reads a value from the device, which a pass captured in a CUDA graph must not do.
+_DECODER_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def decoder_mask(attention_mask: torch.Tensor | None, key_start: int, key_end: int) -> torch.Tensor | None:
     """The canvas sees every visible key that is not padding; without padding no mask is needed."""
-    padding = _padding(attention_mask, key_start, key_end)
-    if padding is None or bool(padding.all()):
+    if attention_mask is None:
         return None
-    return padding
+    decided = _DECODER_MASKS.setdefault(attention_mask, {})
+    span = (attention_mask._version, key_start, key_end)
+    if span not in decided:
+        padding = _padding(attention_mask, key_start, key_end)
+        decided[span] = None if bool(padding.all()) else padding
+    return decided[span]

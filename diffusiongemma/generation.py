@@ -365,11 +365,9 @@ class GenerationMixin:
                              finished=torch.zeros(batch, dtype=torch.bool, device=device))
             if adaptive_stop is not None:
                 adaptive_stop.reset()
+            # A capture pays for itself from the third step on.
             decode = CanvasPasses(functools.partial(self._decode, cache, step_mask, decoder_positions),
-                                  # A mask would be checked for padding inside the pass: a device sync. A
-                                  # capture pays for itself from the third step on.
-                                  capture=config.cuda_graphs and step_mask is None and captures(device)
-                                  and config.max_denoising_steps > 2)
+                                  capture=config.cuda_graphs and captures(device) and config.max_denoising_steps > 2)
             for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,

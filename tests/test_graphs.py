@@ -21,6 +21,7 @@ from diffusiongemma import (
     DiffusionGemmaTextConfig,
 )
 from diffusiongemma import generation
+from diffusiongemma.cache import decoder_mask
 
 # Operations a capture cannot hold: reading a value back to the host, or drawing from a generator the
 # graph does not know about.
@@ -148,10 +149,30 @@ def test_replayed_passes_give_the_eager_tokens_and_logits(stand_in_graphs, name)
         assert all(graph.replays == settings["max_denoising_steps"] - 2 for graph in stand_in_graphs)
 
 
-def test_padding_two_steps_or_the_switch_keep_the_passes_eager(stand_in_graphs):
+def test_a_padded_batch_replays_its_passes_too(stand_in_graphs):
+    model = tiny_model()
+    prompt = torch.tensor([[0, 0, 5, 6], [9, 8, 7, 6]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    settings = dict(attention_mask=mask, max_new_tokens=8, max_denoising_steps=4, pad_token_id=0)
+    eager = generate(model, prompt, 3, cuda_graphs=False, **settings)
+    replayed = generate(model, prompt, 3, **settings)
+    assert torch.equal(replayed.sequences, eager.sequences)
+    assert len(stand_in_graphs) == 2
+
+
+def test_decoder_masks_are_decided_once_per_mask_version_and_span():
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    first = decoder_mask(mask, 0, 4)
+    assert torch.equal(first, mask[:, None, None, 0:4])
+    assert decoder_mask(mask, 0, 4) is first  # no second look at the device
+    assert decoder_mask(mask, 1, 4) is None  # no padding in that span
+    mask[1, 2] = False  # an in-place change is a new question
+    assert torch.equal(decoder_mask(mask, 1, 4), mask[:, None, None, 1:4])
+
+
+def test_two_steps_or_the_switch_keep_the_passes_eager(stand_in_graphs):
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
-    model.generate(prompt, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), max_new_tokens=4)
     model.generate(prompt, max_new_tokens=4, max_denoising_steps=2)
     model.generate(prompt, max_new_tokens=4, cuda_graphs=False)
     assert not stand_in_graphs
