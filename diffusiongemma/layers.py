@@ -13,12 +13,14 @@ from .config import AttentionShape, DiffusionGemmaTextConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    # float32 throughout, and pow(-0.5) rather than rsqrt: the reference's exact formula (which casts x
-    # twice; once gives the same values in one kernel fewer).
+    # float32 throughout, and pow(-0.5) rather than rsqrt: the reference's exact formula. It casts x twice
+    # and the weight once; casting x once, and letting the product promote a 16-bit weight to float32
+    # (exactly, as the cast does), gives the same values in two kernels fewer. (The experts' grouped
+    # products take no float64, so no weight is wider than float32.)
     x32 = x.float()
     normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
-        normed = normed * weight.float()
+        normed = normed * weight
     return normed.type_as(x)
 
 
