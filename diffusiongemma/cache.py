@@ -167,19 +167,20 @@ def encoder_mask(
     return allowed
 
 
-# Per padding mask, by its version (bumped by every in-place change) and key span: what `decoder_mask`
-# decided. A canvas's denoising steps ask the same question of the same mask each time, and answering it
-# reads a value from the device, which a pass captured in a CUDA graph must not do.
-_DECODER_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Per padding mask, by its version (bumped by every in-place change) and key span: whether the span holds
+# no padding. A canvas's denoising steps ask the same of the same mask each time, and answering reads a
+# value from the device, which a pass captured in a CUDA graph must not do. Only booleans are kept, so an
+# entry goes with its mask.
+_UNPADDED_SPANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def decoder_mask(attention_mask: torch.Tensor | None, key_start: int, key_end: int) -> torch.Tensor | None:
     """The canvas sees every visible key that is not padding; without padding no mask is needed."""
     if attention_mask is None:
         return None
-    decided = _DECODER_MASKS.setdefault(attention_mask, {})
+    padding = _padding(attention_mask, key_start, key_end)
+    unpadded = _UNPADDED_SPANS.setdefault(attention_mask, {})
     span = (attention_mask._version, key_start, key_end)
-    if span not in decided:
-        padding = _padding(attention_mask, key_start, key_end)
-        decided[span] = None if bool(padding.all()) else padding
-    return decided[span]
+    if span not in unpadded:
+        unpadded[span] = bool(padding.all())
+    return None if unpadded[span] else padding

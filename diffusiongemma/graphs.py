@@ -1,6 +1,6 @@
 """CUDA graphs of the decoder pass.
 
-Within one canvas every denoising step's decoder pass reads the same cache, positions and (absent)
+Within one canvas every denoising step's decoder pass reads the same cache, positions and padding
 mask; only the canvas tokens and the self-conditioning logits change. On CUDA the pass is captured once
 per canvas, on its first step with self-conditioning, and replayed on the steps after it: one launch
 instead of thousands of small kernels, whose launch cost is most of an eager step at batch 1. The pass

@@ -8,6 +8,7 @@ random numbers fails the recording, as it would fail a capture.
 """
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from diffusiongemma import (
     DiffusionGemmaTextConfig,
 )
 from diffusiongemma import generation
+from diffusiongemma import cache as cache_module
 from diffusiongemma.cache import decoder_mask
 
 # Operations a capture cannot hold: reading a value back to the host, or drawing from a generator the
@@ -160,14 +162,23 @@ def test_a_padded_batch_replays_its_passes_too(stand_in_graphs):
     assert len(stand_in_graphs) == 2
 
 
-def test_decoder_masks_are_decided_once_per_mask_version_and_span():
+def test_decoder_masks_are_decided_once_per_mask_version_and_span(monkeypatch):
+    reads = []
+    everywhere = torch.Tensor.all
+    monkeypatch.setattr(torch.Tensor, "all", lambda self, *args: reads.append(1) or everywhere(self, *args))
     mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
-    first = decoder_mask(mask, 0, 4)
-    assert torch.equal(first, mask[:, None, None, 0:4])
-    assert decoder_mask(mask, 0, 4) is first  # no second look at the device
+    assert torch.equal(decoder_mask(mask, 0, 4), mask[:, None, None, 0:4])
+    assert torch.equal(decoder_mask(mask, 0, 4), mask[:, None, None, 0:4])
     assert decoder_mask(mask, 1, 4) is None  # no padding in that span
+    assert decoder_mask(mask, 1, 4) is None
+    assert len(reads) == 2  # once per span
     mask[1, 2] = False  # an in-place change is a new question
     assert torch.equal(decoder_mask(mask, 1, 4), mask[:, None, None, 1:4])
+    # Nothing keeps a mask alive.
+    before = len(cache_module._UNPADDED_SPANS)
+    del mask
+    gc.collect()
+    assert len(cache_module._UNPADDED_SPANS) == before - 1
 
 
 def test_two_steps_or_the_switch_keep_the_passes_eager(stand_in_graphs):
