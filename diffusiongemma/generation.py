@@ -352,10 +352,9 @@ class GenerationMixin:
                                                                    "mm_token_type_ids") if k in model_kwargs})
             cur_len = cache.get_seq_length()
             decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
+            # Which key spans hold padding is read from the device once per span of this mask, not per step
+            # (`cache.decoder_mask`).
             decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
-            # Without padding the decoder needs no mask; deciding it once per canvas keeps the check
-            # (a device sync) out of every denoising step.
-            step_mask = None if bool(decoder_mask.all()) else decoder_mask
 
             # The reference draws the starting noise even when the caller supplies the first canvas.
             noise = sampler.initialize_canvas(batch, device)
@@ -366,7 +365,7 @@ class GenerationMixin:
             if adaptive_stop is not None:
                 adaptive_stop.reset()
             # A capture pays for itself from the third step on.
-            decode = CanvasPasses(functools.partial(self._decode, cache, step_mask, decoder_positions),
+            decode = CanvasPasses(functools.partial(self._decode, cache, decoder_mask, decoder_positions),
                                   capture=config.cuda_graphs and captures(device) and config.max_denoising_steps > 2)
             for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
