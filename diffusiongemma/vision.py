@@ -42,16 +42,18 @@ class VisionConfig:
     position_embedding_size: int = 10 * 1024
     pooling_kernel_size: int = 3
     standardize: bool = False
-    # The transformer over the patches.
-    num_hidden_layers: int = 16
+    # Attention over the patches: 12 heads of 64 fill the 768-wide residual; keys and values are not shared.
     hidden_size: int = 768
-    intermediate_size: int = 3072
-    hidden_activation: str = "gelu_pytorch_tanh"
+    head_dim: int = 64
     num_attention_heads: int = 12
     num_key_value_heads: int = 12
-    head_dim: int = 64
     rope_theta: float = _DEFAULT_ROPE_THETA
+    # The MLP is four residuals wide.
+    intermediate_size: int = 4 * 768
+    hidden_activation: str = "gelu_pytorch_tanh"
     use_clipped_linears: bool = False
+    # Sixteen such layers, RMS-normed.
+    num_hidden_layers: int = 16
     rms_norm_eps: float = 1e-6
     # Kept for the config's sake only: the reference builds its projections without bias whatever this says.
     attention_bias: bool = False
