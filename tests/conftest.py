@@ -19,6 +19,18 @@ TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, nu
                    num_key_value_heads=2, head_dim=8, position_embedding_size=64, patch_size=4)
 
 
+def tiny_model(canvas_length=4, **text):
+    """A small randomly initialised model of our own (no reference needed), the same on every call."""
+    from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
+
+    text = {**dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=6, num_experts=4,
+                   top_k_experts=2, moe_intermediate_size=16), **text}
+    torch.manual_seed(0)
+    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=DiffusionGemmaTextConfig(**text),
+                                                               canvas_length=canvas_length)).eval()
+
+
 @torch.no_grad()
 def randomize(model, seed=0):
     """The reference initialises norms and scales to one; random values make a wrong formula show."""

@@ -15,12 +15,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from diffusiongemma import (
-    DiffusionGemmaConfig,
-    DiffusionGemmaForBlockDiffusion,
-    DiffusionGemmaGenerationConfig,
-    DiffusionGemmaTextConfig,
-)
+from conftest import tiny_model
+
+from diffusiongemma import DiffusionGemmaGenerationConfig
 from diffusiongemma import generation
 from diffusiongemma import cache as cache_module
 from diffusiongemma.cache import decoder_mask
@@ -79,15 +76,6 @@ def stand_in_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordedGraph)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: Recording(graph))
     return RecordedGraph.instances
-
-
-def tiny_model(canvas_length=4):
-    text = DiffusionGemmaTextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, sliding_window=6,
-        num_experts=4, top_k_experts=2, moe_intermediate_size=16)
-    torch.manual_seed(0)
-    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, canvas_length=canvas_length)).eval()
 
 
 def generate(model, prompt, seed, **settings):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from diffusiongemma.config import DiffusionGemmaTextConfig
 from diffusiongemma.layers import RotaryEmbedding, apply_rope
 
 
@@ -14,11 +14,7 @@ def rotate_half_formula(x, cos, sin):
 
 @pytest.mark.parametrize("layer_type", ["sliding_attention", "full_attention"])
 def test_rope_is_the_rotate_half_formula_bit_for_bit(layer_type):
-    config = DiffusionGemmaTextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
-        layer_types=["sliding_attention", "full_attention"], num_experts=2, top_k_experts=1,
-        moe_intermediate_size=16)
+    config = tiny_model(global_head_dim=32).config.text_config
     rotary = RotaryEmbedding(config)
     head_dim = 16 if layer_type == "sliding_attention" else 32
     inv_freq = getattr(rotary, f"{layer_type}_inv_freq")

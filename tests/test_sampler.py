@@ -7,10 +7,9 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from diffusiongemma import (
-    DiffusionGemmaConfig,
-    DiffusionGemmaForBlockDiffusion,
     DiffusionGemmaGenerationConfig,
     DiffusionGemmaTextConfig,
     EntropyBoundSampler,
@@ -21,15 +20,6 @@ from diffusiongemma import (
 )
 from diffusiongemma.cache import encoder_mask
 from diffusiongemma.sampler import token_entropy
-
-
-def tiny_model(canvas_length=4, **text):
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=6, num_experts=4,
-                top_k_experts=2, moe_intermediate_size=16, **text)
-    torch.manual_seed(0)
-    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=DiffusionGemmaTextConfig(**text),
-                                                               canvas_length=canvas_length)).eval()
 
 
 def test_entropy_by_hand():
@@ -376,7 +366,7 @@ def test_generate_after_fork():
         import os, sys, torch
         torch.set_num_threads(1)  # OpenMP's own thread pool does not survive a fork either
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        from test_sampler import tiny_model
+        from conftest import tiny_model
         model = tiny_model()
         def run():
             torch.manual_seed(0)
