@@ -6,6 +6,11 @@ per canvas, on its first step with self-conditioning, and replayed on the steps 
 instead of thousands of small kernels, whose launch cost is most of an eager step at batch 1. The pass
 asks the device for no value (a capture would fail if it did), draws no random numbers, and writes the
 canvas's keys and values into cache slots that stay put for the whole canvas.
+
+Captures run on one side stream per device. The first one follows an eager pass on that stream, so that
+lazy initialisations (cuBLAS's per-stream workspace) happen outside the capture; that pass gives its
+step's logits. Later captures skip it and replay the fresh graph for their step instead: a replay rather
+than a whole eager pass per canvas.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ Pass = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def captures(device: torch.device) -> bool:
     """Whether decoder passes on `device` are captured."""
     return device.type == "cuda"
+
+
+# Per device, the stream captures run on, once it has run the eager pass the first capture needs.
+_WARM_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 class DecoderGraph:
@@ -38,14 +47,15 @@ class DecoderGraph:
                 self_conditioning_logits: torch.Tensor) -> tuple[DecoderGraph, torch.Tensor]:
         """The graph, and this pass's logits."""
         canvas, self_conditioning_logits = canvas.clone(), self_conditioning_logits.clone()
-        # A capture needs one eager pass before it, on the stream it will capture on, so that lazy
-        # initialisations (cuBLAS workspaces, per stream) are not captured; that pass gives this step's logits.
-        side = torch.cuda.Stream()
+        side = _WARM_STREAMS.get(canvas.device)
+        first_logits = None
+        if side is None:
+            side = torch.cuda.Stream(device=canvas.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                first_logits = run(canvas, self_conditioning_logits)
+            first_logits.record_stream(torch.cuda.current_stream())
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            first_logits = run(canvas, self_conditioning_logits)
-        torch.cuda.current_stream().wait_stream(side)
-        first_logits.record_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=side):
@@ -53,7 +63,13 @@ class DecoderGraph:
         except RuntimeError as error:
             raise RuntimeError(f"capturing the decoder pass in a CUDA graph failed ({error}); pass "
                                "cuda_graphs=False to generate to run it eagerly") from error
-        return cls(graph, canvas, self_conditioning_logits, logits), first_logits
+        _WARM_STREAMS[canvas.device] = side
+        torch.cuda.current_stream().wait_stream(side)
+        captured = cls(graph, canvas, self_conditioning_logits, logits)
+        if first_logits is None:
+            graph.replay()
+            first_logits = logits.clone()
+        return captured, first_logits
 
     def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor) -> torch.Tensor:
         self.canvas.copy_(canvas)
