@@ -5,7 +5,8 @@ shares its tensors, so the weights are in memory once (48 GB). Reported: millise
 and tokens per second at 16 fixed steps (batch 1, 4, 8), prefill time for 512- and 4096-token prompts,
 peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, the reference's eager step
 at batch 1 for the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives the
-captured passes' tokens, and how often an eager step waits for the device. `--tiny` runs the same
+captured passes' tokens, how often an eager step waits for the device, and one decoder pass eager,
+captured and replayed (what a step spends outside the replay is the sampler's). `--tiny` runs the same
 script on a small config (any device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
@@ -26,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import record  # noqa: E402
 
 from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
+from diffusiongemma.cache import KVCache  # noqa: E402
+from diffusiongemma.graphs import DecoderGraph  # noqa: E402
 from diffusiongemma.loading import checkpoint_tensors  # noqa: E402
 
 RELEASED = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
@@ -115,6 +118,28 @@ def syncs_per_step(model, vocab: int) -> float:
 
 
 @torch.no_grad()
+def pass_times(model, vocab: int, repeats: int) -> str:
+    """Where a captured batch-1 step goes (CUDA only): one decoder pass with self-conditioning run eagerly,
+    captured (once per canvas) and replayed; the rest of a step is the sampler's."""
+    canvas_length = model.config.canvas_length
+    cache = KVCache(model.config.text_config, canvas_length)
+    model.model.encoder(input_ids=torch.randint(3, vocab - 3, (1, 512), device="cuda"), past_key_values=cache)
+    positions = torch.arange(512, 512 + canvas_length, device="cuda")[None]
+    canvas = torch.randint(3, vocab - 3, (1, canvas_length), device="cuda")
+    self_conditioning = torch.randn(1, canvas_length, vocab, device="cuda", dtype=torch.bfloat16)
+
+    def run(tokens, logits):
+        return model._decode(cache, None, positions, tokens, logits)
+
+    cuda, graphs = torch.device("cuda"), []
+    eager = seconds(cuda, lambda: run(canvas, self_conditioning), repeats)
+    capture = seconds(cuda, lambda: graphs.append(DecoderGraph.capture(run, canvas, self_conditioning)[0]), repeats)
+    replay = seconds(cuda, lambda: graphs[-1](canvas, self_conditioning), repeats)
+    return (f"One batch-1 decoder pass (LM head included): eager {1000 * eager:.1f} ms, replayed "
+            f"{1000 * replay:.1f} ms; a capture with its replay (once per canvas) {1000 * capture:.1f} ms.")
+
+
+@torch.no_grad()
 def same_tokens_eager_and_captured(model, device, vocab: int) -> bool:
     prompt = torch.randint(3, vocab - 3, (2, 512), device=device)
     settings = dict(max_new_tokens=2 * model.config.canvas_length, max_denoising_steps=STEPS)
@@ -179,6 +204,7 @@ def main() -> None:
                                                                                  device=device)), repeats)
                for n in (512, 4096)}
     syncs = f"{syncs_per_step(ours, vocab):.1f}" if device.type == "cuda" else "not measured (no CUDA)"
+    passes = pass_times(ours, vocab, repeats) if device.type == "cuda" else "Pass times: not measured (no CUDA)."
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     bandwidth = next((value for key, value in BANDWIDTH.items() if key in name), None)
     floor_ms = 1000 * bytes_per_step(ours, device, vocab) / bandwidth if bandwidth else float("nan")
@@ -188,7 +214,7 @@ def main() -> None:
         f"{1000 * reference_step / step_ms[1]:.2f}x. Bandwidth floor of a batch-1 step: {floor_ms:.1f} ms, "
         f"reached to {floor_ms / step_ms[1]:.0%}. Host synchronisations per eager denoising step: {syncs}. "
         f"Captured and eager passes give the same tokens (2 canvases, batch 2): "
-        f"{same_tokens_eager_and_captured(ours, device, vocab)}.\n\n"
+        f"{same_tokens_eager_and_captured(ours, device, vocab)}. {passes}\n\n"
         f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
         f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.")
     title = f"GPU, {'tiny check config' if args.tiny else 'released architecture'}, ours vs reference"

@@ -41,7 +41,8 @@ class RecordedGraph:
         """A capture runs no kernel: what the pass wrote into memory of its own holds no value until a
         replay. Writes into tensors that existed before (the cache) are left, as replays redo them."""
         for _, args, kwargs, out in self.operations:
-            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
+                      if isinstance(leaf, torch.Tensor)}
             for tensor in tree_leaves(out):
                 if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
                     tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
