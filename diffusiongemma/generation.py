@@ -421,6 +421,7 @@ class GenerationMixin:
             # Even when the decoder fails: nothing may go on drawing from the caller's generator afterwards.
             drawn = words.result() if words is not None else None
         self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling, drawn)
+        canvas.self_conditioning_logits = decode.keep(canvas.self_conditioning_logits)
 
     def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, cur_step: torch.Tensor, input_ids,
                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,

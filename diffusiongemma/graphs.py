@@ -65,23 +65,24 @@ class DecoderGraph:
                                "cuda_graphs=False to generate to run it eagerly") from error
         _WARM_STREAMS[canvas.device] = side
         torch.cuda.current_stream().wait_stream(side)
-        captured = cls(graph, canvas, self_conditioning_logits, logits)
         if first_logits is None:
             graph.replay()
-            first_logits = logits.clone()
-        return captured, first_logits
+            first_logits = logits
+        return cls(graph, canvas, self_conditioning_logits, logits), first_logits
 
     def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor) -> torch.Tensor:
         self.canvas.copy_(canvas)
         self.self_conditioning_logits.copy_(self_conditioning_logits)
         self.graph.replay()
-        # A copy: the caller keeps a step's logits past the next replay (self-conditioning, finished rows).
-        return self.logits.clone()
+        return self.logits
 
 
 class CanvasPasses:
     """The decoder passes of one canvas, `run(canvas tokens, self-conditioning logits)`: eager, or with
-    `capture`, captured in a CUDA graph on the first pass with self-conditioning and replayed after it."""
+    `capture`, captured in a CUDA graph on the first pass with self-conditioning and replayed after it.
+
+    A replayed pass's logits are the graph's own buffer, valid until the next pass: what the caller keeps
+    past it goes through `keep`."""
 
     def __init__(self, run: Pass, capture: bool):
         self.run = run
@@ -95,3 +96,9 @@ class CanvasPasses:
             self.graph, logits = DecoderGraph.capture(self.run, current, self_conditioning_logits)
             return logits
         return self.graph(current, self_conditioning_logits)
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`, or a copy of it where it is the graph's logits buffer (as the self-conditioning input
+        of a model without temperature is), which the next replay overwrites."""
+        buffer = None if self.graph is None else self.graph.logits.untyped_storage().data_ptr()
+        return tensor.clone() if tensor.untyped_storage().data_ptr() == buffer else tensor
