@@ -36,7 +36,6 @@ SAMPLING = ("multinomial", "inverse_cdf", "argmax")
 # argmax can win, and only those need the logarithm. The words, the floats compared and the token are
 # the reference's; drawing a word costs a fraction of drawing a variate, and the words do not depend on
 # the probabilities, so they can be drawn before the logits exist (`draw_multinomial_words`).
-_MANTISSA = (1 << 53) - 1
 # Covers the float32 roundings in the bound and in q (under 2^-20 relative in all).
 _BOUND_SLACK = 1 + 2.0 ** -18
 # How many of a row's largest bounds are looked at before searching the whole row for candidates.
@@ -45,8 +44,9 @@ _TOP_BOUNDS = 8
 
 @dataclass
 class MultinomialWords:
-    """The words one `torch.multinomial` call on probabilities of `words.shape` would draw, and the
-    generator's state before the draw (to let torch redo it in the cases only torch can answer)."""
+    """What one `torch.multinomial` call on probabilities of `words.shape` would draw: each word's low 53
+    bits (all the kernel uses of it), and the generator's state before the draw (to let torch redo it in
+    the cases only torch can answer)."""
 
     words: torch.Tensor
     generator: torch.Generator
@@ -58,16 +58,16 @@ def draw_multinomial_words(shape: tuple[int, ...], generator: torch.Generator | 
     intra-op threads beside the decoder's."""
     generator = generator if generator is not None else torch.default_generator
     state = generator.get_state()
-    # The full int64 range takes each 64-bit word as it comes, as the exponential kernel does.
-    words = torch.empty(shape, dtype=torch.int64).random_(-2 ** 63, None, generator=generator)
+    # A range wider than 32 bits takes one 64-bit word per entry, as the exponential kernel does, and a
+    # range of 2^53 keeps exactly the bits it uses.
+    words = torch.empty(shape, dtype=torch.int64).random_(0, 2 ** 53, generator=generator)
     return MultinomialWords(words, generator, state)
 
 
 def _exponential_variates(words: list[int]) -> torch.Tensor:
     """The variates torch's CPU kernel makes from these words: libm's log1p in double (math.log1p is that
     same function; torch's vectorized log1p is not), rounded to float32."""
-    return torch.tensor([-math.log1p(-((w & _MANTISSA) * 2.0 ** -53)) for w in words],
-                        dtype=torch.float64).to(torch.float32)
+    return torch.tensor([-math.log1p(-(w * 2.0 ** -53)) for w in words], dtype=torch.float64).to(torch.float32)
 
 
 def _exact_ratios(probs: torch.Tensor, words: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,7 @@ def _multinomial_from_words(probs: torch.Tensor, drawn: MultinomialWords) -> tor
     kernel gives its answer (a zero variate, probabilities that are not finite)."""
     words = drawn.words
     # A zero u gives a bound that wins and a ratio that is not finite: the case handed back to torch.
-    # A tensor operand: with a Python int, bitwise_and takes a path five times slower.
-    uniform = torch.bitwise_and(words, torch.tensor(_MANTISSA)).to(torch.float32)
+    uniform = words.to(torch.float32)
     bound = torch.div(probs, uniform, out=uniform).mul_(2.0 ** 53 * _BOUND_SLACK)
     # The top bounds usually hold every candidate and cost one pass, as an argmax would.
     top_bounds, top_cols = bound.topk(min(_TOP_BOUNDS, probs.shape[1]), dim=-1)

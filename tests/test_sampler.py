@@ -311,7 +311,7 @@ def test_multinomial_hands_torch_the_cases_it_alone_answers(monkeypatch):
         drawn = draw_multinomial_words(tuple(probs.shape), generator)
         after = generator.get_state()
         words = drawn.words.clone()
-        words[row, col] = 1 << 53
+        words[row, col] = 0
         forged = MultinomialWords(words, drawn.generator, drawn.state_before)
         # Forged so the words path alone would say `col`; torch's draw from the same state decides instead.
         expected = multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
