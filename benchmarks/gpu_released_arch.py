@@ -6,8 +6,8 @@ and tokens per second at 16 fixed steps (batch 1, 4, 8), prefill time for 512- a
 peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, the reference's eager step
 at batch 1 for the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives the
 captured passes' tokens, how often an eager step waits for the device, and one decoder pass eager,
-captured and replayed (what a step spends outside the replay is the sampler's). `--tiny` runs the same
-script on a small config (any device) to check it.
+captured and replayed (what a step spends outside the replay is the sampler's), and the kernels a step
+spends its device time in. `--tiny` runs the same script on a small config (any device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
 """
@@ -22,6 +22,7 @@ import warnings
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import record  # noqa: E402
@@ -140,6 +141,31 @@ def pass_times(model, vocab: int, repeats: int) -> str:
 
 
 @torch.no_grad()
+def kernel_times(model, device, vocab: int, shown: int = 15) -> str:
+    """Where a batch-1 step's time goes on the device: the kernels of one canvas of 16 fixed steps (CPU
+    operations without CUDA), largest first, per denoising step (the canvas's encoder pass included)."""
+    prompt = torch.randint(3, vocab - 3, (1, 512), device=device)
+    settings = dict(max_new_tokens=model.config.canvas_length, max_denoising_steps=STEPS, confidence_threshold=None)
+    model.generate(prompt, **settings)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as profiled:
+        model.generate(prompt, **settings)
+        synchronize(device)
+    if cuda:
+        events = [(e, e.self_device_time_total) for e in profiled.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        events = [(e, e.self_cpu_time_total) for e in profiled.key_averages()]
+    events.sort(key=lambda pair: pair[1], reverse=True)
+    total = sum(time_us for _, time_us in events)
+    rows = [f"| {'kernel' if cuda else 'operation'} | calls per step | ms per step | share |", "|---|---|---|---|"]
+    rows += [f"| `{event.key[:80]}` | {event.count / STEPS:.1f} | {time_us / 1000 / STEPS:.2f} | "
+             f"{time_us / total:.0%} |" for event, time_us in events[:shown]]
+    return "\n".join(rows) + f"\n\nIn all: {total / 1000 / STEPS:.1f} ms per step."
+
+
+@torch.no_grad()
 def same_tokens_eager_and_captured(model, device, vocab: int) -> bool:
     prompt = torch.randint(3, vocab - 3, (2, 512), device=device)
     settings = dict(max_new_tokens=2 * model.config.canvas_length, max_denoising_steps=STEPS)
@@ -216,7 +242,10 @@ def main() -> None:
         f"Captured and eager passes give the same tokens (2 canvases, batch 2): "
         f"{same_tokens_eager_and_captured(ours, device, vocab)}. {passes}\n\n"
         f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
-        f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.")
+        f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.\n\n"
+        f"Where a batch-1 step's {'GPU' if device.type == 'cuda' else 'CPU'} time goes (torch profiler, one "
+        f"canvas):\n\n"
+        f"{kernel_times(ours, device, vocab)}")
     title = f"GPU, {'tiny check config' if args.tiny else 'released architecture'}, ours vs reference"
     record(title, table, keep=not args.no_record)
 
