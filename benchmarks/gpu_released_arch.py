@@ -229,25 +229,29 @@ def main() -> None:
                                                    decoder_input_ids=torch.zeros(1, 1, dtype=torch.long,
                                                                                  device=device)), repeats)
                for n in (512, 4096)}
-    syncs = f"{syncs_per_step(ours, vocab):.1f}" if device.type == "cuda" else "not measured (no CUDA)"
-    passes = pass_times(ours, vocab, repeats) if device.type == "cuda" else "Pass times: not measured (no CUDA)."
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     bandwidth = next((value for key, value in BANDWIDTH.items() if key in name), None)
     floor_ms = 1000 * bytes_per_step(ours, device, vocab) / bandwidth if bandwidth else float("nan")
-    table = "\n".join(rows) + (
+    config = (f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
+              f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.")
+    kind = "tiny check config" if args.tiny else "released architecture"
+    # Each part is recorded as soon as it is measured: a later part failing on a new GPU loses nothing.
+    record(f"GPU, {kind}, ours vs reference", "\n".join(rows) + (
         f"\n\nPrefill (ours, batch 1): 512 tokens {1000 * prefill[512]:.1f} ms, 4096 tokens "
         f"{1000 * prefill[4096]:.1f} ms. Speed-up over the reference's eager step at batch 1: "
         f"{1000 * reference_step / step_ms[1]:.2f}x. Bandwidth floor of a batch-1 step: {floor_ms:.1f} ms, "
-        f"reached to {floor_ms / step_ms[1]:.0%}. Host synchronisations per eager denoising step: {syncs}. "
-        f"Captured and eager passes give the same tokens (2 canvases, batch 2): "
-        f"{same_tokens_eager_and_captured(ours, device, vocab)}. {passes}\n\n"
-        f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
-        f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.\n\n"
-        f"Where a batch-1 step's {'GPU' if device.type == 'cuda' else 'CPU'} time goes (torch profiler, one "
-        f"canvas):\n\n"
-        f"{kernel_times(ours, device, vocab)}")
-    title = f"GPU, {'tiny check config' if args.tiny else 'released architecture'}, ours vs reference"
-    record(title, table, keep=not args.no_record)
+        f"reached to {floor_ms / step_ms[1]:.0%}.\n\n{config}"), keep=not args.no_record)
+
+    syncs = f"{syncs_per_step(ours, vocab):.1f}" if device.type == "cuda" else "not measured (no CUDA)"
+    passes = pass_times(ours, vocab, repeats) if device.type == "cuda" else "Pass times: not measured (no CUDA)."
+    record(f"GPU, {kind}, CUDA graphs", (
+        f"Host synchronisations per eager denoising step: {syncs}. Captured and eager passes give the same "
+        f"tokens (2 canvases, batch 2): {same_tokens_eager_and_captured(ours, device, vocab)}. {passes}\n\n"
+        f"{config}"), keep=not args.no_record)
+
+    record(f"GPU, {kind}, where a batch-1 step's time goes",
+           f"{kernel_times(ours, device, vocab)}\n\nTorch profiler over one canvas; {config}",
+           keep=not args.no_record)
 
 
 if __name__ == "__main__":
