@@ -5,29 +5,36 @@ shares its tensors, so the weights are in memory once (48 GB). Reported: millise
 and tokens per second at 16 fixed steps (batch 1, 4, 8), prefill time for 512- and 4096-token prompts,
 peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, the reference's eager step
 at batch 1 for the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives the
-captured passes' tokens, how often an eager step waits for the device, and one decoder pass eager,
-captured and replayed (what a step spends outside the replay is the sampler's), and the kernels a step
-spends its device time in. `--tiny` runs the same script on a small config (any device) to check it.
+captured passes' tokens, how often an eager step waits for the device, one decoder pass eager, captured
+and replayed (what a step spends outside the replay is the sampler's), an experiment with fused norms,
+and the kernels a step spends its device time in. `--tiny` runs the same script on a small config (any
+device) to check it; the CUDA-only parts it skips were run on the CPU with the tests' stand-in graph.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
 """
 
 import argparse
+import contextlib
+import functools
 import os
 import statistics
 import sys
 import time
 import warnings
+from unittest import mock
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import record  # noqa: E402
 
 from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
+from diffusiongemma import layers  # noqa: E402
+from diffusiongemma import model as model_module  # noqa: E402
 from diffusiongemma.cache import KVCache  # noqa: E402
 from diffusiongemma.graphs import DecoderGraph  # noqa: E402
 from diffusiongemma.loading import checkpoint_tensors  # noqa: E402
@@ -118,26 +125,54 @@ def syncs_per_step(model, vocab: int) -> float:
     return (counts[STEPS] - counts[2]) / (STEPS - 2)
 
 
-@torch.no_grad()
-def pass_times(model, vocab: int, repeats: int) -> str:
-    """Where a captured batch-1 step goes (CUDA only): one decoder pass with self-conditioning run eagerly,
-    captured (once per canvas) and replayed; the rest of a step is the sampler's."""
+def decoder_pass(model, vocab: int):
+    """(run, canvas tokens, self-conditioning logits): one batch-1 decoder pass over a 512-token prefix,
+    as `generate` runs it (CUDA only)."""
     canvas_length = model.config.canvas_length
     cache = KVCache(model.config.text_config, canvas_length)
     model.model.encoder(input_ids=torch.randint(3, vocab - 3, (1, 512), device="cuda"), past_key_values=cache)
     positions = torch.arange(512, 512 + canvas_length, device="cuda")[None]
     canvas = torch.randint(3, vocab - 3, (1, canvas_length), device="cuda")
     self_conditioning = torch.randn(1, canvas_length, vocab, device="cuda", dtype=torch.bfloat16)
+    return functools.partial(model._decode, cache, None, positions), canvas, self_conditioning
 
-    def run(tokens, logits):
-        return model._decode(cache, None, positions, tokens, logits)
 
+@torch.no_grad()
+def pass_times(model, vocab: int, repeats: int) -> str:
+    """Where a captured batch-1 step goes (CUDA only): one decoder pass with self-conditioning run eagerly,
+    captured (once per canvas) and replayed; the rest of a step is the sampler's."""
+    run, canvas, self_conditioning = decoder_pass(model, vocab)
     cuda, graphs = torch.device("cuda"), []
     eager = seconds(cuda, lambda: run(canvas, self_conditioning), repeats)
     capture = seconds(cuda, lambda: graphs.append(DecoderGraph.capture(run, canvas, self_conditioning)[0]), repeats)
     replay = seconds(cuda, lambda: graphs[-1](canvas, self_conditioning), repeats)
     return (f"One batch-1 decoder pass (LM head included): eager {1000 * eager:.1f} ms, replayed "
             f"{1000 * replay:.1f} ms; a capture with its replay (once per canvas) {1000 * capture:.1f} ms.")
+
+
+@torch.no_grad()
+def fused_norms(model, vocab: int, repeats: int) -> str:
+    """An experiment, not the engine (CUDA only). Each RMS norm is six kernels, as the reference writes it,
+    and a layer has eleven, about half of a pass's kernels. This times one replayed batch-1 pass with
+    torch's one-call `rms_norm` in their place, and says how far that moves the logits (its reduction
+    order is its own, so the reference's bits would be lost)."""
+    run, canvas, self_conditioning = decoder_pass(model, vocab)
+    cuda = torch.device("cuda")
+    logits, replay = {}, {}
+    for name in ("as written", "fused"):
+        with contextlib.ExitStack() as patches:
+            if name == "fused":
+                for module in (layers, model_module):
+                    patches.enter_context(mock.patch.object(module, "rms_norm", lambda x, weight, eps: F.rms_norm(
+                        x, (x.shape[-1],), weight, eps)))
+            graph = DecoderGraph.capture(run, canvas, self_conditioning)[0]
+            replay[name] = seconds(cuda, lambda: graph(canvas, self_conditioning), repeats)
+            logits[name] = graph(canvas, self_conditioning).clone()
+    moved = (logits["fused"] - logits["as written"]).abs().max().item()
+    same_argmax = (logits["fused"].argmax(-1) == logits["as written"].argmax(-1)).float().mean().item()
+    return (f"A replayed batch-1 pass with torch's one-call `rms_norm` takes "
+            f"{1000 * replay['fused']:.1f} ms against {1000 * replay['as written']:.1f} ms as written; its "
+            f"logits move by up to {moved:.3g} and keep their argmax at {same_argmax:.1%} of positions.")
 
 
 @torch.no_grad()
@@ -248,6 +283,10 @@ def main() -> None:
         f"Host synchronisations per eager denoising step: {syncs}. Captured and eager passes give the same "
         f"tokens (2 canvases, batch 2): {same_tokens_eager_and_captured(ours, device, vocab)}. {passes}\n\n"
         f"{config}"), keep=not args.no_record)
+
+    if device.type == "cuda":
+        record(f"GPU, {kind}, fused norms (an experiment)", f"{fused_norms(ours, vocab, repeats)}\n\n{config}",
+               keep=not args.no_record)
 
     record(f"GPU, {kind}, where a batch-1 step's time goes",
            f"{kernel_times(ours, device, vocab)}\n\nTorch profiler over one canvas; {config}",
