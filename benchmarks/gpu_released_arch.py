@@ -8,7 +8,7 @@ at batch 1 for the ratio, our eager step (`cuda_graphs=False`) at batch 1 and wh
 captured passes' tokens, how often an eager step waits for the device, one decoder pass eager, captured
 and replayed (what a step spends outside the replay is the sampler's), an experiment with fused norms,
 and the kernels a step spends its device time in. `--tiny` runs the same script on a small config (any
-device) to check it; the CUDA-only parts it skips were run on the CPU with the tests' stand-in graph.
+device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
 """
