@@ -46,28 +46,30 @@ class DecoderGraph:
     def capture(cls, run: Pass, canvas: torch.Tensor,
                 self_conditioning_logits: torch.Tensor) -> tuple[DecoderGraph, torch.Tensor]:
         """The graph, and this pass's logits."""
-        canvas, self_conditioning_logits = canvas.clone(), self_conditioning_logits.clone()
-        side = _WARM_STREAMS.get(canvas.device)
-        first_logits = None
-        if side is None:
-            side = torch.cuda.Stream(device=canvas.device)
+        # The model's device, which need not be the current one: its streams are the ones to order by.
+        with torch.cuda.device(canvas.device):
+            canvas, self_conditioning_logits = canvas.clone(), self_conditioning_logits.clone()
+            side = _WARM_STREAMS.get(canvas.device)
+            first_logits = None
+            if side is None:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    first_logits = run(canvas, self_conditioning_logits)
+                first_logits.record_stream(torch.cuda.current_stream())
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                first_logits = run(canvas, self_conditioning_logits)
-            first_logits.record_stream(torch.cuda.current_stream())
-        side.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=side):
-                logits = run(canvas, self_conditioning_logits)
-        except RuntimeError as error:
-            raise RuntimeError(f"capturing the decoder pass in a CUDA graph failed ({error}); pass "
-                               "cuda_graphs=False to generate to run it eagerly") from error
-        _WARM_STREAMS[canvas.device] = side
-        torch.cuda.current_stream().wait_stream(side)
-        if first_logits is None:
-            graph.replay()
-            first_logits = logits
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=side):
+                    logits = run(canvas, self_conditioning_logits)
+            except RuntimeError as error:
+                raise RuntimeError(f"capturing the decoder pass in a CUDA graph failed ({error}); pass "
+                                   "cuda_graphs=False to generate to run it eagerly") from error
+            _WARM_STREAMS[canvas.device] = side
+            torch.cuda.current_stream().wait_stream(side)
+            if first_logits is None:
+                graph.replay()
+                first_logits = logits
         return cls(graph, canvas, self_conditioning_logits, logits), first_logits
 
     def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor) -> torch.Tensor:
