@@ -152,10 +152,10 @@ def pass_times(model, vocab: int, repeats: int) -> str:
 
 @torch.no_grad()
 def fused_norms(model, vocab: int, repeats: int) -> str:
-    """An experiment, not the engine (CUDA only). Each RMS norm is six kernels, as the reference writes it,
-    and a layer has eleven, about half of a pass's kernels. This times one replayed batch-1 pass with
-    torch's one-call `rms_norm` in their place, and says how far that moves the logits (its reduction
-    order is its own, so the reference's bits would be lost)."""
+    """An experiment, not the engine (CUDA only). Each RMS norm is six to eight kernels, as the reference
+    writes it, and a layer has eleven: about half of a pass's kernels. This times one replayed batch-1 pass
+    with torch's one-call `rms_norm` in their place, and says how far that moves the logits (its arithmetic
+    is its own: the order of its sums, where it applies the weight; the reference's bits would be lost)."""
     run, canvas, self_conditioning = decoder_pass(model, vocab)
     cuda = torch.device("cuda")
     logits, replay = {}, {}
@@ -273,12 +273,12 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     bandwidth = next((value for key, value in BANDWIDTH.items() if key in name), None)
     floor = bytes_per_step(ours, device, vocab) / bandwidth if bandwidth else float("nan")
+    weights = sum(p.numel() * p.element_size() for p in ours.parameters())
     record(f"GPU, {kind}, ours vs reference", "\n".join(rows) + (
         f"\n\nSpeed-up over the reference's eager step at batch 1: {reference_step / step_s[1]:.2f}x (our eager "
         f"step: {reference_step / eager_step:.2f}x). Batch 8 gives {8 * step_s[1] / step_s[8]:.1f}x the tokens per "
         f"second of batch 1. Bandwidth floor of a batch-1 step: {1000 * floor:.1f} ms, reached to "
-        f"{floor / step_s[1]:.0%}. Weights: {sum(p.numel() for p in ours.parameters()) * 2 / 1e9:.1f} GB.\n\n"
-        f"{config}"), keep=not args.no_record)
+        f"{floor / step_s[1]:.0%}. Weights: {weights / 1e9:.1f} GB.\n\n{config}"), keep=not args.no_record)
 
     syncs = f"{syncs_per_step(ours, vocab):.1f}" if device.type == "cuda" else "not measured (no CUDA)"
     passes = pass_times(ours, vocab, repeats) if device.type == "cuda" else "Pass times: not measured (no CUDA)."
