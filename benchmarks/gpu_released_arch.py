@@ -126,25 +126,27 @@ def syncs_per_step(model, vocab: int) -> float:
 
 
 def decoder_pass(model, vocab: int):
-    """(run, canvas tokens, self-conditioning logits): one batch-1 decoder pass over a 512-token prefix,
-    as `generate` runs it (CUDA only)."""
+    """(run, canvas tokens, self-conditioning logits, self-conditioning mask): one batch-1 decoder pass with
+    self-conditioning over a 512-token prefix, as `generate` runs it (CUDA only)."""
     canvas_length = model.config.canvas_length
     cache = KVCache(model.config.text_config, canvas_length)
     model.model.encoder(input_ids=torch.randint(3, vocab - 3, (1, 512), device="cuda"), past_key_values=cache)
     positions = torch.arange(512, 512 + canvas_length, device="cuda")[None]
     canvas = torch.randint(3, vocab - 3, (1, canvas_length), device="cuda")
     self_conditioning = torch.randn(1, canvas_length, vocab, device="cuda", dtype=torch.bfloat16)
-    return functools.partial(model._decode, cache, None, positions), canvas, self_conditioning
+    mask = torch.ones(1, device="cuda", dtype=torch.bfloat16)
+    return functools.partial(model._decode, cache, None, positions), canvas, self_conditioning, mask
 
 
 @torch.no_grad()
 def pass_times(model, vocab: int, repeats: int) -> str:
     """Where a captured batch-1 step goes (CUDA only): one decoder pass with self-conditioning run eagerly,
     captured (once per canvas) and replayed; the rest of a step is the sampler's."""
-    run, canvas, self_conditioning = decoder_pass(model, vocab)
+    run, canvas, self_conditioning, mask = decoder_pass(model, vocab)
     cuda, graphs = torch.device("cuda"), []
-    eager = seconds(cuda, lambda: run(canvas, self_conditioning), repeats)
-    capture = seconds(cuda, lambda: graphs.append(DecoderGraph.capture(run, canvas, self_conditioning)[0]), repeats)
+    eager = seconds(cuda, lambda: run(canvas, self_conditioning, None), repeats)
+    capture = seconds(cuda, lambda: graphs.append(DecoderGraph.capture(run, canvas, self_conditioning, mask)[0]),
+                      repeats)
     replay = seconds(cuda, lambda: graphs[-1](canvas, self_conditioning), repeats)
     return (f"One batch-1 decoder pass (LM head included): eager {1000 * eager:.1f} ms, replayed "
             f"{1000 * replay:.1f} ms; a capture with its replay (once per canvas) {1000 * capture:.1f} ms.")
@@ -156,7 +158,7 @@ def fused_norms(model, vocab: int, repeats: int) -> str:
     writes it, and a layer has eleven: about half of a pass's kernels. This times one replayed batch-1 pass
     with torch's one-call `rms_norm` in their place, and says how far that moves the logits (its arithmetic
     is its own: the order of its sums, where it applies the weight; the reference's bits would be lost)."""
-    run, canvas, self_conditioning = decoder_pass(model, vocab)
+    run, canvas, self_conditioning, mask = decoder_pass(model, vocab)
     cuda = torch.device("cuda")
     logits, replay = {}, {}
     for name in ("as written", "fused"):
@@ -165,7 +167,7 @@ def fused_norms(model, vocab: int, repeats: int) -> str:
                 for module in (layers, model_module):
                     patches.enter_context(mock.patch.object(module, "rms_norm", lambda x, weight, eps: F.rms_norm(
                         x, (x.shape[-1],), weight, eps)))
-            graph = DecoderGraph.capture(run, canvas, self_conditioning)[0]
+            graph = DecoderGraph.capture(run, canvas, self_conditioning, mask)[0]
             replay[name] = seconds(cuda, lambda: graph(canvas, self_conditioning), repeats)
             logits[name] = graph(canvas, self_conditioning).clone()
     moved = (logits["fused"] - logits["as written"]).abs().max().item()

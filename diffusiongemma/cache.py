@@ -167,20 +167,27 @@ def encoder_mask(
     return allowed
 
 
-# Per padding mask, by its version (bumped by every in-place change) and key span: whether the span holds
-# no padding. A canvas's denoising steps ask the same of the same mask each time, and answering reads a
-# value from the device, which a pass captured in a CUDA graph must not do. Only booleans are kept, so an
-# entry goes with its mask.
-_UNPADDED_SPANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Per padding mask, by its version (bumped by every in-place change): the first key from which on no row
+# holds padding. Finding it reads a value from the device, which a pass captured in a CUDA graph must not
+# do, so `generate` asks before a canvas's first pass; the canvas's denoising steps then ask the same of
+# the same mask. Only integers are kept, so an entry goes with its mask.
+_UNPADDED_FROM: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def unpadded_from(attention_mask: torch.Tensor) -> int:
+    """The first key index of the 2-D padding mask from which on no row holds padding (0 without any)."""
+    known = _UNPADDED_FROM.get(attention_mask)
+    if known is None or known[0] != attention_mask._version:
+        padded = (attention_mask == 0).any(dim=0)
+        keys = torch.arange(padded.shape[0], device=padded.device)
+        known = (attention_mask._version, int(torch.where(padded, keys, -1).max()) + 1)
+        _UNPADDED_FROM[attention_mask] = known
+    return known[1]
 
 
 def decoder_mask(attention_mask: torch.Tensor | None, key_start: int, key_end: int) -> torch.Tensor | None:
-    """The canvas sees every visible key that is not padding; without padding no mask is needed."""
-    if attention_mask is None:
+    """The canvas sees every visible key that is not padding. Its keys run to the mask's end, so a span that
+    starts after the last padding needs no mask (as in the reference, which masks only spans with padding)."""
+    if attention_mask is None or key_start >= unpadded_from(attention_mask):
         return None
-    padding = _padding(attention_mask, key_start, key_end)
-    unpadded = _UNPADDED_SPANS.setdefault(attention_mask, {})
-    span = (attention_mask._version, key_start, key_end)
-    if span not in unpadded:
-        unpadded[span] = bool(padding.all())
-    return None if unpadded[span] else padding
+    return _padding(attention_mask, key_start, key_end)

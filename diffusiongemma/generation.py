@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, unpadded_from
 from .config import read_json
 from .graphs import CanvasPasses, captures
 from .sampler import (
@@ -352,9 +352,10 @@ class GenerationMixin:
                                                                    "mm_token_type_ids") if k in model_kwargs})
             cur_len = cache.get_seq_length()
             decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
-            # Which key spans hold padding is read from the device once per span of this mask, not per step
-            # (`cache.decoder_mask`).
             decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+            # Where the padding ends is read from the device once per canvas, here, and not within a pass,
+            # which may be captured (`cache.decoder_mask`).
+            unpadded_from(decoder_mask)
 
             # The reference draws the starting noise even when the caller supplies the first canvas.
             noise = sampler.initialize_canvas(batch, device)
@@ -366,7 +367,8 @@ class GenerationMixin:
                 adaptive_stop.reset()
             # A capture pays for itself from the third step on.
             decode = CanvasPasses(functools.partial(self._decode, cache, decoder_mask, decoder_positions),
-                                  capture=config.cuda_graphs and captures(device) and config.max_denoising_steps > 2)
+                                  capture=config.cuda_graphs and captures(device) and config.max_denoising_steps > 2,
+                                  self_conditioning=(sampler.vocab_size, self.model.backbone.embed_tokens.weight.dtype))
             for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
@@ -401,10 +403,11 @@ class GenerationMixin:
         return DiffusionGemmaGenerationOutput(sequences=input_ids, tokens_per_forward=valid / decoder_passes,
                                               past_key_values=cache)
 
-    def _decode(self, cache, decoder_mask, decoder_positions, current, self_conditioning_logits) -> torch.Tensor:
+    def _decode(self, cache, decoder_mask, decoder_positions, current, self_conditioning_logits,
+                self_conditioning_mask) -> torch.Tensor:
         return self(decoder_input_ids=current, self_conditioning_logits=self_conditioning_logits,
-                    decoder_attention_mask=decoder_mask, past_key_values=cache,
-                    decoder_position_ids=decoder_positions).logits
+                    self_conditioning_mask=self_conditioning_mask, decoder_attention_mask=decoder_mask,
+                    past_key_values=cache, decoder_position_ids=decoder_positions).logits
 
     def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode: CanvasPasses,
                         sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,

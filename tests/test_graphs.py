@@ -16,12 +16,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import tiny_model
+from conftest import randomize, tiny_model
 
 from diffusiongemma import DiffusionGemmaGenerationConfig
 from diffusiongemma import generation, graphs
 from diffusiongemma import cache as cache_module
-from diffusiongemma.cache import decoder_mask
+from diffusiongemma.cache import decoder_mask, unpadded_from
 
 # Operations a capture cannot hold: reading a value back to the host, or drawing from a generator the
 # graph does not know about.
@@ -156,9 +156,24 @@ def test_replayed_passes_give_the_eager_tokens_and_logits(stand_in_graphs, name)
         # The case is only tested if rows did stop at different steps.
         assert len(set(eager.tokens_per_forward.tolist())) > 1
     else:
-        # The first capture follows an eager pass that gives its step's logits; later ones replay for theirs.
+        # Every canvas is captured on its first step. The process's first capture follows an eager pass that
+        # gives that step's logits; later ones replay for theirs.
         steps = settings["max_denoising_steps"]
-        assert [graph.replays for graph in stand_in_graphs] == [steps - 2] + [steps - 1] * (canvases - 1)
+        assert [graph.replays for graph in stand_in_graphs] == [steps - 1] + [steps] * (canvases - 1)
+
+
+def test_a_bfloat16_model_replays_its_eager_numbers_from_the_first_step(stand_in_graphs):
+    """The first step replays with a self-conditioning mask of zeros where the eager pass has no
+    self-conditioning at all; the numbers must not tell them apart, in the released model's dtype too."""
+    model = randomize(tiny_model()).to(torch.bfloat16)
+    prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
+    settings = SETTINGS["fixed steps"]
+    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
+    eager = generate(model, prompt, 2, cuda_graphs=False, streamer=eager_drafts, **settings)
+    replayed = generate(model, prompt, 2, streamer=replayed_drafts, **settings)
+    assert torch.equal(replayed.sequences, eager.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts, strict=True))
+    assert len(stand_in_graphs) == settings["max_new_tokens"] // model.config.canvas_length
 
 
 def test_a_padded_batch_replays_its_passes_too(stand_in_graphs):
@@ -172,23 +187,26 @@ def test_a_padded_batch_replays_its_passes_too(stand_in_graphs):
     assert len(stand_in_graphs) == 2
 
 
-def test_decoder_masks_are_decided_once_per_mask_version_and_span(monkeypatch):
+def test_where_padding_ends_is_read_once_per_mask_version(monkeypatch):
     reads = []
-    everywhere = torch.Tensor.all
-    monkeypatch.setattr(torch.Tensor, "all", lambda self, *args: reads.append(1) or everywhere(self, *args))
+    scalar = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: reads.append(1) or scalar(self))
     mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
     assert torch.equal(decoder_mask(mask, 0, 4), mask[:, None, None, 0:4])
-    assert torch.equal(decoder_mask(mask, 0, 4), mask[:, None, None, 0:4])
-    assert decoder_mask(mask, 1, 4) is None  # no padding in that span
+    assert decoder_mask(mask, 1, 4) is None  # no padding from key 1 on
     assert decoder_mask(mask, 1, 4) is None
-    assert len(reads) == 2  # once per span
+    assert len(reads) == 1
     mask[1, 2] = False  # an in-place change is a new question
     assert torch.equal(decoder_mask(mask, 1, 4), mask[:, None, None, 1:4])
+    assert decoder_mask(mask, 3, 4) is None
+    assert len(reads) == 2
+    assert unpadded_from(torch.ones(2, 5, dtype=torch.bool)) == 0
+    assert unpadded_from(torch.tensor([[1, 0, 1, 1, 1], [0, 1, 1, 1, 1]])) == 2
     # Nothing keeps a mask alive.
-    before = len(cache_module._UNPADDED_SPANS)
+    before = len(cache_module._UNPADDED_FROM)
     del mask
     gc.collect()
-    assert len(cache_module._UNPADDED_SPANS) == before - 1
+    assert len(cache_module._UNPADDED_FROM) == before - 1
 
 
 def test_two_steps_or_the_switch_keep_the_passes_eager(stand_in_graphs):
