@@ -176,6 +176,19 @@ def test_a_bfloat16_model_replays_its_eager_numbers_from_the_first_step(stand_in
     assert len(stand_in_graphs) == settings["max_new_tokens"] // model.config.canvas_length
 
 
+def test_a_first_canvas_with_self_conditioning_of_the_callers_replays_it_too(stand_in_graphs):
+    model = randomize(tiny_model())
+    prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
+    signal = 4 * torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3))
+    settings = dict(max_new_tokens=8, max_denoising_steps=4, self_conditioning_logits=signal)
+    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
+    eager = generate(model, prompt, 4, cuda_graphs=False, streamer=eager_drafts, **settings)
+    replayed = generate(model, prompt, 4, streamer=replayed_drafts, **settings)
+    assert torch.equal(replayed.sequences, eager.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts, strict=True))
+    assert len(stand_in_graphs) == 2
+
+
 def test_a_padded_batch_replays_its_passes_too(stand_in_graphs):
     model = tiny_model()
     prompt = torch.tensor([[0, 0, 5, 6], [9, 8, 7, 6]])
