@@ -81,6 +81,7 @@ class DecoderGraph:
     def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor) -> torch.Tensor:
         self.canvas.copy_(canvas)
         self.self_conditioning_logits.copy_(self_conditioning_logits)
+        # A replay always has an input to use, even if the captured first step had none.
         self.self_conditioning_mask.fill_(1)
         self.graph.replay()
         return self.logits
