@@ -194,9 +194,11 @@ def test_a_padded_batch_replays_its_passes_too(stand_in_graphs):
     prompt = torch.tensor([[0, 0, 5, 6], [9, 8, 7, 6]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     settings = dict(attention_mask=mask, max_new_tokens=8, max_denoising_steps=4, pad_token_id=0)
-    eager = generate(model, prompt, 3, cuda_graphs=False, **settings)
-    replayed = generate(model, prompt, 3, **settings)
+    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
+    eager = generate(model, prompt, 3, cuda_graphs=False, streamer=eager_drafts, **settings)
+    replayed = generate(model, prompt, 3, streamer=replayed_drafts, **settings)
     assert torch.equal(replayed.sequences, eager.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts, strict=True))
     assert len(stand_in_graphs) == 2
 
 
