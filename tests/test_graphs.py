@@ -135,20 +135,26 @@ class LogitsDrafts:
         pass
 
 
+def assert_replays_are_eager(model, prompt, seed, **settings):
+    """Runs `generate` eagerly, then with the stand-in graphs: the tokens, `tokens_per_forward` and every
+    step's logits must be the same. Returns the eager output."""
+    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
+    eager = generate(model, prompt, seed, cuda_graphs=False, streamer=eager_drafts, **settings)
+    assert not RecordedGraph.instances
+    replayed = generate(model, prompt, seed, streamer=replayed_drafts, **settings)
+    assert torch.equal(replayed.sequences, eager.sequences)
+    assert torch.equal(replayed.tokens_per_forward, eager.tokens_per_forward)
+    # Rows that stopped keep their last logits, which a later replay must not overwrite.
+    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts, strict=True))
+    return eager
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_replayed_passes_give_the_eager_tokens_and_logits(stand_in_graphs, name):
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7], [20, 30, 40]])
     settings = SETTINGS[name]
-    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
-    eager = generate(model, prompt, 1, cuda_graphs=False, streamer=eager_drafts, **settings)
-    assert not stand_in_graphs
-    replayed = generate(model, prompt, 1, streamer=replayed_drafts, **settings)
-    assert torch.equal(replayed.sequences, eager.sequences)
-    assert torch.equal(replayed.tokens_per_forward, eager.tokens_per_forward)
-    # Rows that stopped keep their last logits, which a later replay must not overwrite.
-    assert len(replayed_drafts.drafts) == len(eager_drafts.drafts)
-    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts))
+    eager = assert_replays_are_eager(model, prompt, 1, **settings)
     canvases = settings["max_new_tokens"] // model.config.canvas_length
     assert len(stand_in_graphs) == canvases  # one capture per canvas
     assert sum(graph.replays for graph in stand_in_graphs) > 0
@@ -168,11 +174,7 @@ def test_a_bfloat16_model_replays_its_eager_numbers_from_the_first_step(stand_in
     model = randomize(tiny_model()).to(torch.bfloat16)
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
     settings = SETTINGS["fixed steps"]
-    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
-    eager = generate(model, prompt, 2, cuda_graphs=False, streamer=eager_drafts, **settings)
-    replayed = generate(model, prompt, 2, streamer=replayed_drafts, **settings)
-    assert torch.equal(replayed.sequences, eager.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts, strict=True))
+    assert_replays_are_eager(model, prompt, 2, **settings)
     assert len(stand_in_graphs) == settings["max_new_tokens"] // model.config.canvas_length
 
 
@@ -180,12 +182,8 @@ def test_a_first_canvas_with_self_conditioning_of_the_callers_replays_it_too(sta
     model = randomize(tiny_model())
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
     signal = 4 * torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3))
-    settings = dict(max_new_tokens=8, max_denoising_steps=4, self_conditioning_logits=signal)
-    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
-    eager = generate(model, prompt, 4, cuda_graphs=False, streamer=eager_drafts, **settings)
-    replayed = generate(model, prompt, 4, streamer=replayed_drafts, **settings)
-    assert torch.equal(replayed.sequences, eager.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts, strict=True))
+    assert_replays_are_eager(model, prompt, 4, max_new_tokens=8, max_denoising_steps=4,
+                             self_conditioning_logits=signal)
     assert len(stand_in_graphs) == 2
 
 
@@ -193,12 +191,8 @@ def test_a_padded_batch_replays_its_passes_too(stand_in_graphs):
     model = tiny_model()
     prompt = torch.tensor([[0, 0, 5, 6], [9, 8, 7, 6]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    settings = dict(attention_mask=mask, max_new_tokens=8, max_denoising_steps=4, pad_token_id=0)
-    eager_drafts, replayed_drafts = LogitsDrafts(), LogitsDrafts()
-    eager = generate(model, prompt, 3, cuda_graphs=False, streamer=eager_drafts, **settings)
-    replayed = generate(model, prompt, 3, streamer=replayed_drafts, **settings)
-    assert torch.equal(replayed.sequences, eager.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(replayed_drafts.drafts, eager_drafts.drafts, strict=True))
+    assert_replays_are_eager(model, prompt, 3, attention_mask=mask, max_new_tokens=8, max_denoising_steps=4,
+                             pad_token_id=0)
     assert len(stand_in_graphs) == 2
 
 
