@@ -81,8 +81,6 @@ class DecoderGraph:
     def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor) -> torch.Tensor:
         self.canvas.copy_(canvas)
         self.self_conditioning_logits.copy_(self_conditioning_logits)
-        # A replay always has an input to use, even if the captured first step had none.
-        self.self_conditioning_mask.fill_(1)
         self.graph.replay()
         return self.logits
 
@@ -113,6 +111,9 @@ class CanvasPasses:
                 logits = self_conditioning_logits.clone()
                 mask = torch.ones(batch, dtype=self.dtype, device=current.device)
             self.graph, first_logits = DecoderGraph.capture(self.run, current.clone(), logits, mask)
+            # Every later step has an input to use, even if the captured first step had none: set once,
+            # queued after the step that read the zeros.
+            mask.fill_(1)
             return first_logits
         return self.graph(current, self_conditioning_logits)
 
