@@ -195,6 +195,12 @@ def _with_step(processor) -> bool:
     return len(inspect.signature(processor.__call__).parameters) > 2
 
 
+def _selects_without_asking(device: torch.device) -> bool:
+    """Whether stopped rows are kept by selects on every step, without first asking the device whether any
+    row stopped: on an accelerator the selects cost less than the wait, on the CPU it is the reverse."""
+    return device.type != "cpu"
+
+
 def _apply_processors(processors, input_ids, scores, cur_step):
     """`processors`: (processor, whether it takes the step) pairs, resolved once per `generate`."""
     for processor, with_step in processors:
@@ -439,10 +445,11 @@ class GenerationMixin:
         accepted = sampler.accept_canvas(canvas.current, denoised, logits, cur_step, entropy=entropy)
         current = sampler.renoise_canvas(accepted, cur_step)
         if adaptive_stop is not None:
-            # Rows that already stopped keep their canvas, argmax and logits.
+            # Rows that already stopped keep their canvas, argmax and logits. On a canvas's first step no row
+            # has stopped yet, and there may be no logits to keep.
             done = canvas.finished
-            # On an accelerator the selects cost less than waiting for `any`; on the CPU it is the reverse.
-            if done.device.type != "cpu" or bool(done.any()):
+            if canvas.self_conditioning_logits is not None and (_selects_without_asking(done.device)
+                                                                or bool(done.any())):
                 argmax = torch.where(done[:, None], canvas.argmax, argmax)
                 current = torch.where(done[:, None], canvas.current, current)
                 logits = torch.where(done[:, None, None], canvas.self_conditioning_logits, logits)
