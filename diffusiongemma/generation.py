@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .cache import KVCache, unpadded_from
+from . import fused_sampler
 from .config import read_json
 from .graphs import CanvasPasses, captures
 from .sampler import (
@@ -58,12 +59,15 @@ class DiffusionGemmaGenerationConfig:
     `fast_sampling=True` samples each position by inverting its cumulative distribution instead of the
     reference's `torch.multinomial`: the same distribution, other random numbers (see `sample_tokens`).
     `cuda_graphs=False` runs every decoder pass eagerly on CUDA instead of replaying one captured pass
-    per canvas (see `graphs.py`); the tokens are the same either way.
+    per canvas (see `graphs.py`); the tokens are the same either way. `fused_sampler=False` runs the
+    sampler's vocabulary-sized work as torch's operations on CUDA instead of one Triton kernel (see
+    `fused_sampler.py`), with the reference's roundings.
     """
 
     FIELDS = ("max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config",
               "t_min", "t_max", "stability_threshold", "confidence_threshold", "cache_implementation",
-              "bos_token_id", "pad_token_id", "eos_token_id", "fast_sampling", "cuda_graphs")
+              "bos_token_id", "pad_token_id", "eos_token_id", "fast_sampling", "cuda_graphs",
+              "fused_sampler")
 
     def __init__(self, **kwargs: Any):
         for name in self.FIELDS:
@@ -71,6 +75,7 @@ class DiffusionGemmaGenerationConfig:
         self.return_dict_in_generate = True
         self.fast_sampling = False
         self.cuda_graphs = True
+        self.fused_sampler = True
         self.metadata = {k: kwargs.pop(k) for k in METADATA_KEYS if k in kwargs}
         unknown = sorted(set(kwargs) - set(self.FIELDS))
         if unknown:
@@ -131,7 +136,7 @@ class DiffusionGemmaGenerationConfig:
         if eos is not None and not (_is_int(eos) and eos >= 0) and not (
                 isinstance(eos, (list, tuple)) and eos and all(_is_int(e) and e >= 0 for e in eos)):
             fail("eos_token_id", "a token id or a non-empty list of token ids")
-        for name in ("return_dict_in_generate", "fast_sampling", "cuda_graphs"):
+        for name in ("return_dict_in_generate", "fast_sampling", "cuda_graphs", "fused_sampler"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
 
@@ -148,11 +153,12 @@ class DiffusionGemmaGenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: copy.deepcopy(getattr(self, name)) for name in self.FIELDS}
-        # The reference's generation config knows neither switch: written only when not the default.
+        # The reference's generation config knows none of these switches: written only when not the default.
         if not self.fast_sampling:
             del out["fast_sampling"]
-        if self.cuda_graphs:
-            del out["cuda_graphs"]
+        for name in ("cuda_graphs", "fused_sampler"):
+            if getattr(self, name):
+                del out[name]
         if isinstance(self.sampler_config, EntropyBoundSamplerConfig):
             out["sampler_config"] = self.sampler_config.to_dict()
         out.update(self.metadata)
@@ -340,7 +346,9 @@ class GenerationMixin:
 
         # A logits processor of the caller's might draw random numbers itself; the words must then be
         # drawn after it, in the reference's order.
-        draw_ahead = not config.fast_sampling and not logits_processor and samples_from_words(device)
+        # The fused sampler knows one processor, the temperature schedule.
+        fused = config.fused_sampler and not logits_processor and fused_sampler.usable(device)
+        draw_ahead = not fused and not config.fast_sampling and not logits_processor and samples_from_words(device)
         sampling = "inverse_cdf" if config.fast_sampling else "multinomial"
         # n = N..1 as views of one device tensor: a tensor made per step is a copy to the device, which
         # waits for the work queued there.
@@ -378,7 +386,7 @@ class GenerationMixin:
             for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
-                                     draw_ahead)
+                                     draw_ahead, fused)
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     # The argmax canvas is the draft closest to what will be committed.
                     if getattr(streamer, "_takes_logits", False):
@@ -417,10 +425,11 @@ class GenerationMixin:
 
     def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode: CanvasPasses,
                         sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                        draw_ahead: bool = False) -> None:
+                        draw_ahead: bool = False, fused: bool = False) -> None:
         """One denoising step for every row of `canvas`, updated in place; random numbers come from
         `sampler.generator` (torch's global generator when None). With `draw_ahead`, the step's multinomial
-        words are drawn while the decoder runs: nothing else draws in between."""
+        words are drawn while the decoder runs: nothing else draws in between. `fused`: as in
+        `_update_canvas`."""
         words = None
         if draw_ahead:
             words = draw_words_in_background((canvas.current.numel(), sampler.vocab_size), sampler.generator)
@@ -429,19 +438,28 @@ class GenerationMixin:
         finally:
             # Even when the decoder fails: nothing may go on drawing from the caller's generator afterwards.
             drawn = words.result() if words is not None else None
-        self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling, drawn)
+        self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling, drawn,
+                            fused)
         canvas.self_conditioning_logits = decode.keep(canvas.self_conditioning_logits)
 
     def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, cur_step: torch.Tensor, input_ids,
                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                       words: MultinomialWords | None = None) -> None:
+                       words: MultinomialWords | None = None, fused: bool = False) -> None:
         """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`;
-        `cur_step` is n (N..1) as a 0-d int32 tensor on the logits' device."""
-        logits = _apply_processors(processors, input_ids, logits, cur_step)
-        denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling, sampler.generator,
-                                 words)
-        argmax = torch.argmax(logits, dim=-1)
-        entropy = token_entropy(logits)
+        `cur_step` is n (N..1) as a 0-d int32 tensor on the logits' device. `fused` runs the
+        vocabulary-sized work as one kernel (`fused_sampler`); its caller makes sure the only processor is
+        the temperature schedule."""
+        dtype = self.model.backbone.embed_tokens.weight.dtype
+        if fused:
+            temperature = processors[0][0].temperature(cur_step) if processors else None
+            denoised, argmax, entropy, logits = fused_sampler.denoise(logits, temperature, sampling,
+                                                                      sampler.generator, dtype)
+        else:
+            logits = _apply_processors(processors, input_ids, logits, cur_step)
+            denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling,
+                                     sampler.generator, words)
+            argmax = torch.argmax(logits, dim=-1)
+            entropy = token_entropy(logits)
         accepted = sampler.accept_canvas(canvas.current, denoised, logits, cur_step, entropy=entropy)
         current = sampler.renoise_canvas(accepted, cur_step)
         if adaptive_stop is not None:
@@ -455,7 +473,7 @@ class GenerationMixin:
                 logits = torch.where(done[:, None, None], canvas.self_conditioning_logits, logits)
             canvas.finished = canvas.finished | adaptive_stop(argmax, logits, entropy=entropy)
         canvas.current, canvas.argmax = current, argmax
-        canvas.self_conditioning_logits = logits.to(self.model.backbone.embed_tokens.weight.dtype)
+        canvas.self_conditioning_logits = logits.to(dtype)
 
     @staticmethod
     def _commit_canvas(input_ids, finished_rows, stops, eos, pad_token_id, canvas_length):

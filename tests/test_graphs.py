@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 from conftest import randomize, tiny_model
 
 from diffusiongemma import DiffusionGemmaGenerationConfig
-from diffusiongemma import generation, graphs
+from diffusiongemma import fused_sampler, generation, graphs
 from diffusiongemma import cache as cache_module
 from diffusiongemma.cache import decoder_mask, unpadded_from
 
@@ -168,6 +168,21 @@ def test_replayed_passes_give_the_eager_tokens_and_logits(stand_in_graphs, name)
         # gives that step's logits; later ones replay for theirs.
         steps = settings["max_denoising_steps"]
         assert [graph.replays for graph in stand_in_graphs] == [steps - 1] + [steps] * (canvases - 1)
+
+
+@pytest.mark.parametrize("name", ["fixed steps", "adaptive stopping, no temperature"])
+def test_replayed_passes_with_the_fused_sampler(stand_in_graphs, monkeypatch, name):
+    """The step as it runs on CUDA: replayed passes, and the fused sampler's kernel (under Triton's
+    interpreter) in place of torch's sampling operations, whose self-conditioning output a replay reads."""
+    calls, denoise = [], fused_sampler.denoise
+    monkeypatch.setattr(fused_sampler, "usable", lambda device: True)
+    monkeypatch.setattr(fused_sampler, "denoise", lambda *args: calls.append(args[2]) or denoise(*args))
+    model = tiny_model()
+    prompt = torch.tensor([[3, 4, 5], [9, 8, 7], [20, 30, 40]])
+    eager = assert_replays_are_eager(model, prompt, 1, **SETTINGS[name])
+    assert calls
+    if name.startswith("adaptive stopping"):
+        assert len(set(eager.tokens_per_forward.tolist())) > 1
 
 
 def test_a_bfloat16_model_replays_its_eager_numbers_from_the_first_step(stand_in_graphs):

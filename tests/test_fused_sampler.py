@@ -1,0 +1,157 @@
+"""The fused sampler kernel (`fused_sampler.py`), run by Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1): the unfused step's values, random stream and tokens, and `generate` and `serve` with it
+in place of the unfused step."""
+
+import queue
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion, fused_sampler
+from diffusiongemma import scheduler as engine
+from diffusiongemma.presets import write_random_checkpoint
+from diffusiongemma.sampler import sample_tokens, token_entropy
+
+# Crosses a block boundary of the kernel twice, with a partial last block.
+WIDE = 2 * fused_sampler._BLOCK + 37
+
+
+def rounded_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Which entries of `values` a tensor in `dtype` may hold: bfloat16 rounds to nearest on a GPU and
+    truncates in Triton's interpreter."""
+    nearest = values.to(dtype)
+    if dtype != torch.bfloat16:
+        return nearest[None]
+    truncated = (values.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    return torch.stack([nearest, truncated])
+
+
+@pytest.mark.parametrize("vocab", [7, 384, WIDE])
+@pytest.mark.parametrize("temperature", [None, 0.55])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_and_random_stream_are_the_unfused_steps(vocab, temperature, dtype):
+    source = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, 5, vocab, generator=source) * 4
+    # The maximum in the last block, past the earlier blocks' maxima.
+    logits[0, 0, -3] = 40.0
+    t = None if temperature is None else torch.tensor(temperature)
+    processed = logits if t is None else logits / t
+    for sampling in fused_sampler.SAMPLINGS:
+        ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        tokens, argmax, entropy, out = fused_sampler.denoise(logits, t, sampling, ours, dtype)
+        expected = sample_tokens(torch.softmax(processed, dim=-1), sampling, theirs)
+        assert torch.equal(tokens, expected), sampling
+        assert torch.equal(ours.get_state(), theirs.get_state()), sampling
+        assert torch.equal(argmax, processed.argmax(dim=-1))
+        torch.testing.assert_close(entropy, token_entropy(processed), rtol=1e-5, atol=1e-5)
+        assert out.dtype == dtype and out.shape == logits.shape
+        assert (out[None] == rounded_to(processed, dtype)).any(dim=0).all()
+
+
+def test_ties_go_to_the_first_position():
+    logits = torch.zeros(2, 1, WIDE)
+    logits[:, :, [5, fused_sampler._BLOCK + 5, WIDE - 1]] = 3.0
+    tokens, argmax, _, _ = fused_sampler.denoise(logits, None, "argmax", None, torch.float32)
+    assert argmax.flatten().tolist() == [5, 5] and tokens.flatten().tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("sampling", ["multinomial", "inverse_cdf"])
+def test_samples_follow_the_distribution(monkeypatch, sampling):
+    """Chi-square goodness of fit on a known distribution spread over three blocks, with zero-probability
+    tokens never drawn. Small blocks and few rows keep the interpreter quick."""
+    monkeypatch.setattr(fused_sampler, "_BLOCK", 64)
+    vocab = 2 * 64 + 37
+    probs = torch.zeros(vocab)
+    where = [0, 17, 64, 65, vocab - 1]
+    probs[where] = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08])
+    rows = 300
+    tokens, _, _, _ = fused_sampler.denoise(probs.log().expand(rows, vocab), None, sampling,
+                                            torch.Generator().manual_seed(0), torch.float32)
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts.sum() == rows and counts[probs == 0].sum() == 0
+    expected = rows * probs.double()[where]
+    chi_square = ((counts[where] - expected) ** 2 / expected).sum()
+    assert chi_square < 18.5  # the 99.9th percentile of chi-square with 4 degrees of freedom
+
+
+def use_fused_sampler_on_cpu(monkeypatch):
+    """Counts the kernel's calls, with `generate` and `serve` taking it on the CPU as they do on CUDA."""
+    calls = []
+    denoise = fused_sampler.denoise
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return denoise(*args, **kwargs)
+
+    monkeypatch.setattr(fused_sampler, "usable", lambda device: True)
+    monkeypatch.setattr(fused_sampler, "denoise", counted)
+    return calls
+
+
+@pytest.mark.parametrize("settings", [{}, {"fast_sampling": True}, {"t_min": None, "t_max": None},
+                                      {"confidence_threshold": None}])
+def test_generate_with_the_fused_sampler_gives_the_unfused_tokens(monkeypatch, settings):
+    """Last-bit differences could change a token in principle; on these seeds none does, in any setting."""
+    model = tiny_model()
+    prompt = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    settings = dict(max_new_tokens=8, max_denoising_steps=5, **settings)
+    torch.manual_seed(0)
+    unfused = model.generate(prompt, **settings)
+    calls = use_fused_sampler_on_cpu(monkeypatch)
+    torch.manual_seed(0)
+    fused = model.generate(prompt, **settings)
+    assert calls and set(calls) == {"inverse_cdf" if settings.get("fast_sampling") else "multinomial"}
+    assert torch.equal(fused.sequences, unfused.sequences)
+    assert torch.equal(fused.tokens_per_forward, unfused.tokens_per_forward)
+    # The same random stream: the global generator ends where the unfused run left it.
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    model.generate(prompt, fused_sampler=False, **settings)
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_the_fused_sampler_gives_way_to_a_logits_processor_and_to_the_switch(monkeypatch):
+    model = tiny_model()
+    calls = use_fused_sampler_on_cpu(monkeypatch)
+    seen = []
+
+    def processor(input_ids, scores):
+        seen.append(scores.shape)
+        return scores
+
+    model.generate(torch.tensor([[3, 4]]), max_new_tokens=4, max_denoising_steps=3, logits_processor=[processor])
+    assert len(seen) == 3 and not calls
+    model.generate(torch.tensor([[3, 4]]), max_new_tokens=4, max_denoising_steps=3, fused_sampler=False)
+    assert not calls
+    with pytest.raises(ValueError, match="fused_sampler"):
+        model.generate(torch.tensor([[3, 4]]), fused_sampler="no")
+    assert "fused_sampler" not in model.generation_config.to_dict()
+
+
+def served(model, tokenizer, prompt: list[int], temperature: float) -> str:
+    scheduler = engine.Scheduler(model, tokenizer, max_batch=2, max_queue=2)
+    scheduler.start()
+    try:
+        events = queue.Queue()
+        settings = engine.resolve_settings(model, len(prompt), max_tokens=12, temperature=temperature, seed=5,
+                                           max_denoising_steps=4)
+        scheduler.submit(engine.Request(prompt, settings, events.put))
+        while not isinstance(event := events.get(timeout=30), (engine.Finished, engine.Failed)):
+            pass
+    finally:
+        scheduler.stop()
+    assert isinstance(event, engine.Finished), event
+    return event.text
+
+
+def test_serve_with_the_fused_sampler_gives_the_unfused_answers(monkeypatch, tmp_path):
+    """A seeded request, and one at temperature 0 (the kernel's argmax)."""
+    write_random_checkpoint(tmp_path, "tiny", seed=0)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path).eval()
+    tokenizer = AutoProcessor.from_pretrained(tmp_path).tokenizer
+    prompt = tokenizer.encode("a fused question")
+    unfused = [served(model, tokenizer, prompt, temperature) for temperature in (1.0, 0.0)]
+    calls = use_fused_sampler_on_cpu(monkeypatch)
+    assert [served(model, tokenizer, prompt, temperature) for temperature in (1.0, 0.0)] == unfused
+    assert set(calls) == {"multinomial", "argmax"}
