@@ -380,7 +380,8 @@ class GenerationMixin:
             if adaptive_stop is not None:
                 adaptive_stop.reset()
             # A capture pays for itself from the third step on.
-            decode = CanvasPasses(functools.partial(self._decode, cache, decoder_mask, decoder_positions),
+            decode = CanvasPasses(functools.partial(self._decode, cache, decoder_mask, decoder_positions,
+                                                    soft_capped=not fused),
                                   capture=config.cuda_graphs and captures(device) and config.max_denoising_steps > 2,
                                   self_conditioning=(sampler.vocab_size, self.model.backbone.embed_tokens.weight.dtype))
             for step in step_numbers:
@@ -418,10 +419,13 @@ class GenerationMixin:
                                               past_key_values=cache)
 
     def _decode(self, cache, decoder_mask, decoder_positions, current, self_conditioning_logits,
-                self_conditioning_mask) -> torch.Tensor:
-        return self(decoder_input_ids=current, self_conditioning_logits=self_conditioning_logits,
-                    self_conditioning_mask=self_conditioning_mask, decoder_attention_mask=decoder_mask,
-                    past_key_values=cache, decoder_position_ids=decoder_positions).logits
+                self_conditioning_mask, soft_capped: bool = True) -> torch.Tensor:
+        """The decoder pass's logits, or with `soft_capped=False` the scores the fused sampler soft-caps."""
+        hidden = self.model.decoder(decoder_input_ids=current, past_key_values=cache,
+                                    self_conditioning_logits=self_conditioning_logits,
+                                    self_conditioning_mask=self_conditioning_mask, decoder_attention_mask=decoder_mask,
+                                    decoder_position_ids=decoder_positions).last_hidden_state
+        return self.logits(hidden) if soft_capped else self.lm_head(hidden)
 
     def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode: CanvasPasses,
                         sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
@@ -447,13 +451,15 @@ class GenerationMixin:
                        words: MultinomialWords | None = None, fused: bool = False) -> None:
         """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`;
         `cur_step` is n (N..1) as a 0-d int32 tensor on the logits' device. `fused` runs the
-        vocabulary-sized work as one kernel (`fused_sampler`); its caller makes sure the only processor is
-        the temperature schedule."""
+        vocabulary-sized work as one kernel (`fused_sampler`), soft-capping included: `logits` are then the
+        LM head's scores (`lm_head`), and its caller makes sure the only processor is the temperature
+        schedule."""
         dtype = self.model.backbone.embed_tokens.weight.dtype
         if fused:
             temperature = processors[0][0].temperature(cur_step) if processors else None
-            denoised, argmax, entropy, logits = fused_sampler.denoise(logits, temperature, sampling,
-                                                                      sampler.generator, dtype)
+            denoised, argmax, entropy, logits = fused_sampler.denoise(
+                logits, self.config.text_config.final_logit_softcapping, temperature, sampling, sampler.generator,
+                dtype)
         else:
             logits = _apply_processors(processors, input_ids, logits, cur_step)
             denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling,

@@ -409,9 +409,13 @@ class DiffusionGemmaForBlockDiffusion(GenerationMixin, DiffusionGemmaPreTrainedM
         self.model = DiffusionGemmaModel(config)
         self.generation_config = DiffusionGemmaGenerationConfig()
 
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The scores before soft-capping, in the model's dtype."""
+        return F.linear(hidden, self.model.backbone.embed_tokens.weight)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits, soft-capped."""
-        logits = F.linear(hidden, self.model.backbone.embed_tokens.weight).float()
+        logits = self.lm_head(hidden).float()
         cap = self.config.text_config.final_logit_softcapping
         if cap is not None:
             # In place where autograd keeps no intermediates: two vocabulary-sized temporaries fewer per step.

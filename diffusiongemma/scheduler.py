@@ -227,7 +227,8 @@ class _Running:
         hidden]: the LM head, then the sampler. Returns the steps the canvas took when this step committed
         it (else None), and the outcome once the answer is done."""
         step = self.step_numbers[self.request.settings.max_denoising_steps - self.step]
-        self.model._update_canvas(self.canvas, self.model.logits(hidden), step, self.uncached, self.sampler,
+        scores = self.model.lm_head(hidden) if self.fused else self.model.logits(hidden)
+        self.model._update_canvas(self.canvas, scores, step, self.uncached, self.sampler,
                                   [(self.schedule, True)], self.adaptive_stop, self.sampling,
                                   words.result() if words is not None else None, self.fused)
         stopped = bool(self.canvas.finished.all())

@@ -29,30 +29,46 @@ def rounded_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("vocab", [7, 384, WIDE])
 @pytest.mark.parametrize("temperature", [None, 0.55])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_values_and_random_stream_are_the_unfused_steps(vocab, temperature, dtype):
+@pytest.mark.parametrize("dtype, cap", [(torch.float32, None), (torch.bfloat16, 5.0)])
+def test_values_and_random_stream_are_the_unfused_steps(vocab, temperature, dtype, cap):
+    """Scores in the model's dtype, soft-capped or not, as the model's logits are."""
     source = torch.Generator().manual_seed(vocab)
-    logits = torch.randn(3, 5, vocab, generator=source) * 4
+    scores = torch.randn(3, 5, vocab, generator=source) * 4
     # The maximum in the last block, past the earlier blocks' maxima.
-    logits[0, 0, -3] = 40.0
+    scores[0, 0, -3] = 40.0
+    scores = scores.to(dtype)
     t = None if temperature is None else torch.tensor(temperature)
+    logits = scores.float() if cap is None else torch.tanh(scores.float() / cap) * cap
     processed = logits if t is None else logits / t
     for sampling in fused_sampler.SAMPLINGS:
         ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-        tokens, argmax, entropy, out = fused_sampler.denoise(logits, t, sampling, ours, dtype)
+        tokens, argmax, entropy, out = fused_sampler.denoise(scores, cap, t, sampling, ours, dtype)
         expected = sample_tokens(torch.softmax(processed, dim=-1), sampling, theirs)
         assert torch.equal(tokens, expected), sampling
         assert torch.equal(ours.get_state(), theirs.get_state()), sampling
         assert torch.equal(argmax, processed.argmax(dim=-1))
         torch.testing.assert_close(entropy, token_entropy(processed), rtol=1e-5, atol=1e-5)
-        assert out.dtype == dtype and out.shape == logits.shape
-        assert (out[None] == rounded_to(processed, dtype)).any(dim=0).all()
+        assert out.dtype == dtype and out.shape == scores.shape
+        if cap is None:
+            assert (out[None] == rounded_to(processed, dtype)).any(dim=0).all()
+        else:
+            # The kernel's tanh is within a few ulps of torch's; then one rounding to bfloat16.
+            torch.testing.assert_close(out.float(), processed, rtol=2 ** -7, atol=0)
+
+
+def test_soft_capping_is_within_a_few_ulps_of_tanh():
+    values = torch.cat([torch.linspace(-20, 20, 8001), torch.logspace(-30, 0, 2001), -torch.logspace(-30, 0, 2001),
+                        torch.tensor([0.0, 0.29999, 0.3, 0.30001])])
+    _, _, _, out = fused_sampler.denoise(values[None], 1.0, None, "argmax", None, torch.float32)
+    exact = torch.tanh(values.double())
+    assert torch.equal(out[0] == 0, values == 0)
+    assert ((out[0].double() - exact).abs() <= 3 * torch.finfo(torch.float32).eps * exact.abs()).all()
 
 
 def test_ties_go_to_the_first_position():
     logits = torch.zeros(2, 1, WIDE)
     logits[:, :, [5, fused_sampler._BLOCK + 5, WIDE - 1]] = 3.0
-    tokens, argmax, _, _ = fused_sampler.denoise(logits, None, "argmax", None, torch.float32)
+    tokens, argmax, _, _ = fused_sampler.denoise(logits, None, None, "argmax", None, torch.float32)
     assert argmax.flatten().tolist() == [5, 5] and tokens.flatten().tolist() == [5, 5]
 
 
@@ -66,7 +82,7 @@ def test_samples_follow_the_distribution(monkeypatch, sampling):
     where = [0, 17, 64, 65, vocab - 1]
     probs[where] = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08])
     rows = 300
-    tokens, _, _, _ = fused_sampler.denoise(probs.log().expand(rows, vocab), None, sampling,
+    tokens, _, _, _ = fused_sampler.denoise(probs.log().expand(rows, vocab), None, None, sampling,
                                             torch.Generator().manual_seed(0), torch.float32)
     counts = torch.bincount(tokens, minlength=vocab).double()
     assert counts.sum() == rows and counts[probs == 0].sum() == 0
@@ -81,7 +97,7 @@ def use_fused_sampler_on_cpu(monkeypatch):
     denoise = fused_sampler.denoise
 
     def counted(*args, **kwargs):
-        calls.append(args[2])
+        calls.append(args[3])
         return denoise(*args, **kwargs)
 
     monkeypatch.setattr(fused_sampler, "usable", lambda device: True)

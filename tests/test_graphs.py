@@ -176,7 +176,7 @@ def test_replayed_passes_with_the_fused_sampler(stand_in_graphs, monkeypatch, na
     interpreter) in place of torch's sampling operations, whose self-conditioning output a replay reads."""
     calls, denoise = [], fused_sampler.denoise
     monkeypatch.setattr(fused_sampler, "usable", lambda device: True)
-    monkeypatch.setattr(fused_sampler, "denoise", lambda *args: calls.append(args[2]) or denoise(*args))
+    monkeypatch.setattr(fused_sampler, "denoise", lambda *args: calls.append(args[3]) or denoise(*args))
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7], [20, 30, 40]])
     eager = assert_replays_are_eager(model, prompt, 1, **SETTINGS[name])

@@ -1,0 +1,97 @@
+"""The Triton kernel of `fused_sampler`, in a module of its own: importing Triton takes time that a run
+without CUDA need not spend. Under TRITON_INTERPRET=1 (the tests) Triton's interpreter runs it on CPU
+tensors."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(z):
+    # Core operations only (Triton's interpreter has no libdevice): a series near 0, where 1 - e would
+    # cancel, and (1 - e) / (1 + e) with e = exp(-2|z|) beyond. Within about 2 float32 ulps of tanh.
+    a = tl.abs(z)
+    e = tl.exp(-2.0 * a)
+    s = a * a
+    near = a * (1.0 + s * (-0.3333333333333333 + s * (0.13333333333333333 + s * (-0.05396825396825397 + s * (
+        0.021869488536155203 + s * (-0.008863235529902197 + s * 0.003592128036572481))))))
+    value = tl.where(a < 0.3, near, (1.0 - e) / (1.0 + e))
+    return tl.where(z < 0, -value, value)
+
+
+@triton.jit
+def _processed(scores, index, inside, cap, t, HAS_CAP: tl.constexpr):
+    """y = logits / t at `index`, the logits soft-capped scores as the model's are; -inf outside the row
+    (capping would bring -inf back to -cap)."""
+    x = tl.load(scores + index, mask=inside, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        x = _tanh(x / cap) * cap
+    return tl.where(inside, x / t, float("-inf"))
+
+
+@triton.jit
+def denoise_kernel(scores, cap, temperature, variates, uniforms, processed, tokens, argmax, entropy, vocab,
+                   HAS_CAP: tl.constexpr, SAMPLING: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per position. Each lane keeps its own running values over the blocks of the row and
+    # the lanes are combined once at the end: no reduction across threads inside the loops, except
+    # inverse_cdf's running sum, which has to follow the vocabulary's order.
+    row = tl.program_id(0).to(tl.int64)
+    first = row * vocab
+    t = tl.load(temperature)
+    lanes = tl.arange(0, BLOCK)
+
+    # Pass 1: the maximum of y = logits / t (and where it first occurs), and the sum of exp(y - maximum).
+    # Lanes start from float32's lowest value rather than -inf, so that a lane past the vocabulary's end
+    # adds exp(-inf) = 0 where starting from -inf would give exp(-inf - -inf), NaN.
+    top = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)
+    top_index = tl.zeros([BLOCK], tl.int32)
+    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        index = start + lanes
+        inside = index < vocab
+        y = _processed(scores + first, index, inside, cap, t, HAS_CAP)
+        new_top = tl.maximum(top, y)
+        total = total * tl.exp(top - new_top) + tl.exp(y - new_top)
+        top_index = tl.where(y > top, index, top_index)
+        top = new_top
+    row_top = tl.max(top, axis=0)
+    row_total = tl.sum(total * tl.exp(top - row_top), axis=0)
+    row_top_index = tl.min(tl.where(top == row_top, top_index, vocab), axis=0)
+
+    # Pass 2: probabilities, the entropy, the token, and y in the model's dtype for self-conditioning.
+    log_total = row_top + tl.log(row_total)
+    terms = tl.zeros([BLOCK], tl.float32)
+    best = tl.full([BLOCK], -1.0, tl.float32)
+    best_index = tl.zeros([BLOCK], tl.int32)
+    token = tl.full([], vocab, tl.int32)
+    running = tl.full([], 0.0, tl.float32)
+    if SAMPLING == 1:
+        target = row_total * tl.load(uniforms + row)
+    else:
+        target = row_total
+    for start in range(0, vocab, BLOCK):
+        index = start + lanes
+        inside = index < vocab
+        y = _processed(scores + first, index, inside, cap, t, HAS_CAP)
+        tl.store(processed + first + index, y.to(processed.dtype.element_ty), mask=inside)
+        weight = tl.exp(y - row_top)
+        p = weight / row_total
+        # Log-probabilities clamped at float32's lowest value too, as a categorical distribution clamps them.
+        terms += tl.where(inside, tl.maximum(y - log_total, -3.4028234663852886e38) * p, 0.0)
+        if SAMPLING == 0:
+            q = tl.load(variates + first + index, mask=inside, other=1.0)
+            ratio = tl.where(inside, p / q, -1.0)
+            best_index = tl.where(ratio > best, index, best_index)
+            best = tl.maximum(best, ratio)
+        elif SAMPLING == 1:
+            # The first position whose cumulative weight passes the target, as searchsorted(right=True).
+            cumulative = running + tl.cumsum(weight, axis=0)
+            token = tl.minimum(token, tl.min(tl.where(cumulative > target, index, vocab), axis=0))
+            running = tl.max(cumulative, axis=0)
+    if SAMPLING == 0:
+        token = tl.min(tl.where(best == tl.max(best, axis=0), best_index, vocab), axis=0)
+    elif SAMPLING == 2:
+        token = row_top_index
+    tl.store(tokens + row, tl.minimum(token, vocab - 1).to(tl.int64))
+    tl.store(argmax + row, row_top_index.to(tl.int64))
+    tl.store(entropy + row, -tl.sum(terms, axis=0))
