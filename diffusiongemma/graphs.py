@@ -66,8 +66,15 @@ class DecoderGraph:
             side.wait_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, stream=side):
-                    logits = run(*inputs)
+                # What `torch.cuda.graph` does, less its synchronisation of the device and its emptying of the
+                # allocator's cache: once per canvas, those would idle the device and hand the sampler's
+                # vocabulary-sized buffers back to the driver, to be allocated from it again.
+                with torch.cuda.stream(side):
+                    graph.capture_begin()
+                    try:
+                        logits = run(*inputs)
+                    finally:
+                        graph.capture_end()
             except RuntimeError as error:
                 raise RuntimeError(f"capturing the decoder pass in a CUDA graph failed ({error}); pass "
                                    "cuda_graphs=False to generate to run it eagerly") from error

@@ -37,6 +37,14 @@ class RecordedGraph:
         self.replays = 0
         RecordedGraph.instances.append(self)
 
+    def capture_begin(self):
+        self.recording = Recording(self)
+        self.recording.__enter__()
+
+    def capture_end(self):
+        self.recording.__exit__(None, None, None)
+        self.poison()
+
     def poison(self):
         """A capture runs no kernel: what the pass wrote into memory of its own holds no value until a
         replay. Writes into tensors that existed before (the cache) are left, as replays redo them."""
@@ -71,13 +79,6 @@ class Recording(TorchDispatchMode):
         return out
 
 
-@contextlib.contextmanager
-def capture(graph, stream=None):
-    with Recording(graph):
-        yield
-    graph.poison()
-
-
 class Stream:
     def wait_stream(self, other):
         pass
@@ -96,7 +97,6 @@ def stand_in_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordedGraph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
     return RecordedGraph.instances
 
 
