@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .cache import KVCache, unpadded_from
 from . import fused_sampler
+from .cache import KVCache, unpadded_from
 from .config import read_json
 from .graphs import CanvasPasses, captures
 from .sampler import (
