@@ -7,8 +7,9 @@ peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, the 
 at batch 1 for the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives the
 captured passes' tokens, our step with torch's sampler (`fused_sampler=False`) at batch 1 and 8, how
 often an eager step waits for the device, one decoder pass eager, captured and replayed (what a step
-spends outside the replay is the sampler's), an experiment with fused norms, and the kernels a step
-spends its device time in. `--tiny` runs the same script on a small config (any
+spends outside the replay is the sampler's), a replayed pass with the RMS norms computed three ways (the
+engine's Triton kernel, the reference's composite, torch's `F.rms_norm`), and the kernels a step spends
+its device time in. A part that fails records its error and the others still run. `--tiny` runs the same script on a small config (any
 device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
@@ -21,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from unittest import mock
 
@@ -34,8 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import record  # noqa: E402
 
 from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
-from diffusiongemma import layers  # noqa: E402
-from diffusiongemma import model as model_module  # noqa: E402
+from diffusiongemma import fused, layers  # noqa: E402
 from diffusiongemma.cache import KVCache  # noqa: E402
 from diffusiongemma.graphs import DecoderGraph  # noqa: E402
 from diffusiongemma.loading import checkpoint_tensors  # noqa: E402
@@ -154,28 +155,32 @@ def pass_times(model, vocab: int, repeats: int) -> str:
 
 
 @torch.no_grad()
-def fused_norms(model, vocab: int, repeats: int) -> str:
-    """An experiment, not the engine (CUDA only). Each RMS norm is six to eight kernels, as the reference
-    writes it, and a layer has eleven: about half of a pass's kernels. This times one replayed batch-1 pass
-    with torch's one-call `rms_norm` in their place, and says how far that moves the logits (its arithmetic
-    is its own: the order of its sums, where it applies the weight; the reference's bits would be lost)."""
+def norm_variants(model, vocab: int, repeats: int) -> str:
+    """One replayed batch-1 pass with each way of computing the RMS norms (CUDA only): the engine's one
+    Triton kernel per norm, the reference's six to eight kernels (its bits), and torch's `F.rms_norm`; and
+    how far the engine's logits move from the reference-bits ones."""
     run, canvas, self_conditioning, mask = decoder_pass(model, vocab)
     cuda = torch.device("cuda")
+    variants = {
+        "one Triton kernel (the engine)": (),
+        "as the reference writes them": ((fused, "usable", lambda device: False),),
+        "torch's `F.rms_norm`": ((layers, "rms_norm", lambda x, weight, eps: F.rms_norm(
+            x, (x.shape[-1],), weight, eps)),),
+    }
     logits, replay = {}, {}
-    for name in ("as written", "fused"):
-        with contextlib.ExitStack() as patches:
-            if name == "fused":
-                for module in (layers, model_module):
-                    patches.enter_context(mock.patch.object(module, "rms_norm", lambda x, weight, eps: F.rms_norm(
-                        x, (x.shape[-1],), weight, eps)))
+    for name, patches in variants.items():
+        with contextlib.ExitStack() as stack:
+            for owner, attribute, value in patches:
+                stack.enter_context(mock.patch.object(owner, attribute, value))
             graph = DecoderGraph.capture(run, canvas, self_conditioning, mask)[0]
             replay[name] = seconds(cuda, lambda: graph(canvas, self_conditioning), repeats)
             logits[name] = graph(canvas, self_conditioning).clone()
-    moved = (logits["fused"] - logits["as written"]).abs().max().item()
-    same_argmax = (logits["fused"].argmax(-1) == logits["as written"].argmax(-1)).float().mean().item()
-    return (f"A replayed batch-1 pass with torch's one-call `rms_norm` takes "
-            f"{1000 * replay['fused']:.1f} ms against {1000 * replay['as written']:.1f} ms as written; its "
-            f"logits move by up to {moved:.3g} and keep their argmax at {same_argmax:.1%} of positions.")
+    ours, theirs = logits["one Triton kernel (the engine)"], logits["as the reference writes them"]
+    moved = (ours - theirs).abs().max().item()
+    same_argmax = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    times = "; ".join(f"{name}: {1000 * seconds_:.2f} ms" for name, seconds_ in replay.items())
+    return (f"A replayed batch-1 pass with the norms computed as {times}. The engine's logits differ from the "
+            f"reference-bits ones by up to {moved:.3g} and keep their argmax at {same_argmax:.1%} of positions.")
 
 
 @torch.no_grad()
@@ -254,57 +259,70 @@ def main() -> None:
     def row(engine: str, batch: int, step: float, peak: str = "") -> str:
         return f"| {engine} | {batch} | {1000 * step:.1f} | {batch * canvas / (STEPS * step):.0f} | {peak} |"
 
-    # Each part is recorded as soon as it is measured: a later part failing on a new GPU loses nothing. The
-    # eager figures come first, as they need no CUDA graph.
-    eager_step = step_time(ours, device, 1, 512, vocab, repeats, cuda_graphs=False)
-    reference_step = step_time(reference, device, 1, 512, vocab, 1)
-    prefill = {n: seconds(device, lambda n=n: ours(input_ids=torch.randint(3, vocab - 3, (1, n), device=device),
-                                                   decoder_input_ids=torch.zeros(1, 1, dtype=torch.long,
-                                                                                 device=device)), repeats)
-               for n in (512, 4096)}
-    record(f"GPU, {kind}, eager steps", "\n".join(header + [
-        row("ours, eager (`cuda_graphs=False`)", 1, eager_step), row("reference (eager)", 1, reference_step)]) + (
-        f"\n\nPrefill (ours, batch 1): 512 tokens {1000 * prefill[512]:.1f} ms, 4096 tokens "
-        f"{1000 * prefill[4096]:.1f} ms.\n\n{config}"), keep=not args.no_record)
+    # Each part is recorded as soon as it is measured, and a part that fails (a new GPU, driver or torch)
+    # records its error and leaves the others to run: one run has to say as much as it can.
+    measured = {}
 
-    rows, step_s = list(header), {}
-    for batch in (1, 4, 8):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        step_s[batch] = step_time(ours, device, batch, 512, vocab, repeats)
-        peak = f"{torch.cuda.max_memory_allocated() / 1e9:.1f}" if device.type == "cuda" else "not measured"
-        rows.append(row("ours", batch, step_s[batch], peak))
-    unfused = {batch: step_time(ours, device, batch, 512, vocab, repeats, fused_sampler=False) for batch in (1, 8)}
-    rows += [row("ours, torch's sampler (`fused_sampler=False`)", batch, unfused[batch]) for batch in unfused]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    bandwidth = next((value for key, value in BANDWIDTH.items() if key in name), None)
-    floor = bytes_per_step(ours, device, vocab) / bandwidth if bandwidth else float("nan")
-    weights = sum(p.numel() * p.element_size() for p in ours.parameters())
-    record(f"GPU, {kind}, ours vs reference", "\n".join(rows) + (
-        f"\n\nSpeed-up over the reference's eager step at batch 1: {reference_step / step_s[1]:.2f}x (our eager "
-        f"step: {reference_step / eager_step:.2f}x). Batch 8 gives {8 * step_s[1] / step_s[8]:.1f}x the tokens per "
-        f"second of batch 1. The fused sampler saves {1000 * (unfused[1] - step_s[1]):.1f} ms per step at batch 1 "
-        f"and {1000 * (unfused[8] - step_s[8]):.1f} ms at batch 8. Bandwidth floor of a batch-1 step: "
-        f"{1000 * floor:.1f} ms, reached to "
-        f"{floor / step_s[1]:.0%}. Weights: {weights / 1e9:.1f} GB.\n\n{config}"), keep=not args.no_record)
+    def part(title: str, measure) -> None:
+        try:
+            text = measure()
+        except Exception as error:
+            traceback.print_exc()
+            text = f"Failed: {type(error).__name__}: {error}"
+        record(f"GPU, {kind}, {title}", f"{text}\n\n{config}", keep=not args.no_record)
 
-    syncs = f"{syncs_per_step(ours, vocab):.1f}" if device.type == "cuda" else "not measured (no CUDA)"
-    passes = pass_times(ours, vocab, repeats) if device.type == "cuda" else "Pass times: not measured (no CUDA)."
-    record(f"GPU, {kind}, CUDA graphs", (
-        f"Host synchronisations per eager denoising step: {syncs}. Captured and eager passes give the same "
-        f"tokens (2 canvases, batch 2): {same_tokens(ours, device, vocab, 'cuda_graphs')}. The fused and torch's "
-        f"sampler give the same tokens (last-bit differences may change some): "
-        f"{same_tokens(ours, device, vocab, 'fused_sampler')}. {passes}\n\n"
-        f"{config}"), keep=not args.no_record)
+    def eager_steps() -> str:
+        # Needs no CUDA graph; comes first.
+        measured["eager"] = step_time(ours, device, 1, 512, vocab, repeats, cuda_graphs=False)
+        measured["reference"] = step_time(reference, device, 1, 512, vocab, 1)
+        prefill = {n: seconds(device, lambda n=n: ours(input_ids=torch.randint(3, vocab - 3, (1, n), device=device),
+                                                       decoder_input_ids=torch.zeros(1, 1, dtype=torch.long,
+                                                                                     device=device)), repeats)
+                   for n in (512, 4096)}
+        return "\n".join(header + [row("ours, eager (`cuda_graphs=False`)", 1, measured["eager"]),
+                                   row("reference (eager)", 1, measured["reference"])]) + (
+            f"\n\nPrefill (ours, batch 1): 512 tokens {1000 * prefill[512]:.1f} ms, 4096 tokens "
+            f"{1000 * prefill[4096]:.1f} ms.")
 
+    def captured_steps() -> str:
+        rows, step_s = list(header), {}
+        for batch in (1, 4, 8):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step_s[batch] = step_time(ours, device, batch, 512, vocab, repeats)
+            peak = f"{torch.cuda.max_memory_allocated() / 1e9:.1f}" if device.type == "cuda" else "not measured"
+            rows.append(row("ours", batch, step_s[batch], peak))
+        unfused = {batch: step_time(ours, device, batch, 512, vocab, repeats, fused_sampler=False)
+                   for batch in (1, 8)}
+        rows += [row("ours, torch's sampler (`fused_sampler=False`)", batch, unfused[batch]) for batch in unfused]
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        bandwidth = next((value for key, value in BANDWIDTH.items() if key in name), None)
+        floor = bytes_per_step(ours, device, vocab) / bandwidth if bandwidth else float("nan")
+        weights = sum(p.numel() * p.element_size() for p in ours.parameters())
+        reference_step = measured.get("reference", float("nan"))
+        return "\n".join(rows) + (
+            f"\n\nSpeed-up over the reference's eager step at batch 1: {reference_step / step_s[1]:.2f}x (our eager "
+            f"step: {reference_step / measured.get('eager', float('nan')):.2f}x). Batch 8 gives "
+            f"{8 * step_s[1] / step_s[8]:.1f}x the tokens per second of batch 1. The fused sampler saves "
+            f"{1000 * (unfused[1] - step_s[1]):.1f} ms per step at batch 1 and {1000 * (unfused[8] - step_s[8]):.1f} ms "
+            f"at batch 8. Bandwidth floor of a batch-1 step: {1000 * floor:.1f} ms, reached to "
+            f"{floor / step_s[1]:.0%}. Weights: {weights / 1e9:.1f} GB.")
+
+    def graph_checks() -> str:
+        syncs = f"{syncs_per_step(ours, vocab):.1f}" if device.type == "cuda" else "not measured (no CUDA)"
+        passes = pass_times(ours, vocab, repeats) if device.type == "cuda" else "Pass times: not measured (no CUDA)."
+        return (f"Host synchronisations per eager denoising step: {syncs}. Captured and eager passes give the same "
+                f"tokens (2 canvases, batch 2): {same_tokens(ours, device, vocab, 'cuda_graphs')}. The fused and "
+                f"torch's sampler give the same tokens (last-bit differences may change some): "
+                f"{same_tokens(ours, device, vocab, 'fused_sampler')}. {passes}")
+
+    part("eager steps", eager_steps)
+    part("ours vs reference", captured_steps)
+    part("CUDA graphs", graph_checks)
     if device.type == "cuda":
-        record(f"GPU, {kind}, fused norms (an experiment)", f"{fused_norms(ours, vocab, repeats)}\n\n{config}",
-               keep=not args.no_record)
-
-    record(f"GPU, {kind}, where a batch-1 step's time goes",
-           f"{kernel_times(ours, device, vocab)}\n\nTorch profiler over one canvas; {config}",
-           keep=not args.no_record)
-
+        part("RMS norms", lambda: norm_variants(ours, vocab, repeats))
+    part("where a batch-1 step's time goes",
+         lambda: f"{kernel_times(ours, device, vocab)}\n\nTorch profiler over one canvas.")
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import fused_sampler
+from . import fused
 from .cache import KVCache, unpadded_from
 from .config import read_json
 from .graphs import CanvasPasses, captures
@@ -61,7 +61,7 @@ class DiffusionGemmaGenerationConfig:
     `cuda_graphs=False` runs every decoder pass eagerly on CUDA instead of replaying one captured pass
     per canvas (see `graphs.py`); the tokens are the same either way. `fused_sampler=False` runs the
     sampler's vocabulary-sized work as torch's operations on CUDA instead of one Triton kernel (see
-    `fused_sampler.py`), with the reference's roundings.
+    `fused.py`), with the reference's roundings.
     """
 
     FIELDS = ("max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config",
@@ -347,8 +347,8 @@ class GenerationMixin:
         # A logits processor of the caller's might draw random numbers itself; the words must then be
         # drawn after it, in the reference's order.
         # The fused sampler knows one processor, the temperature schedule.
-        fused = config.fused_sampler and not logits_processor and fused_sampler.usable(device)
-        draw_ahead = not fused and not config.fast_sampling and not logits_processor and samples_from_words(device)
+        fused_sampler = config.fused_sampler and not logits_processor and fused.usable(device)
+        draw_ahead = not fused_sampler and not config.fast_sampling and not logits_processor and samples_from_words(device)
         sampling = "inverse_cdf" if config.fast_sampling else "multinomial"
         # n = N..1 as views of one device tensor: a tensor made per step is a copy to the device, which
         # waits for the work queued there.
@@ -381,13 +381,13 @@ class GenerationMixin:
                 adaptive_stop.reset()
             # A capture pays for itself from the third step on.
             decode = CanvasPasses(functools.partial(self._decode, cache, decoder_mask, decoder_positions,
-                                                    soft_capped=not fused),
+                                                    soft_capped=not fused_sampler),
                                   capture=config.cuda_graphs and captures(device) and config.max_denoising_steps > 2,
                                   self_conditioning=(sampler.vocab_size, self.model.backbone.embed_tokens.weight.dtype))
             for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
-                                     draw_ahead, fused)
+                                     draw_ahead, fused_sampler)
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     # The argmax canvas is the draft closest to what will be committed.
                     if getattr(streamer, "_takes_logits", False):
@@ -429,10 +429,10 @@ class GenerationMixin:
 
     def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode: CanvasPasses,
                         sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                        draw_ahead: bool = False, fused: bool = False) -> None:
+                        draw_ahead: bool = False, fused_sampler: bool = False) -> None:
         """One denoising step for every row of `canvas`, updated in place; random numbers come from
         `sampler.generator` (torch's global generator when None). With `draw_ahead`, the step's multinomial
-        words are drawn while the decoder runs: nothing else draws in between. `fused`: as in
+        words are drawn while the decoder runs: nothing else draws in between. `fused_sampler`: as in
         `_update_canvas`."""
         words = None
         if draw_ahead:
@@ -443,21 +443,21 @@ class GenerationMixin:
             # Even when the decoder fails: nothing may go on drawing from the caller's generator afterwards.
             drawn = words.result() if words is not None else None
         self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling, drawn,
-                            fused)
+                            fused_sampler)
         canvas.self_conditioning_logits = decode.keep(canvas.self_conditioning_logits)
 
     def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, cur_step: torch.Tensor, input_ids,
                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                       words: MultinomialWords | None = None, fused: bool = False) -> None:
+                       words: MultinomialWords | None = None, fused_sampler: bool = False) -> None:
         """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`;
-        `cur_step` is n (N..1) as a 0-d int32 tensor on the logits' device. `fused` runs the
-        vocabulary-sized work as one kernel (`fused_sampler`), soft-capping included: `logits` are then the
+        `cur_step` is n (N..1) as a 0-d int32 tensor on the logits' device. `fused_sampler` runs the
+        vocabulary-sized work as one kernel (`fused.denoise`), soft-capping included: `logits` are then the
         LM head's scores (`lm_head`), and its caller makes sure the only processor is the temperature
         schedule."""
         dtype = self.model.backbone.embed_tokens.weight.dtype
-        if fused:
+        if fused_sampler:
             temperature = processors[0][0].temperature(cur_step) if processors else None
-            denoised, argmax, entropy, logits = fused_sampler.denoise(
+            denoised, argmax, entropy, logits = fused.denoise(
                 logits, self.config.text_config.final_logit_softcapping, temperature, sampling, sampler.generator,
                 dtype)
         else:

@@ -9,10 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .config import AttentionShape, DiffusionGemmaTextConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    # On CUDA one kernel where autograd records nothing (see `fused.py`); its last bits are its own.
+    if fused.usable(x.device) and not (torch.is_grad_enabled()
+                                       and (x.requires_grad or (weight is not None and weight.requires_grad))):
+        return fused.rms_norm(x, weight, eps)
     # float32 throughout, and pow(-0.5) rather than rsqrt: the reference's exact formula. It casts x twice
     # and the weight once; casting x once, and letting the product promote a 16-bit weight to float32
     # (exactly, as the cast does), gives the same values in two kernels fewer. (The experts' grouped

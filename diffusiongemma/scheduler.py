@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from . import fused_sampler
+from . import fused
 from .cache import KVCache
 from .generation import DenoisingState, draw_words_in_background
 from .sampler import (
@@ -186,7 +186,7 @@ class _Running:
         self.schedule = LinearTemperatureScheduleLogitsProcessor(settings.t_min * scale, settings.t_max * scale,
                                                                  settings.max_denoising_steps)
         self.sampling = "argmax" if settings.temperature == 0 else "multinomial"
-        self.fused = fused_sampler.usable(self.device)
+        self.fused_sampler = fused.usable(self.device)
         self.adaptive_stop = None
         if settings.stability_threshold is not None:
             self.adaptive_stop = StableAndConfidentStoppingCriteria(settings.stability_threshold,
@@ -218,7 +218,7 @@ class _Running:
     def draw_words(self) -> Future | None:
         """Starts drawing this step's multinomial words while the decoder runs; only this request draws from
         its generator, so nothing can come in between."""
-        if self.sampling != "multinomial" or self.fused or not samples_from_words(self.device):
+        if self.sampling != "multinomial" or self.fused_sampler or not samples_from_words(self.device):
             return None
         return draw_words_in_background((self.canvas_length, self.sampler.vocab_size), self.generator)
 
@@ -227,10 +227,10 @@ class _Running:
         hidden]: the LM head, then the sampler. Returns the steps the canvas took when this step committed
         it (else None), and the outcome once the answer is done."""
         step = self.step_numbers[self.request.settings.max_denoising_steps - self.step]
-        scores = self.model.lm_head(hidden) if self.fused else self.model.logits(hidden)
+        scores = self.model.lm_head(hidden) if self.fused_sampler else self.model.logits(hidden)
         self.model._update_canvas(self.canvas, scores, step, self.uncached, self.sampler,
                                   [(self.schedule, True)], self.adaptive_stop, self.sampling,
-                                  words.result() if words is not None else None, self.fused)
+                                  words.result() if words is not None else None, self.fused_sampler)
         stopped = bool(self.canvas.finished.all())
         if self.request.drafts:
             self.request.emit(Draft(self.tokenizer.decode(self.canvas.argmax[0].tolist(), skip_special_tokens=True)))

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 from conftest import randomize, tiny_model
 
 from diffusiongemma import DiffusionGemmaGenerationConfig
-from diffusiongemma import fused_sampler, generation, graphs
+from diffusiongemma import fused, generation, graphs
 from diffusiongemma import cache as cache_module
 from diffusiongemma.cache import decoder_mask, unpadded_from
 
@@ -170,19 +170,29 @@ def test_replayed_passes_give_the_eager_tokens_and_logits(stand_in_graphs, name)
         assert [graph.replays for graph in stand_in_graphs] == [steps - 1] + [steps] * (canvases - 1)
 
 
-@pytest.mark.parametrize("name", ["fixed steps", "adaptive stopping, no temperature"])
-def test_replayed_passes_with_the_fused_sampler(stand_in_graphs, monkeypatch, name):
-    """The step as it runs on CUDA: replayed passes, and the fused sampler's kernel (under Triton's
-    interpreter) in place of torch's sampling operations, whose self-conditioning output a replay reads."""
-    calls, denoise = [], fused_sampler.denoise
-    monkeypatch.setattr(fused_sampler, "usable", lambda device: True)
-    monkeypatch.setattr(fused_sampler, "denoise", lambda *args: calls.append(args[3]) or denoise(*args))
+# A CUDA graph records a Triton kernel's launch like any other; the stand-in records what torch dispatches,
+# so here the fused norm is a custom operator, recorded and replayed whole.
+@torch.library.custom_op("diffusiongemma_tests::rms_norm", mutates_args=())
+def dispatched_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return fused_rms_norm(x, weight, eps)
+
+
+fused_rms_norm = fused.rms_norm
+
+
+def test_replayed_passes_with_the_fused_kernels(stand_in_graphs, monkeypatch):
+    """The step as it runs on CUDA: replayed passes with the fused norms in them, and the fused sampler's
+    kernel in place of torch's sampling operations, whose self-conditioning output a replay reads (under
+    Triton's interpreter)."""
+    calls, denoise = [], fused.denoise
+    monkeypatch.setattr(fused, "usable", lambda device: True)
+    monkeypatch.setattr(fused, "denoise", lambda *args: calls.append(args[3]) or denoise(*args))
+    monkeypatch.setattr(fused, "rms_norm", lambda *args: calls.append("norm") or dispatched_rms_norm(*args))
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7], [20, 30, 40]])
-    eager = assert_replays_are_eager(model, prompt, 1, **SETTINGS[name])
-    assert calls
-    if name.startswith("adaptive stopping"):
-        assert len(set(eager.tokens_per_forward.tolist())) > 1
+    eager = assert_replays_are_eager(model, prompt, 1, **SETTINGS["adaptive stopping"])
+    assert {"norm", "multinomial"} <= set(calls)
+    assert len(set(eager.tokens_per_forward.tolist())) > 1
 
 
 def test_a_bfloat16_model_replays_its_eager_numbers_from_the_first_step(stand_in_graphs):

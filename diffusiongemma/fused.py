@@ -1,13 +1,15 @@
-"""The sampler's vocabulary-sized work of one denoising step as one Triton kernel, for CUDA.
+"""Fused CUDA kernels, written in Triton (`triton_kernels.py`), and when they run: the sampler's
+vocabulary-sized work of a denoising step (`denoise`) and the RMS norm (`rms_norm`). Both give up the
+reference's last bits on CUDA for speed; on the CPU nothing here runs and the engine keeps them.
 
-Unfused, the step after the LM head reads or writes a float32 tensor of the logits' size about forty
-times: soft-capping (a cast, a division, tanh, a product), the temperature, the softmax, multinomial's
-checks, variates and ratios, the argmax, the entropy's logsumexp and second softmax, and the cast of the
-next step's self-conditioning input. At the released vocabulary (262144) one such tensor is 268 MB per
-batch row, so that is about 10 GB per step at batch 1 and 85 GB at batch 8: more than all the weights. The
-kernel reads the LM head's scores (in the model's dtype) twice and the variates once, and writes the
-self-conditioning input once, in the model's dtype (the variates are written once before, as torch writes
-them).
+The sampler. Unfused, the step after the LM head reads or writes a float32 tensor of the logits' size about
+forty times: soft-capping (a cast, a division, tanh, a product), the temperature, the softmax,
+multinomial's checks, variates and ratios, the argmax, the entropy's logsumexp and second softmax, and the
+cast of the next step's self-conditioning input. At the released vocabulary (262144) one such tensor is
+268 MB per batch row, so that is about 10 GB per step at batch 1 and 85 GB at batch 8: more than all the
+weights. The kernel reads the LM head's scores (in the model's dtype) twice and the variates once, and
+writes the self-conditioning input once, in the model's dtype (the variates are written once before, as
+torch writes them).
 
 What it computes is what `generate`'s unfused step computes, formula by formula: the logits
 tanh(scores / cap) * cap, processed logits y = logits / t, the argmax of y, the entropy of softmax(y) from
@@ -18,10 +20,17 @@ float32 shape, as `torch.multinomial` draws them: the same variates and the gene
 The sums run in another order (a running maximum and sum over blocks of the vocabulary) and tanh is the
 kernel's own, so logits, probabilities and entropies can differ from torch's in the last bits, and a token
 or an acceptance can differ where two candidates are that close.
+
+The RMS norm. Written as the reference writes it, a norm is six to eight kernels (casts, a square, a mean,
+a sum, a power, products); a layer has eleven, about half of a decoder pass's kernels. In a CUDA graph each
+small kernel still costs a few microseconds, and an eager pass, or a capture, pays for every launch. One
+kernel per norm computes the same formula, with the sum in another order. It runs only where autograd
+records nothing; training runs the composite, which autograd can differentiate.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -31,9 +40,14 @@ SAMPLINGS = {"multinomial": 0, "inverse_cdf": 1, "argmax": 2}
 _BLOCK = 4096
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def usable(device: torch.device) -> bool:
-    """Whether the fused kernel runs on `device`: CUDA, with Triton installed (torch's CUDA builds bring it)."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """Whether the fused kernels run on `device`: CUDA, with Triton installed (torch's CUDA builds bring it)."""
+    return device.type == "cuda" and _triton_installed()
 
 
 def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor | None, sampling: str,
@@ -59,10 +73,37 @@ def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor |
     argmax = torch.empty(rows, dtype=torch.long, device=device)
     entropy = torch.empty(rows, dtype=torch.float32, device=device)
     # Imported on first use: a CPU run need not spend the time Triton takes to import.
-    from .sampler_kernel import denoise_kernel
+    from .triton_kernels import denoise_kernel
 
     denoise_kernel[(rows,)](flat, 0.0 if cap is None else cap, temperature, variates, uniforms, processed, tokens,
                             argmax, entropy, vocab, HAS_CAP=cap is not None, SAMPLING=SAMPLINGS[sampling],
                             BLOCK=_BLOCK, num_warps=8)
     shape = scores.shape[:-1]
     return tokens.view(shape), argmax.view(shape), entropy.view(shape), processed.view(scores.shape)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`layers.rms_norm` in one kernel (see above)."""
+    from .triton_kernels import rms_norm_kernel
+
+    width = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    block = _next_power_of_2(width)
+    # Narrow rows (the heads' norms) share a program, so that each program has a few thousand values.
+    per_program = max(min(4096 // block, 16), 1)
+    rows = x.numel() // width
+    rms_norm_kernel[(_ceil_div(rows, per_program),)](
+        x, x if weight is None else weight, out, rows, width, eps, HAS_WEIGHT=weight is not None,
+        ROWS=per_program, BLOCK=block, num_warps=min(max(block * per_program // 512, 1), 8))
+    return out

@@ -1,20 +1,20 @@
-"""The fused sampler kernel (`fused_sampler.py`), run by Triton's interpreter on CPU tensors (conftest sets
-TRITON_INTERPRET=1): the unfused step's values, random stream and tokens, and `generate` and `serve` with it
-in place of the unfused step."""
+"""The fused CUDA kernels (`fused.py`), run by Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1). The sampler: the unfused step's values, random stream and tokens, and `generate` and
+`serve` with it in place of the unfused step. The RMS norm: the composite's values, and a model's logits."""
 
 import queue
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import randomize, tiny_model
 
-from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion, fused_sampler
+from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion, fused, layers
 from diffusiongemma import scheduler as engine
 from diffusiongemma.presets import write_random_checkpoint
 from diffusiongemma.sampler import sample_tokens, token_entropy
 
 # Crosses a block boundary of the kernel twice, with a partial last block.
-WIDE = 2 * fused_sampler._BLOCK + 37
+WIDE = 2 * fused._BLOCK + 37
 
 
 def rounded_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -40,9 +40,9 @@ def test_values_and_random_stream_are_the_unfused_steps(vocab, temperature, dtyp
     t = None if temperature is None else torch.tensor(temperature)
     logits = scores.float() if cap is None else torch.tanh(scores.float() / cap) * cap
     processed = logits if t is None else logits / t
-    for sampling in fused_sampler.SAMPLINGS:
+    for sampling in fused.SAMPLINGS:
         ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-        tokens, argmax, entropy, out = fused_sampler.denoise(scores, cap, t, sampling, ours, dtype)
+        tokens, argmax, entropy, out = fused.denoise(scores, cap, t, sampling, ours, dtype)
         expected = sample_tokens(torch.softmax(processed, dim=-1), sampling, theirs)
         assert torch.equal(tokens, expected), sampling
         assert torch.equal(ours.get_state(), theirs.get_state()), sampling
@@ -59,7 +59,7 @@ def test_values_and_random_stream_are_the_unfused_steps(vocab, temperature, dtyp
 def test_soft_capping_is_within_a_few_ulps_of_tanh():
     values = torch.cat([torch.linspace(-20, 20, 8001), torch.logspace(-30, 0, 2001), -torch.logspace(-30, 0, 2001),
                         torch.tensor([0.0, 0.29999, 0.3, 0.30001])])
-    _, _, _, out = fused_sampler.denoise(values[None], 1.0, None, "argmax", None, torch.float32)
+    _, _, _, out = fused.denoise(values[None], 1.0, None, "argmax", None, torch.float32)
     exact = torch.tanh(values.double())
     assert torch.equal(out[0] == 0, values == 0)
     assert ((out[0].double() - exact).abs() <= 3 * torch.finfo(torch.float32).eps * exact.abs()).all()
@@ -67,8 +67,8 @@ def test_soft_capping_is_within_a_few_ulps_of_tanh():
 
 def test_ties_go_to_the_first_position():
     logits = torch.zeros(2, 1, WIDE)
-    logits[:, :, [5, fused_sampler._BLOCK + 5, WIDE - 1]] = 3.0
-    tokens, argmax, _, _ = fused_sampler.denoise(logits, None, None, "argmax", None, torch.float32)
+    logits[:, :, [5, fused._BLOCK + 5, WIDE - 1]] = 3.0
+    tokens, argmax, _, _ = fused.denoise(logits, None, None, "argmax", None, torch.float32)
     assert argmax.flatten().tolist() == [5, 5] and tokens.flatten().tolist() == [5, 5]
 
 
@@ -76,13 +76,13 @@ def test_ties_go_to_the_first_position():
 def test_samples_follow_the_distribution(monkeypatch, sampling):
     """Chi-square goodness of fit on a known distribution spread over three blocks, with zero-probability
     tokens never drawn. Small blocks and few rows keep the interpreter quick."""
-    monkeypatch.setattr(fused_sampler, "_BLOCK", 64)
+    monkeypatch.setattr(fused, "_BLOCK", 64)
     vocab = 2 * 64 + 37
     probs = torch.zeros(vocab)
     where = [0, 17, 64, 65, vocab - 1]
     probs[where] = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08])
     rows = 300
-    tokens, _, _, _ = fused_sampler.denoise(probs.log().expand(rows, vocab), None, None, sampling,
+    tokens, _, _, _ = fused.denoise(probs.log().expand(rows, vocab), None, None, sampling,
                                             torch.Generator().manual_seed(0), torch.float32)
     counts = torch.bincount(tokens, minlength=vocab).double()
     assert counts.sum() == rows and counts[probs == 0].sum() == 0
@@ -94,14 +94,14 @@ def test_samples_follow_the_distribution(monkeypatch, sampling):
 def use_fused_sampler_on_cpu(monkeypatch):
     """Counts the kernel's calls, with `generate` and `serve` taking it on the CPU as they do on CUDA."""
     calls = []
-    denoise = fused_sampler.denoise
+    denoise = fused.denoise
 
     def counted(*args, **kwargs):
         calls.append(args[3])
         return denoise(*args, **kwargs)
 
-    monkeypatch.setattr(fused_sampler, "usable", lambda device: True)
-    monkeypatch.setattr(fused_sampler, "denoise", counted)
+    monkeypatch.setattr(fused, "usable", lambda device: True)
+    monkeypatch.setattr(fused, "denoise", counted)
     return calls
 
 
@@ -171,3 +171,36 @@ def test_serve_with_the_fused_sampler_gives_the_unfused_answers(monkeypatch, tmp
     calls = use_fused_sampler_on_cpu(monkeypatch)
     assert [served(model, tokenizer, prompt, temperature) for temperature in (1.0, 0.0)] == unfused
     assert set(calls) == {"multinomial", "argmax"}
+
+
+@pytest.mark.parametrize("shape, dtype, with_weight", [((3, 5, 64), torch.float32, True),
+                                                       ((2, 4, 3, 37), torch.bfloat16, False),
+                                                       ((6, 176), torch.bfloat16, True)])
+def test_rms_norm_gives_the_composites_values(shape, dtype, with_weight):
+    source = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=source) * 3).to(dtype)
+    weight = (1 + 0.2 * torch.randn(shape[-1], generator=source)).to(dtype) if with_weight else None
+    expected = layers.rms_norm(x, weight, 1e-6)
+    out = fused.rms_norm(x, weight, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    # bfloat16: one rounding, to nearest on a GPU and by truncation in the interpreter.
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-6 if dtype == torch.float32 else 2 ** -7,
+                               atol=0)
+
+
+def test_a_model_takes_the_fused_norm_where_autograd_records_nothing(monkeypatch):
+    model = randomize(tiny_model())
+    prompt, canvas = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[7, 8, 9, 10]])
+    with torch.no_grad():
+        expected = model(input_ids=prompt, decoder_input_ids=canvas).logits
+    calls, norm = [], fused.rms_norm
+    monkeypatch.setattr(fused, "usable", lambda device: True)
+    monkeypatch.setattr(fused, "rms_norm", lambda *args: calls.append(1) or norm(*args))
+    with torch.no_grad():
+        logits = model(input_ids=prompt, decoder_input_ids=canvas).logits
+    assert calls
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    # Training: autograd records the composite, and gradients reach the norms' weights.
+    calls.clear()
+    model(input_ids=prompt, decoder_input_ids=canvas).logits.sum().backward()
+    assert not calls and model.model.backbone.layers[0].input_layernorm.weight.grad is not None

@@ -1,6 +1,6 @@
-"""The Triton kernel of `fused_sampler`, in a module of its own: importing Triton takes time that a run
-without CUDA need not spend. Under TRITON_INTERPRET=1 (the tests) Triton's interpreter runs it on CPU
-tensors."""
+"""Triton kernels for CUDA (`fused.py` says when they run): the sampler's vocabulary-sized work and the RMS
+norm. A module of its own because importing Triton takes time that a run without CUDA need not spend. Under
+TRITON_INTERPRET=1 (the tests) Triton's interpreter runs them on CPU tensors."""
 
 import triton
 import triton.language as tl
@@ -95,3 +95,17 @@ def denoise_kernel(scores, cap, temperature, variates, uniforms, processed, toke
     tl.store(tokens + row, tl.minimum(token, vocab - 1).to(tl.int64))
     tl.store(argmax + row, row_top_index.to(tl.int64))
     tl.store(entropy + row, -tl.sum(terms, axis=0))
+
+
+@triton.jit
+def rms_norm_kernel(x, weight, out, rows, width, eps, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    # ROWS rows per program, each in float32: x * (mean(x^2) + eps)^-1/2, times the weight, in x's dtype.
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    column = tl.arange(0, BLOCK)[None, :]
+    inside = (row < rows) & (column < width)
+    values = tl.load(x + row * width + column, mask=inside, other=0.0).to(tl.float32)
+    normed = values * tl.rsqrt(tl.sum(values * values, axis=1)[:, None] / width + eps)
+    if HAS_WEIGHT:
+        normed = normed * tl.load(weight + column, mask=column < width, other=0.0).to(tl.float32)
+    tl.store(out + row * width + column, normed.to(out.dtype.element_ty), mask=inside)
