@@ -83,7 +83,7 @@ def test_samples_follow_the_distribution(monkeypatch, sampling):
     probs[where] = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08])
     rows = 300
     tokens, _, _, _ = fused.denoise(probs.log().expand(rows, vocab), None, None, sampling,
-                                            torch.Generator().manual_seed(0), torch.float32)
+                                    torch.Generator().manual_seed(0), torch.float32)
     counts = torch.bincount(tokens, minlength=vocab).double()
     assert counts.sum() == rows and counts[probs == 0].sum() == 0
     expected = rows * probs.double()[where]
@@ -91,8 +91,9 @@ def test_samples_follow_the_distribution(monkeypatch, sampling):
     assert chi_square < 18.5  # the 99.9th percentile of chi-square with 4 degrees of freedom
 
 
-def use_fused_sampler_on_cpu(monkeypatch):
-    """Counts the kernel's calls, with `generate` and `serve` taking it on the CPU as they do on CUDA."""
+def use_fused_kernels_on_cpu(monkeypatch):
+    """Counts the sampler kernel's calls, with the model, `generate` and `serve` taking the fused kernels on
+    the CPU as they do on CUDA."""
     calls = []
     denoise = fused.denoise
 
@@ -107,19 +108,19 @@ def use_fused_sampler_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("settings", [{}, {"fast_sampling": True}, {"t_min": None, "t_max": None},
                                       {"confidence_threshold": None}])
-def test_generate_with_the_fused_sampler_gives_the_unfused_tokens(monkeypatch, settings):
+def test_generate_with_the_fused_kernels_gives_the_unfused_tokens(monkeypatch, settings):
     """Last-bit differences could change a token in principle; on these seeds none does, in any setting."""
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [6, 7, 8]])
     settings = dict(max_new_tokens=8, max_denoising_steps=5, **settings)
     torch.manual_seed(0)
     unfused = model.generate(prompt, **settings)
-    calls = use_fused_sampler_on_cpu(monkeypatch)
+    calls = use_fused_kernels_on_cpu(monkeypatch)
     torch.manual_seed(0)
-    fused = model.generate(prompt, **settings)
+    with_kernels = model.generate(prompt, **settings)
     assert calls and set(calls) == {"inverse_cdf" if settings.get("fast_sampling") else "multinomial"}
-    assert torch.equal(fused.sequences, unfused.sequences)
-    assert torch.equal(fused.tokens_per_forward, unfused.tokens_per_forward)
+    assert torch.equal(with_kernels.sequences, unfused.sequences)
+    assert torch.equal(with_kernels.tokens_per_forward, unfused.tokens_per_forward)
     # The same random stream: the global generator ends where the unfused run left it.
     after = torch.rand(4)
     torch.manual_seed(0)
@@ -129,7 +130,7 @@ def test_generate_with_the_fused_sampler_gives_the_unfused_tokens(monkeypatch, s
 
 def test_the_fused_sampler_gives_way_to_a_logits_processor_and_to_the_switch(monkeypatch):
     model = tiny_model()
-    calls = use_fused_sampler_on_cpu(monkeypatch)
+    calls = use_fused_kernels_on_cpu(monkeypatch)
     seen = []
 
     def processor(input_ids, scores):
@@ -161,14 +162,14 @@ def served(model, tokenizer, prompt: list[int], temperature: float) -> str:
     return event.text
 
 
-def test_serve_with_the_fused_sampler_gives_the_unfused_answers(monkeypatch, tmp_path):
+def test_serve_with_the_fused_kernels_gives_the_unfused_answers(monkeypatch, tmp_path):
     """A seeded request, and one at temperature 0 (the kernel's argmax)."""
     write_random_checkpoint(tmp_path, "tiny", seed=0)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path).eval()
     tokenizer = AutoProcessor.from_pretrained(tmp_path).tokenizer
     prompt = tokenizer.encode("a fused question")
     unfused = [served(model, tokenizer, prompt, temperature) for temperature in (1.0, 0.0)]
-    calls = use_fused_sampler_on_cpu(monkeypatch)
+    calls = use_fused_kernels_on_cpu(monkeypatch)
     assert [served(model, tokenizer, prompt, temperature) for temperature in (1.0, 0.0)] == unfused
     assert set(calls) == {"multinomial", "argmax"}
 
