@@ -9,8 +9,8 @@ captured passes' tokens, our step with torch's sampler (`fused_sampler=False`) a
 often an eager step waits for the device, one decoder pass eager, captured and replayed (what a step
 spends outside the replay is the sampler's), a replayed pass with the RMS norms computed three ways (the
 engine's Triton kernel, the reference's composite, torch's `F.rms_norm`), and the kernels a step spends
-its device time in. A part that fails records its error and the others still run. `--tiny` runs the same script on a small config (any
-device) to check it.
+its device time in. A part that fails records its error and the others still run. `--tiny` runs the
+same script on a small config (any device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
 """
@@ -304,8 +304,8 @@ def main() -> None:
             f"\n\nSpeed-up over the reference's eager step at batch 1: {reference_step / step_s[1]:.2f}x (our eager "
             f"step: {reference_step / measured.get('eager', float('nan')):.2f}x). Batch 8 gives "
             f"{8 * step_s[1] / step_s[8]:.1f}x the tokens per second of batch 1. The fused sampler saves "
-            f"{1000 * (unfused[1] - step_s[1]):.1f} ms per step at batch 1 and {1000 * (unfused[8] - step_s[8]):.1f} ms "
-            f"at batch 8. Bandwidth floor of a batch-1 step: {1000 * floor:.1f} ms, reached to "
+            f"{1000 * (unfused[1] - step_s[1]):.1f} ms per step at batch 1 and "
+            f"{1000 * (unfused[8] - step_s[8]):.1f} ms at batch 8. Bandwidth floor of a batch-1 step: {1000 * floor:.1f} ms, reached to "
             f"{floor / step_s[1]:.0%}. Weights: {weights / 1e9:.1f} GB.")
 
     def graph_checks() -> str:

@@ -348,7 +348,8 @@ class GenerationMixin:
         # drawn after it, in the reference's order.
         # The fused sampler knows one processor, the temperature schedule.
         fused_sampler = config.fused_sampler and not logits_processor and fused.usable(device)
-        draw_ahead = not fused_sampler and not config.fast_sampling and not logits_processor and samples_from_words(device)
+        draw_ahead = (not fused_sampler and not config.fast_sampling and not logits_processor
+                      and samples_from_words(device))
         sampling = "inverse_cdf" if config.fast_sampling else "multinomial"
         # n = N..1 as views of one device tensor: a tensor made per step is a copy to the device, which
         # waits for the work queued there.
