@@ -12,7 +12,7 @@ engine's Triton kernel, the reference's composite, torch's `F.rms_norm`), and th
 its device time in. A part that fails records its error and the others still run. `--tiny` runs the
 same script on a small config (any device) to check it.
 
-    .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record]
+    .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record] [--without-triton]
 """
 
 import argparse
@@ -245,14 +245,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a small config, to check the script anywhere")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--without-triton", action="store_true",
+                        help="torch's operations in place of the fused Triton kernels (norms and sampler)")
     args = parser.parse_args()
+    if args.without_triton:
+        fused.usable = lambda device: False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text, canvas = (TINY, 64) if args.tiny else (RELEASED, 256)
     repeats = 1 if args.tiny else 3
     reference, ours = build(text, canvas, device)
     vocab = text["vocab_size"]
     config = (f"{'Small check config' if args.tiny else 'Released architecture'}, random bf16 weights, prompt 512, "
-              f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}.")
+              f"canvas {canvas}, {STEPS} fixed steps, medians of {repeats}"
+              f"{', without the Triton kernels' if args.without_triton else ''}.")
     kind = "tiny check config" if args.tiny else "released architecture"
     header = ["| engine | batch | ms / denoising step | tokens / s | peak GPU memory GB |", "|---|---|---|---|---|"]
 
@@ -319,7 +324,7 @@ def main() -> None:
     part("eager steps", eager_steps)
     part("ours vs reference", captured_steps)
     part("CUDA graphs", graph_checks)
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.without_triton:
         part("RMS norms", lambda: norm_variants(ours, vocab, repeats))
     part("where a batch-1 step's time goes",
          lambda: f"{kernel_times(ours, device, vocab)}\n\nTorch profiler over one canvas.")
