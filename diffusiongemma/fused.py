@@ -35,7 +35,10 @@ import importlib.util
 
 import torch
 
-SAMPLINGS = {"multinomial": 0, "inverse_cdf": 1, "argmax": 2}
+from .sampler import SAMPLING
+
+# The kernel knows a sampling by its place in `sampler.SAMPLING`: 0 multinomial, 1 inverse_cdf, 2 argmax.
+SAMPLINGS = {name: code for code, name in enumerate(SAMPLING)}
 # Columns one program handles at a time: 16 float32 values per thread at 8 warps.
 _BLOCK = 4096
 
@@ -82,28 +85,20 @@ def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor |
     return tokens.view(shape), argmax.view(shape), entropy.view(shape), processed.view(scores.shape)
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`layers.rms_norm` in one kernel (see above)."""
+    import triton
+
     from .triton_kernels import rms_norm_kernel
 
     width = x.shape[-1]
     x = x.contiguous()
     out = torch.empty_like(x)
-    if x.numel() == 0:
-        return out
-    block = _next_power_of_2(width)
+    block = triton.next_power_of_2(width)
     # Narrow rows (the heads' norms) share a program, so that each program has a few thousand values.
     per_program = max(min(4096 // block, 16), 1)
     rows = x.numel() // width
-    rms_norm_kernel[(_ceil_div(rows, per_program),)](
+    rms_norm_kernel[(triton.cdiv(rows, per_program),)](
         x, x if weight is None else weight, out, rows, width, eps, HAS_WEIGHT=weight is not None,
         ROWS=per_program, BLOCK=block, num_warps=min(max(block * per_program // 512, 1), 8))
     return out

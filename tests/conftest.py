@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# The fused sampler is a Triton kernel for CUDA; Triton's interpreter runs it on CPU tensors.
+# The fused kernels (`fused.py`) are Triton kernels for CUDA; Triton's interpreter runs them on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
