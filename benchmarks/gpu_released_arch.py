@@ -7,7 +7,7 @@ peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, the 
 at batch 1 for the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives the
 captured passes' tokens, our step with torch's sampler (`fused_sampler=False`) at batch 1 and 8, how
 often an eager step waits for the device, one decoder pass eager, captured and replayed (what a step
-spends outside the replay is the sampler's), a replayed pass with the RMS norms computed three ways (the
+spends outside the replay is the sampler's), a canvas's commit captured and replayed, a replayed pass with the RMS norms computed three ways (the
 engine's Triton kernel, the reference's composite, torch's `F.rms_norm`), and the kernels a step spends
 its device time in. A part that fails records its error and the others still run. `--tiny` runs the
 same script on a small config (any device) to check it.
@@ -17,7 +17,6 @@ same script on a small config (any device) to check it.
 
 import argparse
 import contextlib
-import functools
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ from common import record  # noqa: E402
 from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
 from diffusiongemma import fused, layers  # noqa: E402
 from diffusiongemma.cache import KVCache  # noqa: E402
-from diffusiongemma.graphs import DecoderGraph  # noqa: E402
+from diffusiongemma.graphs import GraphedPasses  # noqa: E402
 from diffusiongemma.loading import checkpoint_tensors  # noqa: E402
 
 RELEASED = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
@@ -127,31 +126,41 @@ def syncs_per_step(model, vocab: int) -> float:
     return (counts[STEPS] - counts[2]) / (STEPS - 2)
 
 
-def decoder_pass(model, vocab: int):
-    """(run, canvas tokens, self-conditioning logits, self-conditioning mask): one batch-1 decoder pass with
-    self-conditioning over a 512-token prefix, as `generate` runs it (CUDA only)."""
-    canvas_length = model.config.canvas_length
-    cache = KVCache(model.config.text_config, canvas_length)
-    model.model.encoder(input_ids=torch.randint(3, vocab - 3, (1, 512), device="cuda"), past_key_values=cache)
-    positions = torch.arange(512, 512 + canvas_length, device="cuda")[None]
-    canvas = torch.randint(3, vocab - 3, (1, canvas_length), device="cuda")
-    self_conditioning = torch.randn(1, canvas_length, vocab, device="cuda", dtype=torch.bfloat16)
-    mask = torch.ones(1, device="cuda", dtype=torch.bfloat16)
-    return functools.partial(model._decode, cache, None, positions), canvas, self_conditioning, mask
+def graphed_passes(model, vocab: int):
+    """(passes, canvas tokens, self-conditioning logits): a batch-1 `GraphedPasses` over a 512-token prefix,
+    with room for 28 commits, and the inputs of a decoder pass with self-conditioning (CUDA only)."""
+    passes = GraphedPasses(model, 1, 8192, key=())
+    passes.prefill(torch.randint(3, vocab - 3, (1, 512), device="cuda"), torch.ones(1, 512, dtype=torch.bool,
+                                                                                    device="cuda"), None)
+    canvas = torch.randint(3, vocab - 3, (1, model.config.canvas_length), device="cuda")
+    self_conditioning = torch.randn(1, model.config.canvas_length, vocab, device="cuda", dtype=torch.bfloat16)
+    return passes, canvas, self_conditioning
 
 
 @torch.no_grad()
 def pass_times(model, vocab: int, repeats: int) -> str:
-    """Where a captured batch-1 step goes (CUDA only): one decoder pass with self-conditioning run eagerly,
-    captured (once per canvas) and replayed; the rest of a step is the sampler's."""
-    run, canvas, self_conditioning, mask = decoder_pass(model, vocab)
-    cuda, graphs = torch.device("cuda"), []
-    eager = seconds(cuda, lambda: run(canvas, self_conditioning, None), repeats)
-    capture = seconds(cuda, lambda: graphs.append(DecoderGraph.capture(run, canvas, self_conditioning, mask)[0]),
-                      repeats)
-    replay = seconds(cuda, lambda: graphs[-1](canvas, self_conditioning), repeats)
+    """Where a captured batch-1 step goes (CUDA only): one decoder pass with self-conditioning run eagerly
+    (over a `KVCache`, as `cuda_graphs=False` runs it), captured (once per shape, for every later call) and
+    replayed, and a canvas's commit captured and replayed; the rest of a step is the sampler's."""
+    cuda = torch.device("cuda")
+    passes, canvas, self_conditioning = graphed_passes(model, vocab)
+    cache = KVCache(model.config.text_config, model.config.canvas_length)
+    model.model.encoder(input_ids=torch.randint(3, vocab - 3, (1, 512), device="cuda"), past_key_values=cache)
+    positions = torch.arange(512, 512 + model.config.canvas_length, device="cuda")[None]
+    eager = seconds(cuda, lambda: model._decode(cache, None, positions, canvas, self_conditioning, None), repeats)
+
+    def capture_and_replay():
+        passes.decoders.clear()
+        passes.decode(canvas, self_conditioning, soft_capped=False)
+
+    capture = seconds(cuda, capture_and_replay, repeats)
+    replay = seconds(cuda, lambda: passes.decode(canvas, self_conditioning, soft_capped=False), repeats)
+    first_commit = seconds(cuda, lambda: passes.commit(canvas), 1)
+    commit = seconds(cuda, lambda: passes.commit(canvas), repeats)
     return (f"One batch-1 decoder pass (LM head included): eager {1000 * eager:.1f} ms, replayed "
-            f"{1000 * replay:.1f} ms; a capture with its replay (once per canvas) {1000 * capture:.1f} ms.")
+            f"{1000 * replay:.1f} ms; a capture with its replay (once per shape) {1000 * capture:.1f} ms. A "
+            f"canvas's commit replayed: {1000 * commit:.1f} ms (its capture with its replay "
+            f"{1000 * first_commit:.1f} ms).")
 
 
 @torch.no_grad()
@@ -159,7 +168,7 @@ def norm_variants(model, vocab: int, repeats: int) -> str:
     """One replayed batch-1 pass with each way of computing the RMS norms (CUDA only): the engine's one
     Triton kernel per norm, the reference's six to eight kernels (its bits), and torch's `F.rms_norm`; and
     how far the engine's logits move from the reference-bits ones."""
-    run, canvas, self_conditioning, mask = decoder_pass(model, vocab)
+    passes, canvas, self_conditioning = graphed_passes(model, vocab)
     cuda = torch.device("cuda")
     variants = {
         "one Triton kernel (the engine)": (),
@@ -169,12 +178,13 @@ def norm_variants(model, vocab: int, repeats: int) -> str:
     }
     logits, replay = {}, {}
     for name, patches in variants.items():
+        passes.decoders.clear()
         with contextlib.ExitStack() as stack:
             for owner, attribute, value in patches:
                 stack.enter_context(mock.patch.object(owner, attribute, value))
-            graph = DecoderGraph.capture(run, canvas, self_conditioning, mask)[0]
-            replay[name] = seconds(cuda, lambda: graph(canvas, self_conditioning), repeats)
-            logits[name] = graph(canvas, self_conditioning).clone()
+            passes.decode(canvas, self_conditioning, soft_capped=True)
+        replay[name] = seconds(cuda, lambda: passes.decode(canvas, self_conditioning, soft_capped=True), repeats)
+        logits[name] = passes.decode(canvas, self_conditioning, soft_capped=True).clone()
     ours, theirs = logits["one Triton kernel (the engine)"], logits["as the reference writes them"]
     moved = (ours - theirs).abs().max().item()
     same_argmax = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
@@ -316,8 +326,9 @@ def main() -> None:
     def graph_checks() -> str:
         syncs = f"{syncs_per_step(ours, vocab):.1f}" if device.type == "cuda" else "not measured (no CUDA)"
         passes = pass_times(ours, vocab, repeats) if device.type == "cuda" else "Pass times: not measured (no CUDA)."
-        return (f"Host synchronisations per eager denoising step: {syncs}. Captured and eager passes give the same "
-                f"tokens (2 canvases, batch 2): {same_tokens(ours, device, vocab, 'cuda_graphs')}. The fused and "
+        return (f"Host synchronisations per eager denoising step: {syncs}. Replayed and eager passes give the same "
+                f"tokens (2 canvases, batch 2; the static cache's last bits may change some): "
+                f"{same_tokens(ours, device, vocab, 'cuda_graphs')}. The fused and "
                 f"torch's sampler give the same tokens (last-bit differences may change some): "
                 f"{same_tokens(ours, device, vocab, 'fused_sampler')}. {passes}")
 

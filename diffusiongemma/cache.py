@@ -9,6 +9,11 @@ Sliding layers only need the last `sliding_window - 1` prefix tokens (the decode
 as the reference's default cache does), so older ones are dropped when the buffer fills. Every mask is
 written in absolute token indices, which is why results do not depend on where in the buffer a token
 sits.
+
+`StaticKVCache` is the layout CUDA graphs need (`graphs.py`): fixed buffers and shapes, a canvas that
+always goes into the same slots, and masks computed on the device, so that one captured pass serves every
+canvas. Its attention runs over masked slots in another order, so its last bits differ from `KVCache`'s;
+the CPU path, which must give the reference's bits, never uses it.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ class KVCache:
         self.config = config
         # Room kept free after the prefix so that a canvas pass needs no reallocation.
         self.canvas_length = canvas_length
+        self.differentiable = differentiable
         layer = DifferentiableLayerCache if differentiable else LayerCache
         self.layers = [layer(s.is_sliding, config.sliding_window) for s in config.attention_shapes]
 
@@ -123,6 +129,26 @@ class KVCache:
     def batch_size(self) -> int | None:
         keys = self.layers[0].keys
         return None if keys is None else keys.shape[0]
+
+
+def check_mask(name: str, mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError(f"`{name}` must be a 2D tensor [batch, cached + new tokens]")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected ({batch}, {length}): "
+                         "one entry per cached and new token")
+    return mask.bool()
+
+
+def check_cache(cache: KVCache | StaticKVCache | list[KVCache] | None, batch: int) -> None:
+    if isinstance(cache, list):
+        if len(cache) != batch or any(c.batch_size != 1 for c in cache):
+            raise ValueError(f"a list in `past_key_values` needs one filled cache of batch 1 per row; got "
+                             f"{len(cache)} caches for a batch of {batch}")
+    elif cache is not None and cache.batch_size not in (None, batch):
+        raise ValueError(f"`past_key_values` holds a batch of {cache.batch_size}, the inputs a batch of {batch}")
 
 
 def _padding(attention_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
@@ -145,8 +171,18 @@ def encoder_mask(
     `attention_mask` is the 2D padding mask over all tokens (cached and new); `block_ids` marks, per new
     token, which image it belongs to (-1 for text) so that one image's tokens see each other.
     """
-    q = torch.arange(query_start, query_start + query_count, device=device)[:, None]
-    k = torch.arange(key_start, key_end, device=device)[None, :]
+    queries = torch.arange(query_start, query_start + query_count, device=device)
+    allowed = _encoder_allowed(config, is_sliding, queries, torch.arange(key_start, key_end, device=device),
+                               block_ids)
+    padding = _padding(attention_mask, key_start, key_end)
+    return allowed if padding is None else allowed & padding
+
+
+def _encoder_allowed(config: DiffusionGemmaTextConfig, is_sliding: bool, queries: torch.Tensor, keys: torch.Tensor,
+                     block_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B or 1, 1, queries, keys]: which keys each new token may see, by absolute token indices (`queries` are
+    the new tokens', consecutive; `keys` may come in any order)."""
+    q, k = queries[:, None], keys[None, :]
     window = config.sliding_window
     if config.is_causal:
         allowed = k <= q
@@ -156,21 +192,19 @@ def encoder_mask(
         allowed = (q - k).abs() <= window if is_sliding else torch.ones_like(k <= q)
     allowed = allowed[None, None]
     if block_ids is not None:
-        # Keys before this chunk belong to no block of it: give them -1.
-        key_blocks = torch.full((block_ids.shape[0], key_end - key_start), -1, dtype=block_ids.dtype, device=device)
-        key_blocks[:, query_start - key_start:] = block_ids
+        # Keys before the new tokens belong to no block of theirs: give them -1.
+        offset = k[0] - queries[0]
+        new = (offset >= 0) & (offset < queries.shape[0])
+        key_blocks = torch.where(new, block_ids[:, offset.clamp(0, queries.shape[0] - 1)], -1)
         same_block = (block_ids[:, :, None] == key_blocks[:, None, :]) & (block_ids[:, :, None] >= 0)
         allowed = allowed | same_block[:, None]
-    padding = _padding(attention_mask, key_start, key_end)
-    if padding is not None:
-        allowed = allowed & padding
     return allowed
 
 
 # Per padding mask, by its version (bumped by every in-place change): the first key from which on no row
-# holds padding. Finding it reads a value from the device, which a pass captured in a CUDA graph must not
-# do, so `generate` asks before a canvas's first pass; the canvas's denoising steps then ask the same of
-# the same mask. Only integers are kept, so an entry goes with its mask.
+# holds padding. Finding it reads a value from the device, a wait for the work queued there; every layer
+# of every denoising step of a canvas asks the same of the same mask, so it is read once. Only integers are
+# kept, so an entry goes with its mask.
 _UNPADDED_FROM: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -191,3 +225,128 @@ def decoder_mask(attention_mask: torch.Tensor | None, key_start: int, key_end: i
     if attention_mask is None or key_start >= unpadded_from(attention_mask):
         return None
     return _padding(attention_mask, key_start, key_end)
+
+
+class StaticLayerCache:
+    """One layer's fixed slots in a `StaticKVCache`: a full layer keeps every committed token in the slot of
+    its absolute index, a sliding layer the last `window - 1`, oldest first and ending at slot `window - 2`;
+    the canvas's slots follow."""
+
+    def __init__(self, shape, sliding_window: int, capacity: int, canvas_length: int, batch: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.is_sliding = shape.is_sliding
+        self.keep = sliding_window - 1
+        self.committed_slots = self.keep if self.is_sliding else capacity
+        size = (batch, shape.num_key_value_heads, self.committed_slots + canvas_length, shape.head_dim)
+        # Zeros, not garbage: a masked key's weight is exactly zero, and zero times a NaN is not.
+        self.keys = torch.zeros(size, dtype=dtype, device=device)
+        self.values = torch.zeros(size, dtype=dtype, device=device)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor):
+        """Writes new committed tokens (the encoder) after the `used` ones; returns the keys and values they
+        attend over, in the order of `StaticKVCache.encoder_mask`."""
+        if not self.is_sliding:
+            slots = used + torch.arange(keys.shape[2], device=keys.device)
+            self.keys[:, :, :self.committed_slots].index_copy_(2, slots, keys)
+            self.values[:, :, :self.committed_slots].index_copy_(2, slots, values)
+            return self.keys[:, :, :self.committed_slots], self.values[:, :, :self.committed_slots], 0
+        visible_keys = torch.cat([self.keys[:, :, :self.keep], keys], dim=2)
+        visible_values = torch.cat([self.values[:, :, :self.keep], values], dim=2)
+        self.keys[:, :, :self.keep] = visible_keys[:, :, -self.keep:]
+        self.values[:, :, :self.keep] = visible_values[:, :, -self.keep:]
+        return visible_keys, visible_values, 0
+
+    def with_canvas(self, keys: torch.Tensor, values: torch.Tensor):
+        """The canvas's keys and values in its own slots, for one decoder pass: every slot is returned."""
+        self.keys[:, :, self.committed_slots:] = keys
+        self.values[:, :, self.committed_slots:] = values
+        return self.keys, self.values, 0
+
+
+class StaticKVCache:
+    """A cache whose buffers, shapes and masks stay the same from one canvas (and one `generate`) to the next,
+    so that a pass captured in a CUDA graph once can be replayed over it (see `graphs.py`).
+
+    Passes attend over every slot of a layer, with masks built on the device from the count of committed
+    tokens (`used`, a device tensor) and the padding of each absolute position (`key_valid`); masked slots
+    hold zeros or stale tokens. The keys come in another order than `KVCache`'s and with masked ones among
+    them, so the attention's sums, and with them the last bits, are its own. Passes do not move the count:
+    `advance` does, after an encoder pass, outside any capture.
+    """
+
+    def __init__(self, config: DiffusionGemmaTextConfig, batch: int, capacity: int, canvas_length: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.config = config
+        self.batch_size = batch
+        self.capacity = capacity
+        self.canvas_length = canvas_length
+        self.length = 0
+        self.used = torch.zeros((), dtype=torch.long, device=device)
+        self.key_valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+        self.layers = [StaticLayerCache(s, config.sliding_window, capacity, canvas_length, batch, dtype, device)
+                       for s in config.attention_shapes]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def start(self, attention_mask: torch.Tensor, past: KVCache | None = None) -> None:
+        """Empties the cache, or fills it with `past`'s committed tokens; `attention_mask` is the padding of
+        every token so far, the prompt's included."""
+        self.length = 0 if past is None else past.get_seq_length()
+        self.used.fill_(self.length)
+        self.key_valid.fill_(True)
+        self.key_valid[:, :attention_mask.shape[1]] = attention_mask
+        for layer, source in zip(self.layers, past.layers if self.length else ()):
+            count = min(self.length, layer.keep) if layer.is_sliding else self.length
+            first = source.used - count
+            start = layer.keep - count if layer.is_sliding else 0
+            layer.keys[:, :, start:start + count] = source.keys[:, :, first:source.used]
+            layer.values[:, :, start:start + count] = source.values[:, :, first:source.used]
+
+    def advance(self, count: int) -> None:
+        """Counts the tokens the last encoder pass wrote as committed."""
+        self.length += count
+        self.used.add_(count)
+
+    def positions(self, count: int) -> torch.Tensor:
+        """[1, count]: the positions of `count` tokens after the committed ones, computed on the device."""
+        return (self.used + torch.arange(count, device=self.used.device))[None]
+
+    def to_dynamic(self, into: KVCache | None = None) -> KVCache:
+        """A copy of the committed tokens, to hand to a caller (this cache's slots are overwritten by the next
+        `generate`): in `into`, whose tokens it replaces, or in a new `KVCache`."""
+        dynamic = into if into is not None else KVCache(self.config, self.canvas_length)
+        for layer, target in zip(self.layers, dynamic.layers):
+            count = min(self.length, layer.keep) if layer.is_sliding else self.length
+            start = layer.keep - count if layer.is_sliding else 0
+            target.keys = layer.keys[:, :, start:start + count].clone()
+            target.values = layer.values[:, :, start:start + count].clone()
+            target.start, target.used = self.length - count, count
+        return dynamic
+
+    def _committed_positions(self, is_sliding: bool) -> torch.Tensor:
+        """The absolute position of the token each committed slot of a layer of this kind holds."""
+        if not is_sliding:
+            return torch.arange(self.capacity, device=self.used.device)
+        keep = self.config.sliding_window - 1
+        return self.used - keep + torch.arange(keep, device=self.used.device)
+
+    def _known(self, positions: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """[B, keys]: which of these absolute positions hold a token before `end` that is not padding."""
+        inside = (positions >= 0) & (positions < end)
+        return inside & self.key_valid[:, positions.clamp(0, self.capacity - 1)]
+
+    def decoder_mask(self, is_sliding: bool) -> torch.Tensor:
+        """[B, 1, 1, slots]: the canvas sees every committed token in its layer's slots and itself."""
+        known = self._known(self._committed_positions(is_sliding), self.used)
+        canvas = known.new_ones(self.batch_size, self.canvas_length)
+        return torch.cat([known, canvas], dim=1)[:, None, None]
+
+    def encoder_mask(self, is_sliding: bool, count: int, block_ids: torch.Tensor | None) -> torch.Tensor:
+        """[B, 1, count, keys]: `count` new tokens over what `StaticLayerCache.append` returns."""
+        queries = self.positions(count)[0]
+        keys = self._committed_positions(is_sliding)
+        if is_sliding:
+            keys = torch.cat([keys, queries])
+        allowed = _encoder_allowed(self.config, is_sliding, queries, keys, block_ids)
+        return allowed & self._known(keys, self.used + count)[:, None, None]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from . import fused
-from .cache import KVCache, unpadded_from
+from .cache import KVCache, check_cache, check_mask
 from .config import read_json
-from .graphs import CanvasPasses, captures
+from .graphs import captures, graphed_passes
 from .sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
@@ -58,8 +58,9 @@ class DiffusionGemmaGenerationConfig:
     `confidence_threshold` to None turns adaptive stopping off (every canvas then takes all steps).
     `fast_sampling=True` samples each position by inverting its cumulative distribution instead of the
     reference's `torch.multinomial`: the same distribution, other random numbers (see `sample_tokens`).
-    `cuda_graphs=False` runs every decoder pass eagerly on CUDA instead of replaying one captured pass
-    per canvas (see `graphs.py`); the tokens are the same either way. `fused_sampler=False` runs the
+    `cuda_graphs=False` runs every pass eagerly on CUDA instead of replaying the decoder pass and the
+    commit captured once per batch size and cache capacity (see `graphs.py`); the two differ in the
+    attention's last bits, which may change a token. `fused_sampler=False` runs the
     sampler's vocabulary-sized work as torch's operations on CUDA instead of one Triton kernel (see
     `fused.py`), with the reference's roundings.
     """
@@ -321,7 +322,6 @@ class GenerationMixin:
         max_length, max_new_tokens = self._length_limits(config, cur_len)
 
         device = input_ids.device
-        cache = past_key_values if past_key_values is not None else KVCache(self.config.text_config, canvas_length)
         eos = torch.tensor(config.eos_token_id, device=device) if config.eos_token_id is not None else None
         attention_mask = model_kwargs.pop("attention_mask", None)
         if attention_mask is None:
@@ -329,6 +329,19 @@ class GenerationMixin:
         elif attention_mask.dim() != 2:
             raise ValueError("`attention_mask` passed to `generate` must be 2D")
         attention_mask = attention_mask.bool()
+        canvases = math.ceil(max_new_tokens / canvas_length)
+        graphed = None
+        if config.cuda_graphs and captures(device) and (past_key_values is None or (
+                isinstance(past_key_values, KVCache) and not past_key_values.differentiable)):
+            # The eager path's encoder checks these; here they are copied into the graphs' own cache first.
+            check_cache(past_key_values, batch)
+            check_mask("attention_mask", attention_mask, batch, cur_len)
+            # Every canvas but the last is committed.
+            graphed = graphed_passes(self, batch, cur_len + (canvases - 1) * canvas_length)
+            cache = graphed.cache
+        else:
+            cache = past_key_values if past_key_values is not None else KVCache(self.config.text_config,
+                                                                                 canvas_length)
         encoder_positions = torch.arange(cur_len - prompt_length, cur_len, dtype=torch.int32, device=device)[None]
 
         sampler = EntropyBoundSampler(config.sampler_config, canvas_length, self.config.text_config.vocab_size)
@@ -360,17 +373,19 @@ class GenerationMixin:
             streamer.put(input_ids.cpu())
 
         new_tokens = input_ids
-        for _ in range(math.ceil(max_new_tokens / canvas_length)):
-            self.model.encoder(input_ids=new_tokens, attention_mask=attention_mask, past_key_values=cache,
-                               position_ids=encoder_positions,
-                               **{k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids",
-                                                                   "mm_token_type_ids") if k in model_kwargs})
+        for index in range(canvases):
+            images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")
+                      if k in model_kwargs}
+            if graphed is None:
+                self.model.encoder(input_ids=new_tokens, attention_mask=attention_mask, past_key_values=cache,
+                                   position_ids=encoder_positions, **images)
+            elif index == 0:
+                graphed.prefill(new_tokens, attention_mask, past_key_values, **images)
+            else:
+                graphed.commit(new_tokens)
             cur_len = cache.get_seq_length()
             decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
             decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
-            # Where the padding ends is read from the device once per canvas, here, and not within a pass,
-            # which may be captured (`cache.decoder_mask`).
-            unpadded_from(decoder_mask)
 
             # The reference draws the starting noise even when the caller supplies the first canvas.
             noise = sampler.initialize_canvas(batch, device)
@@ -380,15 +395,17 @@ class GenerationMixin:
                              finished=torch.zeros(batch, dtype=torch.bool, device=device))
             if adaptive_stop is not None:
                 adaptive_stop.reset()
-            # A capture pays for itself from the third step on.
-            decode = CanvasPasses(functools.partial(self._decode, cache, decoder_mask, decoder_positions,
-                                                    soft_capped=not fused_sampler),
-                                  capture=config.cuda_graphs and captures(device) and config.max_denoising_steps > 2,
-                                  self_conditioning=(sampler.vocab_size, self.model.backbone.embed_tokens.weight.dtype))
+            if graphed is None:
+                decode = functools.partial(self._decode, cache, decoder_mask, decoder_positions,
+                                           self_conditioning_mask=None, soft_capped=not fused_sampler)
+            else:
+                decode = functools.partial(graphed.decode, soft_capped=not fused_sampler)
             for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
                                      draw_ahead, fused_sampler)
+                if graphed is not None:
+                    canvas.self_conditioning_logits = graphed.keep(canvas.self_conditioning_logits)
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     # The argmax canvas is the draft closest to what will be committed.
                     if getattr(streamer, "_takes_logits", False):
@@ -412,6 +429,11 @@ class GenerationMixin:
 
         if streamer is not None:
             streamer.end()
+        if graphed is not None:
+            if past_key_values is not None or config.return_dict_in_generate:
+                # As without graphs, a caller's cache goes on to hold the conversation.
+                cache = cache.to_dynamic(past_key_values)
+            graphed.lock.release()
         if not config.return_dict_in_generate:
             return input_ids
         generated = input_ids[:, prompt_length:]
@@ -428,11 +450,12 @@ class GenerationMixin:
                                     decoder_position_ids=decoder_positions).last_hidden_state
         return self.logits(hidden) if soft_capped else self.lm_head(hidden)
 
-    def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode: CanvasPasses,
+    def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode,
                         sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
                         draw_ahead: bool = False, fused_sampler: bool = False) -> None:
-        """One denoising step for every row of `canvas`, updated in place; random numbers come from
-        `sampler.generator` (torch's global generator when None). With `draw_ahead`, the step's multinomial
+        """One denoising step for every row of `canvas`, updated in place; `decode(tokens, self-conditioning
+        logits or None)` gives the decoder pass's logits, and random numbers come from `sampler.generator`
+        (torch's global generator when None). With `draw_ahead`, the step's multinomial
         words are drawn while the decoder runs: nothing else draws in between. `fused_sampler`: as in
         `_update_canvas`."""
         words = None
@@ -445,7 +468,6 @@ class GenerationMixin:
             drawn = words.result() if words is not None else None
         self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling, drawn,
                             fused_sampler)
-        canvas.self_conditioning_logits = decode.keep(canvas.self_conditioning_logits)
 
     def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, cur_step: torch.Tensor, input_ids,
                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,

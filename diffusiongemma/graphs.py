@@ -1,34 +1,36 @@
-"""CUDA graphs of the decoder pass.
+"""CUDA graphs of the decoder pass and of a canvas's commit, captured once and replayed across canvases and
+across `generate` calls.
 
-Within one canvas every denoising step's decoder pass reads the same cache, positions and padding
-mask; only the canvas tokens and the self-conditioning input change. On CUDA the pass is captured once
-per canvas, on its first step, and replayed on the steps after it: one launch instead of thousands of
-small kernels, whose launch cost is most of an eager step at batch 1. The pass asks the device for no
-value (a capture would fail if it did; `generate` settles which keys are padding before the capture),
-draws no random numbers, and writes the canvas's keys and values into cache slots that stay put for the
-whole canvas.
+A denoising step's decoder pass is thousands of small kernels, whose launch cost is most of an eager step
+at batch 1; a graph replays them with one launch. For one graph to serve every canvas, the pass must read
+the same addresses with the same shapes each time, so on CUDA `generate` keeps its cache in a
+`StaticKVCache` (fixed slots, masks built on the device from the count of committed tokens) instead of a
+`KVCache`. The model keeps one `GraphedPasses` for the batch size and capacity of its last call: a call of
+the same shape reuses its graphs, captured by an earlier one; another shape replaces it. Only the prompt's
+prefill runs eagerly (its length is the caller's).
 
 A canvas's first step has no self-conditioning input. The graph always has one, with a per-row mask: a
 mask of zeros zeroes the soft embeddings, and with them the self-conditioning MLP's output, exactly, so
 the first step's numbers are those of the pass without it, and a mask of ones leaves the input as it is.
 
 Captures run on one side stream per device. The first one follows an eager pass on that stream, so that
-lazy initialisations (cuBLAS's per-stream workspace) happen outside the capture; that pass gives its
-step's logits. Later captures skip it and replay the fresh graph for their step instead.
+lazy initialisations (cuBLAS's per-stream workspace, Triton's compilations) happen outside the capture. A
+capture runs nothing: every pass, the one that was captured included, is a replay.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 from typing import Callable
 
 import torch
 
-# run(canvas tokens, self-conditioning logits or None, self-conditioning mask or None) -> logits
-Pass = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+from .cache import StaticKVCache
 
 
 def captures(device: torch.device) -> bool:
-    """Whether decoder passes on `device` are captured."""
+    """Whether passes on `device` are captured."""
     return device.type == "cuda"
 
 
@@ -36,96 +38,123 @@ def captures(device: torch.device) -> bool:
 _WARM_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-class DecoderGraph:
-    """One decoder pass captured for one canvas, with the buffers it reads its inputs from and writes its
-    logits to."""
-
-    def __init__(self, graph: torch.cuda.CUDAGraph, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor,
-                 self_conditioning_mask: torch.Tensor, logits: torch.Tensor):
-        self.graph = graph
-        self.canvas = canvas
-        self.self_conditioning_logits = self_conditioning_logits
-        self.self_conditioning_mask = self_conditioning_mask
-        self.logits = logits
-
-    @classmethod
-    def capture(cls, run: Pass, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor,
-                self_conditioning_mask: torch.Tensor) -> tuple[DecoderGraph, torch.Tensor]:
-        """The graph, reading from the tensors given, and this pass's logits."""
-        inputs = (canvas, self_conditioning_logits, self_conditioning_mask)
-        # The model's device, which need not be the current one: its streams are the ones to order by.
-        with torch.cuda.device(canvas.device):
-            side = _WARM_STREAMS.get(canvas.device)
-            first_logits = None
-            if side is None:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    first_logits = run(*inputs)
-                first_logits.record_stream(torch.cuda.current_stream())
+def _capture(run: Callable[[], torch.Tensor | None], device: torch.device, warm_up: bool):
+    """(graph, what `run` returns as the graph's buffer). `warm_up` lets the process's first capture run the
+    pass once eagerly first; only a pass that can run twice may ask for it."""
+    # The model's device, which need not be the current one: its streams are the ones to order by.
+    with torch.cuda.device(device):
+        side = _WARM_STREAMS.get(device)
+        if side is None:
+            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            graph = torch.cuda.CUDAGraph()
-            try:
-                # What `torch.cuda.graph` does, less its synchronisation of the device and its emptying of the
-                # allocator's cache: once per canvas, those would idle the device and hand the sampler's
-                # vocabulary-sized buffers back to the driver, to be allocated from it again.
+            if warm_up:
                 with torch.cuda.stream(side):
-                    graph.capture_begin()
-                    try:
-                        logits = run(*inputs)
-                    finally:
-                        graph.capture_end()
-            except RuntimeError as error:
-                raise RuntimeError(f"capturing the decoder pass in a CUDA graph failed ({error}); pass "
-                                   "cuda_graphs=False to generate to run it eagerly") from error
-            _WARM_STREAMS[canvas.device] = side
-            torch.cuda.current_stream().wait_stream(side)
-            if first_logits is None:
-                graph.replay()
-                first_logits = logits
-        return cls(graph, *inputs, logits), first_logits
+                    run()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # What `torch.cuda.graph` does, less its synchronisation of the device and its emptying of the
+            # allocator's cache, which would idle the device and hand the sampler's vocabulary-sized buffers
+            # back to the driver.
+            with torch.cuda.stream(side):
+                graph.capture_begin()
+                try:
+                    output = run()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as error:
+            raise RuntimeError(f"capturing a pass in a CUDA graph failed ({error}); pass cuda_graphs=False to "
+                               "generate to run it eagerly") from error
+        _WARM_STREAMS[device] = side
+        torch.cuda.current_stream().wait_stream(side)
+    return graph, output
 
-    def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor) -> torch.Tensor:
-        self.canvas.copy_(canvas)
-        self.self_conditioning_logits.copy_(self_conditioning_logits)
-        self.graph.replay()
-        return self.logits
 
+class GraphedPasses:
+    """A model's decoder pass and commit over one `StaticKVCache` of `batch` rows and `capacity` committed
+    tokens, each captured on its first use. `key` says which model state the graphs read: the shape and the
+    addresses of every weight and buffer. `lock` is held by the `generate` call using it."""
 
-class CanvasPasses:
-    """The decoder passes of one canvas: eager, or with `capture`, captured in a CUDA graph on the first
-    pass and replayed after it. `self_conditioning` is the vocabulary size and dtype of the
-    self-conditioning input, for the blank one a captured first step reads.
+    def __init__(self, model, batch: int, capacity: int, key: tuple):
+        self.model = model
+        self.key = key
+        self.lock = threading.Lock()
+        weight = model.model.backbone.embed_tokens.weight
+        self.canvas_length = model.config.canvas_length
+        self.cache = StaticKVCache(model.config.text_config, batch, capacity, self.canvas_length, weight.dtype,
+                                   weight.device)
+        self.canvas = torch.zeros(batch, self.canvas_length, dtype=torch.long, device=weight.device)
+        self.self_conditioning_logits = torch.zeros(batch, self.canvas_length, model.config.text_config.vocab_size,
+                                                    dtype=weight.dtype, device=weight.device)
+        self.self_conditioning_mask = torch.zeros(batch, dtype=weight.dtype, device=weight.device)
+        # Per `soft_capped`: (graph, logits buffer).
+        self.decoders: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.commit_graph: torch.cuda.CUDAGraph | None = None
 
-    A replayed pass's logits are the graph's own buffer, valid until the next pass: what the caller keeps
-    past it goes through `keep`."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past, **images) -> None:
+        """Eagerly: empties the cache (or fills it with `past`'s tokens) and encodes the prompt."""
+        self.cache.start(attention_mask, past)
+        count = input_ids.shape[1]
+        self.model.model.encoder(input_ids=input_ids, past_key_values=self.cache,
+                                 position_ids=self.cache.positions(count), **images)
+        self.cache.advance(count)
 
-    def __init__(self, run: Pass, capture: bool, self_conditioning: tuple[int, torch.dtype]):
-        self.run = run
-        self.capture = capture
-        self.vocab_size, self.dtype = self_conditioning
-        self.graph: DecoderGraph | None = None
+    def commit(self, tokens: torch.Tensor) -> None:
+        """Encodes a committed canvas, by replaying the commit's graph."""
+        self.canvas.copy_(tokens)
+        if self.commit_graph is None:
+            # It writes the cache, so it must not run twice: a commit comes after its first decoder pass,
+            # which warmed the stream up.
+            self.commit_graph, _ = _capture(self._commit, self.canvas.device, warm_up=False)
+        self.commit_graph.replay()
+        self.cache.advance(self.canvas_length)
 
-    def __call__(self, current: torch.Tensor, self_conditioning_logits: torch.Tensor | None) -> torch.Tensor:
-        if not self.capture:
-            return self.run(current, self_conditioning_logits, None)
-        if self.graph is None:
-            batch, length = current.shape
-            if self_conditioning_logits is None:
-                logits = torch.zeros(batch, length, self.vocab_size, dtype=self.dtype, device=current.device)
-                mask = torch.zeros(batch, dtype=self.dtype, device=current.device)
-            else:
-                logits = self_conditioning_logits.clone()
-                mask = torch.ones(batch, dtype=self.dtype, device=current.device)
-            self.graph, first_logits = DecoderGraph.capture(self.run, current.clone(), logits, mask)
-            # Every later step has an input to use, even if the captured first step had none: set once,
-            # queued after the step that read the zeros.
-            mask.fill_(1)
-            return first_logits
-        return self.graph(current, self_conditioning_logits)
+    def decode(self, current: torch.Tensor, self_conditioning_logits: torch.Tensor | None,
+               soft_capped: bool) -> torch.Tensor:
+        """The decoder pass's logits (see `GenerationMixin._decode`), in the graph's buffer: valid until the
+        next pass."""
+        self.canvas.copy_(current)
+        if self_conditioning_logits is None:
+            self.self_conditioning_mask.zero_()
+        else:
+            self.self_conditioning_logits.copy_(self_conditioning_logits)
+            self.self_conditioning_mask.fill_(1)
+        if soft_capped not in self.decoders:
+            self.decoders[soft_capped] = _capture(lambda: self._decode(soft_capped), self.canvas.device,
+                                                  warm_up=True)
+        graph, logits = self.decoders[soft_capped]
+        graph.replay()
+        return logits
+
+    def _decode(self, soft_capped: bool) -> torch.Tensor:
+        return self.model._decode(self.cache, None, self.cache.positions(self.canvas_length), self.canvas,
+                                  self.self_conditioning_logits, self.self_conditioning_mask,
+                                  soft_capped=soft_capped)
+
+    def _commit(self) -> None:
+        self.model.model.encoder(input_ids=self.canvas, past_key_values=self.cache,
+                                 position_ids=self.cache.positions(self.canvas_length))
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor`, or a copy of it where it is the graph's logits buffer (as the self-conditioning input
-        of a float32 model without temperature is), which the next replay overwrites."""
-        buffer = None if self.graph is None else self.graph.logits.untyped_storage().data_ptr()
-        return tensor.clone() if tensor.untyped_storage().data_ptr() == buffer else tensor
+        """`tensor`, or a copy of it where it is a graph's logits buffer (as the self-conditioning input of a
+        float32 model without temperature is), which the next replay overwrites."""
+        buffers = {logits.untyped_storage().data_ptr() for _, logits in self.decoders.values()}
+        return tensor.clone() if tensor.untyped_storage().data_ptr() in buffers else tensor
+
+
+def graphed_passes(model, batch: int, tokens: int) -> GraphedPasses:
+    """The model's `GraphedPasses` for `batch` rows and at least `tokens` committed tokens, locked for the
+    caller, who releases it when done: the one it holds if that fits, its weights have not moved and no
+    other call is using it (or failed while it did), else a new one in its place. Capacities are powers of
+    two, so that calls of about the same length share one."""
+    capacity = 1 << max(tokens - 1, 0).bit_length()
+    key = (batch, capacity, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
+    held = model.__dict__.get("_graphed_passes")
+    if held is not None and held.key == key and held.lock.acquire(blocking=False):
+        return held
+    # The old graphs and buffers go (unless a call still uses them) before the new ones are allocated.
+    model._graphed_passes = None
+    passes = GraphedPasses(model, batch, capacity, key)
+    passes.lock.acquire()
+    model._graphed_passes = passes
+    return passes

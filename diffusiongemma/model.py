@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, decoder_mask, encoder_mask
+from .cache import KVCache, StaticKVCache, check_cache, check_mask, decoder_mask, encoder_mask
 from .config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
 from .generation import DiffusionGemmaGenerationConfig, GenerationMixin
 from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_norm
@@ -83,8 +83,13 @@ class TextBackbone(nn.Module):
         attention_mask: torch.Tensor | None,
         block_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal pass over new tokens; appends their keys and values to the cache."""
+        """Causal pass over new tokens; appends their keys and values to the cache (a `StaticKVCache` holds its
+        own padding, and counts them once its owner calls `advance`)."""
         query_start, count = cache.get_seq_length(), hidden.shape[1]
+        if isinstance(cache, StaticKVCache):
+            attention = _attention(lambda layer_cache, k, v: layer_cache.append(k, v, cache.used),
+                                   lambda sliding, start, end: cache.encoder_mask(sliding, count, block_ids))
+            return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=False)
         attention = _attention(
             lambda layer_cache, k, v: layer_cache.append(k, v, cache.canvas_length),
             lambda sliding, start, end: encoder_mask(self.config, sliding, query_start, count, start, end,
@@ -104,6 +109,10 @@ class TextBackbone(nn.Module):
         if isinstance(cache, list):
             attends = [_attention_per_row(cache, index) for index in range(len(self.layers))]
             return self._run(hidden, positions, attends, decoder=True, per_row=True)
+        if isinstance(cache, StaticKVCache):
+            attention = _attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
+                                   lambda sliding, start, end: cache.decoder_mask(sliding))
+            return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=True)
         attention = _attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
                                lambda sliding, start, end: decoder_mask(attention_mask, start, end))
         return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=True)
@@ -154,26 +163,6 @@ class BlockDiffusionOutput:
     past_key_values: KVCache
     last_hidden_state: torch.Tensor
     encoder_last_hidden_state: torch.Tensor | None = None
-
-
-def _check_mask(name: str, mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        raise ValueError(f"`{name}` must be a 2D tensor [batch, cached + new tokens]")
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected ({batch}, {length}): "
-                         "one entry per cached and new token")
-    return mask.bool()
-
-
-def _check_cache(cache: KVCache | list[KVCache] | None, batch: int) -> None:
-    if isinstance(cache, list):
-        if len(cache) != batch or any(c.batch_size != 1 for c in cache):
-            raise ValueError(f"a list in `past_key_values` needs one filled cache of batch 1 per row; got "
-                             f"{len(cache)} caches for a batch of {batch}")
-    elif cache is not None and cache.batch_size not in (None, batch):
-        raise ValueError(f"`past_key_values` holds a batch of {cache.batch_size}, the inputs a batch of {batch}")
 
 
 class DiffusionGemmaPreTrainedModel(nn.Module):
@@ -229,12 +218,12 @@ class DiffusionGemmaEncoderTextModel(DiffusionGemmaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.backbone.embed(input_ids)
         batch, count = inputs_embeds.shape[:2]
-        _check_cache(past_key_values, batch)
+        check_cache(past_key_values, batch)
         cache = past_key_values if past_key_values is not None else KVCache(self.config)
         seen = cache.get_seq_length()
         if position_ids is None:
             position_ids = torch.arange(seen, seen + count, device=inputs_embeds.device)[None]
-        attention_mask = _check_mask("attention_mask", attention_mask, batch, seen + count)
+        attention_mask = check_mask("attention_mask", attention_mask, batch, seen + count)
         hidden = self.backbone.encode(inputs_embeds, position_ids, cache, attention_mask, block_ids)
         return EncoderOutput(last_hidden_state=hidden, past_key_values=cache)
 
@@ -329,7 +318,7 @@ class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):
         if past_key_values is None:
             raise ValueError("the decoder attends to the encoded prefix: `past_key_values` is required")
         batch, length = decoder_input_ids.shape
-        _check_cache(past_key_values, batch)
+        check_cache(past_key_values, batch)
         embeds = self.backbone.embed(decoder_input_ids)
         soft = None
         if isinstance(self_conditioning_logits, list):
@@ -348,7 +337,7 @@ class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):
                                                              device=embeds.device) for c in caches])
         if decoder_attention_mask is not None and isinstance(past_key_values, list):
             raise ValueError("`decoder_attention_mask` needs one cache for the whole batch, not a list")
-        mask = _check_mask("decoder_attention_mask", decoder_attention_mask, batch,
+        mask = check_mask("decoder_attention_mask", decoder_attention_mask, batch,
                            caches[0].get_seq_length() + length)
         return DecoderOutput(last_hidden_state=self.backbone.decode(hidden, decoder_position_ids, past_key_values, mask))
 
