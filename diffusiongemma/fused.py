@@ -54,11 +54,13 @@ def usable(device: torch.device) -> bool:
 
 
 def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor | None, sampling: str,
-            generator: torch.Generator | None,
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sampled tokens, argmax tokens, entropies, processed logits in `dtype`) for the LM head's `scores`
-    [..., vocab] (any float dtype), soft-capped at `cap` (None for none) as the model's logits are, then
-    divided by the temperature, a float32 tensor of one element (None for none)."""
+            generator: torch.Generator | None, into: torch.Tensor,
+            kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sampled tokens, argmax tokens, entropies) for the LM head's `scores` [..., vocab] (any float dtype),
+    soft-capped at `cap` (None for none) as the model's logits are, then divided by the temperature, a
+    float32 tensor of one element (None for none). The processed logits go into `into` (the scores' shape,
+    the self-conditioning input's dtype), except at the positions where `kept` (a bool tensor broadcast to
+    the scores' positions) is true: those keep what `into` holds."""
     vocab = scores.shape[-1]
     flat = scores.reshape(-1, vocab).contiguous()
     rows, device = flat.shape[0], flat.device
@@ -71,18 +73,19 @@ def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor |
         variates = torch.empty(flat.shape, dtype=torch.float32, device=device).exponential_(generator=generator)
     elif sampling == "inverse_cdf":
         uniforms = torch.rand(rows, 1, dtype=torch.float32, device=device, generator=generator)
-    processed = torch.empty(flat.shape, dtype=dtype, device=device)
+    if kept is not None:
+        kept = kept.expand(scores.shape[:-1]).reshape(-1).to(torch.int8)
     tokens = torch.empty(rows, dtype=torch.long, device=device)
     argmax = torch.empty(rows, dtype=torch.long, device=device)
     entropy = torch.empty(rows, dtype=torch.float32, device=device)
     # Imported on first use: a CPU run need not spend the time Triton takes to import.
     from .triton_kernels import denoise_kernel
 
-    denoise_kernel[(rows,)](flat, 0.0 if cap is None else cap, temperature, variates, uniforms, processed, tokens,
-                            argmax, entropy, vocab, HAS_CAP=cap is not None, SAMPLING=SAMPLINGS[sampling],
-                            BLOCK=_BLOCK, num_warps=8)
+    denoise_kernel[(rows,)](flat, 0.0 if cap is None else cap, temperature, variates, uniforms, into,
+                            tokens if kept is None else kept, tokens, argmax, entropy, vocab, HAS_CAP=cap is not None,
+                            HAS_KEPT=kept is not None, SAMPLING=SAMPLINGS[sampling], BLOCK=_BLOCK, num_warps=8)
     shape = scores.shape[:-1]
-    return tokens.view(shape), argmax.view(shape), entropy.view(shape), processed.view(scores.shape)
+    return tokens.view(shape), argmax.view(shape), entropy.view(shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

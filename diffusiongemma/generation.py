@@ -403,7 +403,8 @@ class GenerationMixin:
             for step in step_numbers:
                 decoder_passes += ~(canvas.finished | finished_rows)
                 self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
-                                     draw_ahead, fused_sampler)
+                                     draw_ahead, fused_sampler,
+                                     graphed.self_conditioning_logits if graphed is not None else None)
                 if graphed is not None:
                     canvas.self_conditioning_logits = graphed.keep(canvas.self_conditioning_logits)
                 if streamer is not None and hasattr(streamer, "put_draft"):
@@ -452,12 +453,13 @@ class GenerationMixin:
 
     def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode,
                         sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                        draw_ahead: bool = False, fused_sampler: bool = False) -> None:
+                        draw_ahead: bool = False, fused_sampler: bool = False,
+                        into: torch.Tensor | None = None) -> None:
         """One denoising step for every row of `canvas`, updated in place; `decode(tokens, self-conditioning
         logits or None)` gives the decoder pass's logits, and random numbers come from `sampler.generator`
         (torch's global generator when None). With `draw_ahead`, the step's multinomial
-        words are drawn while the decoder runs: nothing else draws in between. `fused_sampler`: as in
-        `_update_canvas`."""
+        words are drawn while the decoder runs: nothing else draws in between. `fused_sampler` and `into`: as
+        in `_update_canvas`."""
         words = None
         if draw_ahead:
             words = draw_words_in_background((canvas.current.numel(), sampler.vocab_size), sampler.generator)
@@ -467,22 +469,30 @@ class GenerationMixin:
             # Even when the decoder fails: nothing may go on drawing from the caller's generator afterwards.
             drawn = words.result() if words is not None else None
         self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling, drawn,
-                            fused_sampler)
+                            fused_sampler, into)
 
     def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, cur_step: torch.Tensor, input_ids,
                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                       words: MultinomialWords | None = None, fused_sampler: bool = False) -> None:
+                       words: MultinomialWords | None = None, fused_sampler: bool = False,
+                       into: torch.Tensor | None = None) -> None:
         """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`;
         `cur_step` is n (N..1) as a 0-d int32 tensor on the logits' device. `fused_sampler` runs the
         vocabulary-sized work as one kernel (`fused.denoise`), soft-capping included: `logits` are then the
         LM head's scores (`lm_head`), and its caller makes sure the only processor is the temperature
-        schedule."""
+        schedule. The kernel writes the next self-conditioning input into `into` if given (the graphs'
+        buffer for it)."""
         dtype = self.model.backbone.embed_tokens.weight.dtype
+        # Rows that stopped keep their logits: with adaptive stopping, from a canvas's second step on.
+        keeps = adaptive_stop is not None and canvas.self_conditioning_logits is not None
         if fused_sampler:
             temperature = processors[0][0].temperature(cur_step) if processors else None
-            denoised, argmax, entropy, logits = fused.denoise(
-                logits, self.config.text_config.final_logit_softcapping, temperature, sampling, sampler.generator,
-                dtype)
+            processed = into if into is not None else torch.empty(logits.shape, dtype=dtype, device=logits.device)
+            # Where `into` already holds this canvas's logits, the kernel leaves its stopped rows as they are:
+            # no vocabulary-sized select or copy.
+            kept = canvas.finished[:, None] if keeps and canvas.self_conditioning_logits is processed else None
+            denoised, argmax, entropy = fused.denoise(logits, self.config.text_config.final_logit_softcapping,
+                                                      temperature, sampling, sampler.generator, processed, kept)
+            logits = processed
         else:
             logits = _apply_processors(processors, input_ids, logits, cur_step)
             denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling,
@@ -495,11 +505,11 @@ class GenerationMixin:
             # Rows that already stopped keep their canvas, argmax and logits. On a canvas's first step no row
             # has stopped yet, and there may be no logits to keep.
             done = canvas.finished
-            if canvas.self_conditioning_logits is not None and (_selects_without_asking(done.device)
-                                                                or bool(done.any())):
+            if keeps and (_selects_without_asking(done.device) or bool(done.any())):
                 argmax = torch.where(done[:, None], canvas.argmax, argmax)
                 current = torch.where(done[:, None], canvas.current, current)
-                logits = torch.where(done[:, None, None], canvas.self_conditioning_logits, logits)
+                if logits is not canvas.self_conditioning_logits:
+                    logits = torch.where(done[:, None, None], canvas.self_conditioning_logits, logits)
             canvas.finished = canvas.finished | adaptive_stop(argmax, logits, entropy=entropy)
         canvas.current, canvas.argmax = current, argmax
         canvas.self_conditioning_logits = logits.to(dtype)

@@ -117,7 +117,9 @@ class GraphedPasses:
         if self_conditioning_logits is None:
             self.self_conditioning_mask.zero_()
         else:
-            self.self_conditioning_logits.copy_(self_conditioning_logits)
+            # The fused sampler writes the input into the buffer itself (`_update_canvas`'s `into`).
+            if self_conditioning_logits is not self.self_conditioning_logits:
+                self.self_conditioning_logits.copy_(self_conditioning_logits)
             self.self_conditioning_mask.fill_(1)
         if soft_capped not in self.decoders:
             self.decoders[soft_capped] = _capture(lambda: self._decode(soft_capped), self.canvas.device,

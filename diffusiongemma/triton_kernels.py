@@ -30,8 +30,8 @@ def _processed(scores, index, inside, cap, t, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def denoise_kernel(scores, cap, temperature, variates, uniforms, processed, tokens, argmax, entropy, vocab,
-                   HAS_CAP: tl.constexpr, SAMPLING: tl.constexpr, BLOCK: tl.constexpr):
+def denoise_kernel(scores, cap, temperature, variates, uniforms, processed, kept, tokens, argmax, entropy, vocab,
+                   HAS_CAP: tl.constexpr, HAS_KEPT: tl.constexpr, SAMPLING: tl.constexpr, BLOCK: tl.constexpr):
     # One program per position. Each lane keeps its own running values over the blocks of the row and
     # the lanes are combined once at the end: no reduction across threads inside the loops, except
     # inverse_cdf's running sum, which has to follow the vocabulary's order.
@@ -58,7 +58,12 @@ def denoise_kernel(scores, cap, temperature, variates, uniforms, processed, toke
     row_total = tl.sum(total * tl.exp(top - row_top), axis=0)
     row_top_index = tl.min(tl.where(top == row_top, top_index, vocab), axis=0)
 
-    # Pass 2: probabilities, the entropy, the token, and y in the model's dtype for self-conditioning.
+    # Pass 2: probabilities, the entropy, the token, and y in the model's dtype for self-conditioning, unless
+    # the position keeps what `processed` holds.
+    if HAS_KEPT:
+        write = tl.load(kept + row + lanes * 0) == 0
+    else:
+        write = lanes < BLOCK
     log_total = row_top + tl.log(row_total)
     terms = tl.zeros([BLOCK], tl.float32)
     best = tl.full([BLOCK], -1.0, tl.float32)
@@ -73,7 +78,7 @@ def denoise_kernel(scores, cap, temperature, variates, uniforms, processed, toke
         index = start + lanes
         inside = index < vocab
         y = _processed(scores + first, index, inside, cap, t, HAS_CAP)
-        tl.store(processed + first + index, y.to(processed.dtype.element_ty), mask=inside)
+        tl.store(processed + first + index, y.to(processed.dtype.element_ty), mask=inside & write)
         weight = tl.exp(y - row_top)
         p = weight / row_total
         # Log-probabilities clamped at float32's lowest value too, as a categorical distribution clamps them.

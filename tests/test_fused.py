@@ -42,7 +42,8 @@ def test_values_and_random_stream_are_the_unfused_steps(vocab, temperature, dtyp
     processed = logits if t is None else logits / t
     for sampling in fused.SAMPLINGS:
         ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-        tokens, argmax, entropy, out = fused.denoise(scores, cap, t, sampling, ours, dtype)
+        out = torch.empty(scores.shape, dtype=dtype)
+        tokens, argmax, entropy = fused.denoise(scores, cap, t, sampling, ours, out)
         expected = sample_tokens(torch.softmax(processed, dim=-1), sampling, theirs)
         assert torch.equal(tokens, expected), sampling
         assert torch.equal(ours.get_state(), theirs.get_state()), sampling
@@ -59,7 +60,8 @@ def test_values_and_random_stream_are_the_unfused_steps(vocab, temperature, dtyp
 def test_soft_capping_is_within_a_few_ulps_of_tanh():
     values = torch.cat([torch.linspace(-20, 20, 8001), torch.logspace(-30, 0, 2001), -torch.logspace(-30, 0, 2001),
                         torch.tensor([0.0, 0.29999, 0.3, 0.30001])])
-    _, _, _, out = fused.denoise(values[None], 1.0, None, "argmax", None, torch.float32)
+    out = torch.empty(1, values.shape[0])
+    fused.denoise(values[None], 1.0, None, "argmax", None, out)
     exact = torch.tanh(values.double())
     assert torch.equal(out[0] == 0, values == 0)
     assert ((out[0].double() - exact).abs() <= 3 * torch.finfo(torch.float32).eps * exact.abs()).all()
@@ -68,8 +70,19 @@ def test_soft_capping_is_within_a_few_ulps_of_tanh():
 def test_ties_go_to_the_first_position():
     logits = torch.zeros(2, 1, WIDE)
     logits[:, :, [5, fused._BLOCK + 5, WIDE - 1]] = 3.0
-    tokens, argmax, _, _ = fused.denoise(logits, None, None, "argmax", None, torch.float32)
+    tokens, argmax, _ = fused.denoise(logits, None, None, "argmax", None, torch.empty(logits.shape))
     assert argmax.flatten().tolist() == [5, 5] and tokens.flatten().tolist() == [5, 5]
+
+
+def test_kept_rows_keep_what_the_output_holds():
+    scores = torch.randn(3, 2, 50, generator=torch.Generator().manual_seed(2))
+    into = torch.full(scores.shape, 7.0)
+    kept = torch.tensor([True, False, True])[:, None]
+    tokens, _, _ = fused.denoise(scores, None, None, "multinomial", torch.Generator().manual_seed(3), into, kept)
+    expected, _, _ = fused.denoise(scores, None, None, "multinomial", torch.Generator().manual_seed(3),
+                                   torch.empty(scores.shape))
+    assert torch.equal(tokens, expected)  # kept rows are still sampled, from the same random stream
+    assert (into[[0, 2]] == 7.0).all() and torch.equal(into[1], scores[1])
 
 
 @pytest.mark.parametrize("sampling", ["multinomial", "inverse_cdf"])
@@ -82,8 +95,8 @@ def test_samples_follow_the_distribution(monkeypatch, sampling):
     where = [0, 17, 64, 65, vocab - 1]
     probs[where] = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08])
     rows = 300
-    tokens, _, _, _ = fused.denoise(probs.log().expand(rows, vocab), None, None, sampling,
-                                    torch.Generator().manual_seed(0), torch.float32)
+    tokens, _, _ = fused.denoise(probs.log().expand(rows, vocab), None, None, sampling,
+                                 torch.Generator().manual_seed(0), torch.empty(rows, vocab))
     counts = torch.bincount(tokens, minlength=vocab).double()
     assert counts.sum() == rows and counts[probs == 0].sum() == 0
     expected = rows * probs.double()[where]

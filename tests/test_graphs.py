@@ -144,7 +144,8 @@ class LogitsDrafts:
         pass
 
     def put_draft(self, logits):
-        self.drafts.append(logits)
+        # On the CPU `.cpu()` hands over the tensor itself, which may be a buffer the next step overwrites.
+        self.drafts.append(logits.clone())
 
     def end(self):
         pass
