@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .cache import KVCache, StaticKVCache, check_cache, check_mask, decoder_mask, encoder_mask
 from .config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
 from .generation import DiffusionGemmaGenerationConfig, GenerationMixin
@@ -296,7 +297,12 @@ class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):
     def soft_embeddings(self, logits: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The expected embedding under softmax(logits), scaled like a token embedding."""
         weight = self.backbone.embed_tokens.weight
-        soft = torch.matmul(logits.softmax(dim=-1, dtype=torch.float32).to(weight.dtype), weight)
+        if fused.usable(logits.device) and not (torch.is_grad_enabled() and logits.requires_grad):
+            # One kernel on CUDA (see `fused.py`), where autograd records nothing.
+            probs = fused.softmax(logits, weight.dtype)
+        else:
+            probs = logits.softmax(dim=-1, dtype=torch.float32).to(weight.dtype)
+        soft = torch.matmul(probs, weight)
         soft = soft * self.backbone.embed_scale.to(dtype)
         if mask is not None:
             soft = soft * mask.to(soft.dtype)[:, None, None]

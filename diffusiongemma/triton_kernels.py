@@ -114,3 +114,27 @@ def rms_norm_kernel(x, weight, out, rows, width, eps, HAS_WEIGHT: tl.constexpr, 
     if HAS_WEIGHT:
         normed = normed * tl.load(weight + column, mask=column < width, other=0.0).to(tl.float32)
     tl.store(out + row * width + column, normed.to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def softmax_kernel(x, out, width, BLOCK: tl.constexpr):
+    # One program per row: a running maximum and sum per lane (as in denoise_kernel's first pass), then the
+    # probabilities, computed in float32 and written in out's dtype.
+    row = tl.program_id(0).to(tl.int64)
+    first = row * width
+    lanes = tl.arange(0, BLOCK)
+    top = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)
+    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, width, BLOCK):
+        index = start + lanes
+        values = tl.load(x + first + index, mask=index < width, other=float("-inf")).to(tl.float32)
+        new_top = tl.maximum(top, values)
+        total = total * tl.exp(top - new_top) + tl.exp(values - new_top)
+        top = new_top
+    row_top = tl.max(top, axis=0)
+    row_total = tl.sum(total * tl.exp(top - row_top), axis=0)
+    for start in range(0, width, BLOCK):
+        index = start + lanes
+        inside = index < width
+        values = tl.load(x + first + index, mask=inside, other=float("-inf")).to(tl.float32)
+        tl.store(out + first + index, (tl.exp(values - row_top) / row_total).to(out.dtype.element_ty), mask=inside)

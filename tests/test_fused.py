@@ -187,6 +187,17 @@ def test_serve_with_the_fused_kernels_gives_the_unfused_answers(monkeypatch, tmp
     assert set(calls) == {"multinomial", "argmax"}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_gives_torchs_values(dtype):
+    """Rows across block boundaries, with -inf entries, in the model's dtype in and out."""
+    x = (torch.randn(2, 3, WIDE, generator=torch.Generator().manual_seed(4)) * 6).to(dtype)
+    x[0, 1, [3, fused._BLOCK + 1, WIDE - 1]] = float("-inf")
+    expected = x.softmax(dim=-1, dtype=torch.float32)
+    out = fused.softmax(x, dtype)
+    assert out.dtype == dtype and out.shape == x.shape and (out[0, 1, [3, fused._BLOCK + 1, WIDE - 1]] == 0).all()
+    torch.testing.assert_close(out.float(), expected, rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-9)
+
+
 @pytest.mark.parametrize("shape, dtype, with_weight", [((3, 5, 64), torch.float32, True),
                                                        ((2, 4, 3, 37), torch.bfloat16, False),
                                                        ((6, 176), torch.bfloat16, True)])
@@ -203,19 +214,24 @@ def test_rms_norm_gives_the_composites_values(shape, dtype, with_weight):
                                atol=0)
 
 
-def test_a_model_takes_the_fused_norm_where_autograd_records_nothing(monkeypatch):
+def test_a_model_takes_the_fused_kernels_where_autograd_records_nothing(monkeypatch):
+    """The norms and the self-conditioning input's softmax."""
     model = randomize(tiny_model())
     prompt, canvas = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[7, 8, 9, 10]])
+    signal = 4 * torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = model(input_ids=prompt, decoder_input_ids=canvas).logits
-    calls, norm = [], fused.rms_norm
+        expected = model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=signal).logits
+    calls, norm, softmax = [], fused.rms_norm, fused.softmax
     monkeypatch.setattr(fused, "usable", lambda device: True)
-    monkeypatch.setattr(fused, "rms_norm", lambda *args: calls.append(1) or norm(*args))
+    monkeypatch.setattr(fused, "rms_norm", lambda *args: calls.append("norm") or norm(*args))
+    monkeypatch.setattr(fused, "softmax", lambda *args: calls.append("softmax") or softmax(*args))
     with torch.no_grad():
-        logits = model(input_ids=prompt, decoder_input_ids=canvas).logits
-    assert calls
+        logits = model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=signal).logits
+    assert set(calls) == {"norm", "softmax"}
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    # Training: autograd records the composite, and gradients reach the norms' weights.
+    # Training: autograd records the composites, and gradients reach the norms' weights and the logits.
     calls.clear()
-    model(input_ids=prompt, decoder_input_ids=canvas).logits.sum().backward()
+    signal.requires_grad_(True)
+    model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=signal).logits.sum().backward()
     assert not calls and model.model.backbone.layers[0].input_layernorm.weight.grad is not None
+    assert signal.grad is not None

@@ -204,18 +204,27 @@ def dispatched_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float
 fused_rms_norm = fused.rms_norm
 
 
+@torch.library.custom_op("diffusiongemma_tests::softmax", mutates_args=())
+def dispatched_softmax(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return fused_softmax(x, dtype)
+
+
+fused_softmax = fused.softmax
+
+
 def test_replayed_passes_with_the_fused_kernels(stand_in_graphs, monkeypatch):
-    """The step as it runs on CUDA: replayed passes with the fused norms in them, and the fused sampler's
-    kernel in place of torch's sampling operations, whose self-conditioning output a replay reads (under
-    Triton's interpreter)."""
+    """The step as it runs on CUDA: replayed passes with the fused norms and the self-conditioning input's
+    fused softmax in them, and the fused sampler's kernel in place of torch's sampling operations, whose
+    self-conditioning output a replay reads (under Triton's interpreter)."""
     calls, denoise = [], fused.denoise
     monkeypatch.setattr(fused, "usable", lambda device: True)
     monkeypatch.setattr(fused, "denoise", lambda *args: calls.append(args[3]) or denoise(*args))
     monkeypatch.setattr(fused, "rms_norm", lambda *args: calls.append("norm") or dispatched_rms_norm(*args))
+    monkeypatch.setattr(fused, "softmax", lambda *args: calls.append("softmax") or dispatched_softmax(*args))
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7], [20, 30, 40]])
     eager = assert_replays_are_eager(model, prompt, 1, **SETTINGS["adaptive stopping"])
-    assert {"norm", "multinomial"} <= set(calls)
+    assert {"norm", "softmax", "multinomial"} <= set(calls)
     assert len(set(eager.tokens_per_forward.tolist())) > 1
 
 
