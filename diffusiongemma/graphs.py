@@ -55,9 +55,10 @@ def _capture(run: Callable[[], torch.Tensor | None], device: torch.device, warm_
         try:
             # What `torch.cuda.graph` does, less its synchronisation of the device and its emptying of the
             # allocator's cache, which would idle the device and hand the sampler's vocabulary-sized buffers
-            # back to the driver.
+            # back to the driver. Only this thread is held to what a capture allows: another `generate`
+            # may be waiting for its device in another.
             with torch.cuda.stream(side):
-                graph.capture_begin()
+                graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     output = run()
                 finally:

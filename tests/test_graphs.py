@@ -37,7 +37,7 @@ class RecordedGraph:
         self.replays = 0
         RecordedGraph.instances.append(self)
 
-    def capture_begin(self):
+    def capture_begin(self, capture_error_mode="global"):
         self.recording = Recording(self)
         self.recording.__enter__()
 
