@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import DiffusionGemmaTextConfig
+from .config import AttentionShape, DiffusionGemmaTextConfig
 
 
 class LayerCache:
@@ -232,7 +232,7 @@ class StaticLayerCache:
     its absolute index, a sliding layer the last `window - 1`, oldest first and ending at slot `window - 2`;
     the canvas's slots follow."""
 
-    def __init__(self, shape, sliding_window: int, capacity: int, canvas_length: int, batch: int,
+    def __init__(self, shape: AttentionShape, sliding_window: int, capacity: int, canvas_length: int, batch: int,
                  dtype: torch.dtype, device: torch.device):
         self.is_sliding = shape.is_sliding
         self.keep = sliding_window - 1
@@ -244,7 +244,8 @@ class StaticLayerCache:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor):
         """Writes new committed tokens (the encoder) after the `used` ones; returns the keys and values they
-        attend over, in the order of `StaticKVCache.encoder_mask`."""
+        attend over, in the order of `StaticKVCache.encoder_mask`, and 0 for where their span starts (these
+        masks do not need it)."""
         if not self.is_sliding:
             slots = used + torch.arange(keys.shape[2], device=keys.device)
             self.keys[:, :, :self.committed_slots].index_copy_(2, slots, keys)
@@ -257,7 +258,8 @@ class StaticLayerCache:
         return visible_keys, visible_values, 0
 
     def with_canvas(self, keys: torch.Tensor, values: torch.Tensor):
-        """The canvas's keys and values in its own slots, for one decoder pass: every slot is returned."""
+        """The canvas's keys and values in its own slots, for one decoder pass: every slot is returned, with 0
+        as in `append`."""
         self.keys[:, :, self.committed_slots:] = keys
         self.values[:, :, self.committed_slots:] = values
         return self.keys, self.values, 0
