@@ -267,9 +267,10 @@ def test_a_padded_batch_replays_its_passes_too(stand_in_graphs):
 def test_graphs_are_reused_across_calls_until_the_shape_or_the_weights_change(stand_in_graphs):
     model = randomize(tiny_model())
     settings = dict(max_new_tokens=12, max_denoising_steps=3)
-    # Prompts of 3 and 5 tokens with two canvases committed fit one capacity (16): one pair of captures, and
-    # each call gives the tokens it gives eagerly, with a longer window than the model's (6) in the cache.
-    for length, seed in ((3, 5), (5, 6), (3, 7)):
+    # Prompts of 3, 5 and 8 tokens with two canvases committed fit one capacity (16, filled by the last):
+    # one pair of captures, and each call gives the tokens it gives eagerly, with a longer window than the
+    # model's (6) in the cache.
+    for length, seed in ((3, 5), (5, 6), (8, 7), (3, 7)):
         assert_replays_are_eager(model, torch.arange(3, 3 + 2 * length).view(2, length), seed, **settings)
     assert len(stand_in_graphs) == 2
     assert_replays_are_eager(model, torch.arange(3, 3 + 2 * 9).view(2, 9), 8, **settings)  # capacity 32
