@@ -329,6 +329,14 @@ class GenerationMixin:
         elif attention_mask.dim() != 2:
             raise ValueError("`attention_mask` passed to `generate` must be 2D")
         attention_mask = attention_mask.bool()
+        vocab_size = self.config.text_config.vocab_size
+        for name, shape in (("decoder_input_ids", (batch, canvas_length)),
+                            ("self_conditioning_logits", (batch, canvas_length, vocab_size))):
+            given = model_kwargs.get(name)
+            if given is not None and (not isinstance(given, torch.Tensor) or tuple(given.shape) != shape):
+                found = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+                raise ValueError(f"`{name}` must be a tensor of shape {shape} (batch, canvas_length"
+                                 f"{', vocab_size' if len(shape) == 3 else ''}), got {found}")
         canvases = math.ceil(max_new_tokens / canvas_length)
         graphed = None
         if config.cuda_graphs and captures(device) and (past_key_values is None or (
@@ -344,7 +352,7 @@ class GenerationMixin:
                                                                                  canvas_length)
         encoder_positions = torch.arange(cur_len - prompt_length, cur_len, dtype=torch.int32, device=device)[None]
 
-        sampler = EntropyBoundSampler(config.sampler_config, canvas_length, self.config.text_config.vocab_size)
+        sampler = EntropyBoundSampler(config.sampler_config, canvas_length, vocab_size)
         processors = list(logits_processor or [])
         if config.t_min is not None and config.t_max is not None:
             processors.append(LinearTemperatureScheduleLogitsProcessor(config.t_min, config.t_max,

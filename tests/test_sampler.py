@@ -170,6 +170,10 @@ def test_generate_argument_errors():
         model.generate(torch.tensor([[3, 4]]), max_new_tokens=None)
     with pytest.raises(ValueError, match="input_ids"):
         model.generate([[3, 4]])
+    with pytest.raises(ValueError, match=r"`decoder_input_ids` must be a tensor of shape \(1, 4\).*got \(1, 3\)"):
+        model.generate(torch.tensor([[3, 4]]), decoder_input_ids=torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match=r"`self_conditioning_logits` must be .*\(1, 4, 64\).*got list"):
+        model.generate(torch.tensor([[3, 4]]), self_conditioning_logits=[[0.0]])
 
 
 def test_cache_implementation_does_not_change_the_answer():
