@@ -22,10 +22,11 @@ from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_
 from .vision import VisionConfig, VisionEmbedder, VisionTower, embed_images
 
 
-def _attention(visible_keys, make_mask):
+def _attention(visible_keys, make_mask, folded: bool = False):
     """Builds each layer's attention function. `visible_keys(layer_cache, k, v)` stores the new keys and
     values and returns what the queries may attend to, with the absolute index of its first token;
-    `make_mask(is_sliding, start, end)` gives the mask over that span, built once per span."""
+    `make_mask(is_sliding, start, end)` gives the mask over that span, built once per span. `folded`
+    computes it as `_folded_attention` does."""
     masks = {}
 
     def for_layer(layer_cache):
@@ -34,10 +35,28 @@ def _attention(visible_keys, make_mask):
             span = (layer_cache.is_sliding, start, start + keys.shape[2])
             if span not in masks:
                 masks[span] = make_mask(*span)
+            if folded:
+                return _folded_attention(q, keys, values, masks[span])
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[span], scale=1.0, enable_gqa=True)
         return attend
 
     return for_layer
+
+
+def _folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention with a mask, as multi-head attention over the key/value heads: the query
+    heads that share a key/value head are folded into the query length. With a mask, SDPA's own grouped
+    path falls back to its math kernel, which copies the keys and values once per query head; folded,
+    nothing is copied but the queries, and the memory-efficient kernel can take the call. The sums follow
+    other shapes, so the last bits are not `enable_gqa`'s."""
+    batch, heads, length, dim = q.shape
+    groups = heads // keys.shape[1]
+    # Query head h reads key/value head h // groups, so consecutive query heads fold together.
+    folded = q.reshape(batch, keys.shape[1], groups * length, dim)
+    if mask.shape[-2] != 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=1.0)
+    return out.view(batch, heads, length, dim)
 
 
 def _attention_per_row(caches: list[KVCache], index: int):
@@ -89,7 +108,8 @@ class TextBackbone(nn.Module):
         query_start, count = cache.get_seq_length(), hidden.shape[1]
         if isinstance(cache, StaticKVCache):
             attention = _attention(lambda layer_cache, k, v: layer_cache.append(k, v, cache.used),
-                                   lambda sliding, start, end: cache.encoder_mask(sliding, count, block_ids))
+                                   lambda sliding, start, end: cache.encoder_mask(sliding, count, block_ids),
+                                   folded=True)
             return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=False)
         attention = _attention(
             lambda layer_cache, k, v: layer_cache.append(k, v, cache.canvas_length),
@@ -112,7 +132,7 @@ class TextBackbone(nn.Module):
             return self._run(hidden, positions, attends, decoder=True, per_row=True)
         if isinstance(cache, StaticKVCache):
             attention = _attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
-                                   lambda sliding, start, end: cache.decoder_mask(sliding))
+                                   lambda sliding, start, end: cache.decoder_mask(sliding), folded=True)
             return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=True)
         attention = _attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
                                lambda sliding, start, end: decoder_mask(attention_mask, start, end))

@@ -345,14 +345,15 @@ def test_the_stand_in_fails_on_what_a_capture_cannot_hold(stand_in_graphs):
         torch.randint(0, 5, (3,))
 
 
-@pytest.mark.parametrize("case", ["padding", "image blocks", "bidirectional encoder"])
+@pytest.mark.parametrize("case", ["padding", "image blocks", "bidirectional encoder", "grouped heads"])
 @torch.no_grad()
 def test_the_static_cache_gives_the_numbers_of_the_dynamic_one(case):
-    """Prefill, commits and decoder passes over a `StaticKVCache` (fixed slots, masks from a device count)
-    against a `KVCache`, past the sliding window (6): equal to rounding. Its round trip through a `KVCache`
-    is exact."""
-    model = randomize(tiny_model(**({"use_bidirectional_attention": "all"} if case == "bidirectional encoder"
-                                    else {})))
+    """Prefill, commits and decoder passes over a `StaticKVCache` (fixed slots, masks from a device count,
+    query heads folded over their key/value heads) against a `KVCache`, past the sliding window (6): equal
+    to rounding. Its round trip through a `KVCache` is exact."""
+    overrides = {"bidirectional encoder": dict(use_bidirectional_attention="all"),
+                 "grouped heads": dict(num_attention_heads=6, num_key_value_heads=2, num_global_key_value_heads=3)}
+    model = randomize(tiny_model(**overrides.get(case, {})))
     text, canvas_length = model.config.text_config, model.config.canvas_length
     prompt = torch.arange(3, 21).view(2, 9)
     mask = torch.ones(2, 9, dtype=torch.bool)
