@@ -56,7 +56,8 @@ def _folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if mask.shape[-2] != 1:
         mask = mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=1.0)
-    return out.view(batch, heads, length, dim)
+    # Not `view`: the fused kernels hand back a transposed layout.
+    return out.reshape(batch, heads, length, dim)
 
 
 def _attention_per_row(caches: list[KVCache], index: int):
