@@ -410,3 +410,21 @@ def test_a_call_never_shares_the_graphs_another_call_is_using(stand_in_graphs):
     assert_replays_are_eager(model, prompt, 0, max_new_tokens=8, max_denoising_steps=2)
     assert model._graphed_passes is not held and len(stand_in_graphs) == 4
     assert not model._graphed_passes.lock.locked()
+
+
+@pytest.mark.parametrize("queries_masked_apart", [False, True])
+def test_folded_attention_is_grouped_query_attention(monkeypatch, queries_masked_apart):
+    """Against SDPA's own grouped path, with a mask for all queries (the decoder's) or one per query (the
+    encoder's), and with the output layout CUDA's fused kernels return (transposed, not contiguous)."""
+    from diffusiongemma.model import _folded_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, keys, values = (torch.randn(2, heads, length, 8, generator=generator) for heads, length in ((6, 5), (2, 7), (2, 7)))
+    mask = torch.rand(2, 1, 5 if queries_masked_apart else 1, 7, generator=generator) > 0.3
+    mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
+                                                                enable_gqa=True)
+    attention = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: attention(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2))
+    torch.testing.assert_close(_folded_attention(q, keys, values, mask), expected)
