@@ -1,16 +1,16 @@
 """GPU: the released architecture (google/diffusiongemma-26B-A4B-it) with random bfloat16 weights.
 
 No checkpoint is needed: the reference model is built with random weights directly on the GPU and ours
-shares its tensors, so the weights are in memory once (48 GB). Reported: milliseconds per denoising step
-and tokens per second at 16 fixed steps (batch 1, 4, 8), prefill time for 512- and 4096-token prompts,
-peak GPU memory, the fraction of the memory-bandwidth floor a step reaches, the reference's eager step
-at batch 1 for the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives the
-captured passes' tokens, our step with torch's sampler (`fused_sampler=False`) at batch 1 and 8, how
-often an eager step waits for the device, one decoder pass eager, captured and replayed (what a step
-spends outside the replay is the sampler's), a canvas's commit captured and replayed, a replayed pass with the RMS norms computed three ways (the
-engine's Triton kernel, the reference's composite, torch's `F.rms_norm`), and the kernels a step spends
-its device time in. A part that fails records its error and the others still run. `--tiny` runs the
-same script on a small config (any device) to check it.
+shares its tensors, so the weights are in memory once (48 GB). Reported: milliseconds per denoising step and
+tokens per second at 16 fixed steps (batch 1, 4, 8), prefill time for 512- and 4096-token prompts, peak GPU
+memory, the fraction of the memory-bandwidth floor a step reaches, the reference's eager step at batch 1 for
+the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives the captured passes' tokens,
+our step with torch's sampler (`fused_sampler=False`) at batch 1 and 8, how often an eager step waits for
+the device, one decoder pass eager, captured and replayed (what a step spends outside the replay is the
+sampler's), a canvas's commit captured and replayed, a replayed pass with the RMS norms computed three ways
+(the engine's Triton kernel, the reference's composite, torch's `F.rms_norm`), and the kernels a step spends
+its device time in. A part that fails records its error and the others still run. `--tiny` runs the same
+script on a small config (any device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record] [--without-triton]
 """

@@ -235,8 +235,8 @@ def test_a_mask_of_zeros_gives_the_pass_without_self_conditioning():
     dtype too."""
     for dtype in (torch.float32, torch.bfloat16):
         model = randomize(tiny_model()).to(dtype)
-        cache = model(input_ids=torch.tensor([[3, 4, 5], [9, 8, 7]]), decoder_input_ids=torch.ones(2, 4, dtype=torch.long)
-                      ).past_key_values
+        prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
+        cache = model(input_ids=prompt, decoder_input_ids=torch.ones(2, 4, dtype=torch.long)).past_key_values
         canvas = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
         stale = 8 * torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
         without = model.model.decoder(decoder_input_ids=canvas, past_key_values=cache).last_hidden_state
@@ -419,7 +419,8 @@ def test_folded_attention_is_grouped_query_attention(monkeypatch, queries_masked
     from diffusiongemma.model import _folded_attention
 
     generator = torch.Generator().manual_seed(0)
-    q, keys, values = (torch.randn(2, heads, length, 8, generator=generator) for heads, length in ((6, 5), (2, 7), (2, 7)))
+    q, keys, values = (torch.randn(2, heads, length, 8, generator=generator)
+                       for heads, length in ((6, 5), (2, 7), (2, 7)))
     mask = torch.rand(2, 1, 5 if queries_masked_apart else 1, 7, generator=generator) > 0.3
     mask[..., 0] = True
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
