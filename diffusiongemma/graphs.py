@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from typing import Callable
 
 import torch
@@ -77,7 +78,8 @@ class GraphedPasses:
     addresses of every weight and buffer. `lock` is held by the `generate` call using it."""
 
     def __init__(self, model, batch: int, capacity: int, key: tuple):
-        self.model = model
+        # Weakly: `HELD` keeps these for as long as the model lives, and must not keep the model alive.
+        self._model = weakref.ref(model)
         self.key = key
         self.lock = threading.Lock()
         weight = model.model.backbone.embed_tokens.weight
@@ -91,6 +93,10 @@ class GraphedPasses:
         # Per `soft_capped`: (graph, logits buffer).
         self.decoders: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.commit_graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def model(self):
+        return self._model()
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past, **images) -> None:
         """Eagerly: empties the cache (or fills it with `past`'s tokens) and encodes the prompt."""
@@ -145,6 +151,11 @@ class GraphedPasses:
         return tensor.clone() if tensor.untyped_storage().data_ptr() in buffers else tensor
 
 
+# Per model, the `GraphedPasses` of its last call: outside the module, so that copying or pickling a model
+# never meets a CUDA graph, and dropped with the model.
+HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def graphed_passes(model, batch: int, tokens: int) -> GraphedPasses:
     """The model's `GraphedPasses` for `batch` rows and at least `tokens` committed tokens, locked for the
     caller, who releases it when done: the one it holds if that fits, its weights have not moved and no
@@ -152,12 +163,12 @@ def graphed_passes(model, batch: int, tokens: int) -> GraphedPasses:
     two, so that calls of about the same length share one."""
     capacity = 1 << max(tokens - 1, 0).bit_length()
     key = (batch, capacity, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
-    held = model.__dict__.get("_graphed_passes")
+    held = HELD.get(model)
     if held is not None and held.key == key and held.lock.acquire(blocking=False):
         return held
     # The old graphs and buffers go (unless a call still uses them) before the new ones are allocated.
-    model._graphed_passes = None
+    HELD.pop(model, None)
     passes = GraphedPasses(model, batch, capacity, key)
     passes.lock.acquire()
-    model._graphed_passes = passes
+    HELD[model] = passes
     return passes

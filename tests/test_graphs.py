@@ -9,7 +9,9 @@ the device for a value or draws random numbers fails the recording, as it would 
 """
 
 import contextlib
+import copy
 import gc
+import weakref
 
 import pytest
 import torch
@@ -171,7 +173,7 @@ def assert_replays_are_eager(model, prompt, seed, **settings):
 
 def graph_roles(model) -> dict:
     """Which captured graph does what: {"decoder": [...], "commit": [...]} of the model's `GraphedPasses`."""
-    held = model._graphed_passes
+    held = graphs.HELD[model]
     return {"decoder": [graph for graph, _ in held.decoders.values()],
             "commit": [] if held.commit_graph is None else [held.commit_graph]}
 
@@ -403,13 +405,13 @@ def test_a_call_never_shares_the_graphs_another_call_is_using(stand_in_graphs):
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
     generate(model, prompt, 0, max_new_tokens=8, max_denoising_steps=2)
-    held = model._graphed_passes
+    held = graphs.HELD[model]
     generate(model, prompt, 0, max_new_tokens=8, max_denoising_steps=2)
-    assert model._graphed_passes is held and len(stand_in_graphs) == 2
+    assert graphs.HELD[model] is held and len(stand_in_graphs) == 2
     held.lock.acquire()
     assert_replays_are_eager(model, prompt, 0, max_new_tokens=8, max_denoising_steps=2)
-    assert model._graphed_passes is not held and len(stand_in_graphs) == 4
-    assert not model._graphed_passes.lock.locked()
+    assert graphs.HELD[model] is not held and len(stand_in_graphs) == 4
+    assert not graphs.HELD[model].lock.locked()
 
 
 @pytest.mark.parametrize("queries_masked_apart", [False, True])
@@ -429,3 +431,15 @@ def test_folded_attention_is_grouped_query_attention(monkeypatch, queries_masked
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *args, **kwargs: attention(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2))
     torch.testing.assert_close(_folded_attention(q, keys, values, mask), expected)
+
+
+def test_the_graphs_go_with_the_model_and_stay_out_of_its_copies(stand_in_graphs):
+    model = tiny_model()
+    generate(model, torch.tensor([[3, 4, 5]]), 0, max_new_tokens=8, max_denoising_steps=2)
+    assert graphs.HELD[model].decoders
+    copied = copy.deepcopy(model)
+    assert copied not in graphs.HELD
+    alive = weakref.ref(model)
+    del model
+    # Nothing the graphs hold refers back to the model: it goes without waiting for the cycle collector.
+    assert alive() is None
