@@ -193,7 +193,7 @@ def _encoder_allowed(config: DiffusionGemmaTextConfig, is_sliding: bool, queries
     allowed = allowed[None, None]
     if block_ids is not None:
         # Keys before the new tokens belong to no block of theirs: give them -1.
-        offset = k[0] - queries[0]
+        offset = keys - queries[0]
         new = (offset >= 0) & (offset < queries.shape[0])
         key_blocks = torch.where(new, block_ids[:, offset.clamp(0, queries.shape[0] - 1)], -1)
         same_block = (block_ids[:, :, None] == key_blocks[:, None, :]) & (block_ids[:, :, None] >= 0)
@@ -241,6 +241,11 @@ class StaticLayerCache:
         # Zeros, not garbage: a masked key's weight is exactly zero, and zero times a NaN is not.
         self.keys = torch.zeros(size, dtype=dtype, device=device)
         self.values = torch.zeros(size, dtype=dtype, device=device)
+
+    def committed_span(self, length: int) -> tuple[int, int]:
+        """(first slot, count) of the committed tokens this layer holds when `length` tokens are committed."""
+        count = min(length, self.keep) if self.is_sliding else length
+        return (self.keep - count if self.is_sliding else 0), count
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor):
         """Writes new committed tokens (the encoder) after the `used` ones; returns the keys and values they
@@ -299,11 +304,9 @@ class StaticKVCache:
         self.key_valid.fill_(True)
         self.key_valid[:, :attention_mask.shape[1]] = attention_mask
         for layer, source in zip(self.layers, past.layers if self.length else ()):
-            count = min(self.length, layer.keep) if layer.is_sliding else self.length
-            first = source.used - count
-            start = layer.keep - count if layer.is_sliding else 0
-            layer.keys[:, :, start:start + count] = source.keys[:, :, first:source.used]
-            layer.values[:, :, start:start + count] = source.values[:, :, first:source.used]
+            start, count = layer.committed_span(self.length)
+            layer.keys[:, :, start:start + count] = source.keys[:, :, source.used - count:source.used]
+            layer.values[:, :, start:start + count] = source.values[:, :, source.used - count:source.used]
 
     def advance(self, count: int) -> None:
         """Counts the tokens the last encoder pass wrote as committed."""
@@ -319,8 +322,7 @@ class StaticKVCache:
         `generate`): in `into`, whose tokens it replaces, or in a new `KVCache`."""
         dynamic = into if into is not None else KVCache(self.config, self.canvas_length)
         for layer, target in zip(self.layers, dynamic.layers):
-            count = min(self.length, layer.keep) if layer.is_sliding else self.length
-            start = layer.keep - count if layer.is_sliding else 0
+            start, count = layer.committed_span(self.length)
             target.keys = layer.keys[:, :, start:start + count].clone()
             target.values = layer.values[:, :, start:start + count].clone()
             target.start, target.used = self.length - count, count
