@@ -338,18 +338,6 @@ class GenerationMixin:
                 raise ValueError(f"`{name}` must be a tensor of shape {shape} (batch, canvas_length"
                                  f"{', vocab_size' if len(shape) == 3 else ''}), got {found}")
         canvases = math.ceil(max_new_tokens / canvas_length)
-        graphed = None
-        if config.cuda_graphs and captures(device) and (past_key_values is None or (
-                isinstance(past_key_values, KVCache) and not past_key_values.differentiable)):
-            # The eager path's encoder checks these; here they are copied into the graphs' own cache first.
-            check_cache(past_key_values, batch)
-            check_mask("attention_mask", attention_mask, batch, cur_len)
-            # Every canvas but the last is committed.
-            graphed = graphed_passes(self, batch, cur_len + (canvases - 1) * canvas_length)
-            cache = graphed.cache
-        else:
-            cache = past_key_values if past_key_values is not None else KVCache(self.config.text_config,
-                                                                                 canvas_length)
         encoder_positions = torch.arange(cur_len - prompt_length, cur_len, dtype=torch.int32, device=device)[None]
 
         sampler = EntropyBoundSampler(config.sampler_config, canvas_length, vocab_size)
@@ -380,69 +368,86 @@ class GenerationMixin:
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
-        new_tokens = input_ids
-        for index in range(canvases):
-            images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")
-                      if k in model_kwargs}
-            if graphed is None:
-                self.model.encoder(input_ids=new_tokens, attention_mask=attention_mask, past_key_values=cache,
-                                   position_ids=encoder_positions, **images)
-            elif index == 0:
-                graphed.prefill(new_tokens, attention_mask, past_key_values, **images)
-            else:
-                graphed.commit(new_tokens)
-            cur_len = cache.get_seq_length()
-            decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
-            decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+        graphed = None
+        if config.cuda_graphs and captures(device) and (past_key_values is None or (
+                isinstance(past_key_values, KVCache) and not past_key_values.differentiable)):
+            # The eager path's encoder checks these; here they are copied into the graphs' own cache first.
+            check_cache(past_key_values, batch)
+            check_mask("attention_mask", attention_mask, batch, cur_len)
+            # Every canvas but the last is committed.
+            graphed = graphed_passes(self, batch, cur_len + (canvases - 1) * canvas_length)
+            cache = graphed.cache
+        else:
+            cache = past_key_values if past_key_values is not None else KVCache(self.config.text_config,
+                                                                                 canvas_length)
+        try:
+            new_tokens = input_ids
+            for index in range(canvases):
+                images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")
+                          if k in model_kwargs}
+                if graphed is None:
+                    self.model.encoder(input_ids=new_tokens, attention_mask=attention_mask, past_key_values=cache,
+                                       position_ids=encoder_positions, **images)
+                elif index == 0:
+                    graphed.prefill(new_tokens, attention_mask, past_key_values, **images)
+                else:
+                    graphed.commit(new_tokens)
+                cur_len = cache.get_seq_length()
+                decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32,
+                                                 device=device)[None]
+                decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
 
-            # The reference draws the starting noise even when the caller supplies the first canvas.
-            noise = sampler.initialize_canvas(batch, device)
-            start = model_kwargs.pop("decoder_input_ids", noise)
-            canvas = DenoisingState(current=start, argmax=start,
-                             self_conditioning_logits=model_kwargs.pop("self_conditioning_logits", None),
-                             finished=torch.zeros(batch, dtype=torch.bool, device=device))
-            if adaptive_stop is not None:
-                adaptive_stop.reset()
-            if graphed is None:
-                decode = functools.partial(self._decode, cache, decoder_mask, decoder_positions,
-                                           self_conditioning_mask=None, soft_capped=not fused_sampler)
-            else:
-                decode = functools.partial(graphed.decode, soft_capped=not fused_sampler)
-            for step in step_numbers:
-                decoder_passes += ~(canvas.finished | finished_rows)
-                self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
-                                     draw_ahead, fused_sampler,
-                                     graphed.self_conditioning_logits if graphed is not None else None)
-                if graphed is not None:
-                    canvas.self_conditioning_logits = graphed.keep(canvas.self_conditioning_logits)
-                if streamer is not None and hasattr(streamer, "put_draft"):
-                    # The argmax canvas is the draft closest to what will be committed.
-                    if getattr(streamer, "_takes_logits", False):
-                        streamer.put_draft(logits=canvas.self_conditioning_logits.cpu())
-                    else:
-                        streamer.put_draft(value=canvas.argmax.cpu())
-                # Only adaptive stopping finishes a canvas early; without it, no step waits for the device.
-                if adaptive_stop is not None and bool(canvas.finished.all()):
+                # The reference draws the starting noise even when the caller supplies the first canvas.
+                noise = sampler.initialize_canvas(batch, device)
+                start = model_kwargs.pop("decoder_input_ids", noise)
+                canvas = DenoisingState(current=start, argmax=start,
+                                 self_conditioning_logits=model_kwargs.pop("self_conditioning_logits", None),
+                                 finished=torch.zeros(batch, dtype=torch.bool, device=device))
+                if adaptive_stop is not None:
+                    adaptive_stop.reset()
+                if graphed is None:
+                    decode = functools.partial(self._decode, cache, decoder_mask, decoder_positions,
+                                               self_conditioning_mask=None, soft_capped=not fused_sampler)
+                else:
+                    decode = functools.partial(graphed.decode, soft_capped=not fused_sampler)
+                for step in step_numbers:
+                    decoder_passes += ~(canvas.finished | finished_rows)
+                    self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
+                                         draw_ahead, fused_sampler,
+                                         graphed.self_conditioning_logits if graphed is not None else None)
+                    if graphed is not None:
+                        canvas.self_conditioning_logits = graphed.keep(canvas.self_conditioning_logits)
+                    if streamer is not None and hasattr(streamer, "put_draft"):
+                        # The argmax canvas is the draft closest to what will be committed.
+                        if getattr(streamer, "_takes_logits", False):
+                            streamer.put_draft(logits=canvas.self_conditioning_logits.cpu())
+                        else:
+                            streamer.put_draft(value=canvas.argmax.cpu())
+                    # Only adaptive stopping finishes a canvas early; without it, no step waits for the device.
+                    if adaptive_stop is not None and bool(canvas.finished.all()):
+                        break
+
+                input_ids = torch.cat([input_ids, canvas.argmax], dim=-1)
+                finished_rows = self._commit_canvas(input_ids, finished_rows, stops, eos, config.pad_token_id,
+                                                     canvas_length)
+                if streamer is not None:
+                    streamer.put(input_ids[:, -canvas_length:].cpu())
+                if bool(finished_rows.all()):
                     break
+                new_tokens = input_ids[:, -canvas_length:]
+                attention_mask = decoder_mask
+                encoder_positions = decoder_positions
 
-            input_ids = torch.cat([input_ids, canvas.argmax], dim=-1)
-            finished_rows = self._commit_canvas(input_ids, finished_rows, stops, eos, config.pad_token_id,
-                                                 canvas_length)
             if streamer is not None:
-                streamer.put(input_ids[:, -canvas_length:].cpu())
-            if bool(finished_rows.all()):
-                break
-            new_tokens = input_ids[:, -canvas_length:]
-            attention_mask = decoder_mask
-            encoder_positions = decoder_positions
-
-        if streamer is not None:
-            streamer.end()
-        if graphed is not None:
-            if past_key_values is not None or config.return_dict_in_generate:
+                streamer.end()
+            if graphed is not None and (past_key_values is not None or config.return_dict_in_generate):
                 # As without graphs, a caller's cache goes on to hold the conversation.
                 cache = cache.to_dynamic(past_key_values)
-            graphed.lock.release()
+        finally:
+            if graphed is not None:
+                # Also when the call fails (a streamer's or a stopping criterion's error, an interrupt): the
+                # next call of this shape then reuses the graphs instead of capturing its own.
+                graphed.lock.release()
         if not config.return_dict_in_generate:
             return input_ids
         generated = input_ids[:, prompt_length:]

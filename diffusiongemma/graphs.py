@@ -158,9 +158,9 @@ HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def graphed_passes(model, batch: int, tokens: int) -> GraphedPasses:
     """The model's `GraphedPasses` for `batch` rows and at least `tokens` committed tokens, locked for the
-    caller, who releases it when done: the one it holds if that fits, its weights have not moved and no
-    other call is using it (or failed while it did), else a new one in its place. Capacities are powers of
-    two, so that calls of about the same length share one."""
+    caller, who releases it when done, failed or not: the one it holds if that fits, its weights have not
+    moved and no other call is using it, else a new one in its place. Capacities are powers of two, so that
+    calls of about the same length share one."""
     capacity = 1 << max(tokens - 1, 0).bit_length()
     key = (batch, capacity, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
     held = HELD.get(model)

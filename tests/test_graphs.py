@@ -401,7 +401,7 @@ def test_the_static_cache_gives_the_numbers_of_the_dynamic_one(case):
 
 
 def test_a_call_never_shares_the_graphs_another_call_is_using(stand_in_graphs):
-    """A second call while the first holds the graphs (another thread, or a call that failed) gets its own."""
+    """A second call while the first holds the graphs (in another thread) gets its own."""
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
     generate(model, prompt, 0, max_new_tokens=8, max_denoising_steps=2)
@@ -412,6 +412,32 @@ def test_a_call_never_shares_the_graphs_another_call_is_using(stand_in_graphs):
     assert_replays_are_eager(model, prompt, 0, max_new_tokens=8, max_denoising_steps=2)
     assert graphs.HELD[model] is not held and len(stand_in_graphs) == 4
     assert not graphs.HELD[model].lock.locked()
+
+
+class FailingStreamer(LogitsDrafts):
+    """Fails on the draft of its `fails_at`-th step."""
+
+    def __init__(self, fails_at: int):
+        super().__init__()
+        self.fails_at = fails_at
+
+    def put_draft(self, logits):
+        super().put_draft(logits)
+        if len(self.drafts) == self.fails_at:
+            raise RuntimeError("the streamer failed")
+
+
+def test_a_call_that_fails_leaves_the_graphs_to_the_next(stand_in_graphs):
+    model = tiny_model()
+    prompt = torch.tensor([[3, 4, 5], [9, 8, 7]])
+    settings = dict(max_new_tokens=8, max_denoising_steps=2)
+    # On the second canvas's first step: both passes were captured.
+    with pytest.raises(RuntimeError, match="the streamer failed"):
+        generate(model, prompt, 0, streamer=FailingStreamer(fails_at=3), **settings)
+    held = graphs.HELD[model]
+    assert not held.lock.locked() and len(graph_roles(model)["commit"]) == 1
+    assert_replays_are_eager(model, prompt, 0, **settings)
+    assert graphs.HELD[model] is held and len(stand_in_graphs) == 2
 
 
 @pytest.mark.parametrize("queries_masked_apart", [False, True])
