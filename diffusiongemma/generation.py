@@ -401,8 +401,8 @@ class GenerationMixin:
                 noise = sampler.initialize_canvas(batch, device)
                 start = model_kwargs.pop("decoder_input_ids", noise)
                 canvas = DenoisingState(current=start, argmax=start,
-                                 self_conditioning_logits=model_kwargs.pop("self_conditioning_logits", None),
-                                 finished=torch.zeros(batch, dtype=torch.bool, device=device))
+                                        self_conditioning_logits=model_kwargs.pop("self_conditioning_logits", None),
+                                        finished=torch.zeros(batch, dtype=torch.bool, device=device))
                 if adaptive_stop is not None:
                     adaptive_stop.reset()
                 if graphed is None:
