@@ -8,8 +8,9 @@ the ratio, our eager step (`cuda_graphs=False`) at batch 1 and whether it gives 
 our step with torch's sampler (`fused_sampler=False`) at batch 1 and 8, how often an eager step waits for
 the device, one decoder pass eager, captured and replayed (what a step spends outside the replay is the
 sampler's), a canvas's commit captured and replayed, a replayed pass with the RMS norms computed three ways
-(the engine's Triton kernel, the reference's composite, torch's `F.rms_norm`), and the kernels a step spends
-its device time in. A part that fails records its error and the others still run. `--tiny` runs the same
+(the engine's Triton kernel, the reference's composite, torch's `F.rms_norm`) and with the experts' products
+computed two ways (the engine's Triton kernel, torch's `F.grouped_mm`), and the kernels a step spends its
+device time in. A part that fails records its error and the others still run. `--tiny` runs the same
 script on a small config (any device) to check it.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record] [--without-triton]
@@ -176,18 +177,12 @@ def pass_times(model, vocab: int, repeats: int) -> str:
 
 
 @torch.no_grad()
-def norm_variants(model, vocab: int, repeats: int) -> str:
-    """One replayed batch-1 pass with each way of computing the RMS norms (CUDA only): the engine's one
-    Triton kernel per norm, the reference's six to eight kernels (its bits), and torch's `F.rms_norm`; and
-    how far the engine's logits move from the reference-bits ones."""
+def pass_variants(model, vocab: int, repeats: int, part: str, variants: dict) -> str:
+    """One replayed batch-1 pass with each way of computing `part` (CUDA only): `variants` maps a name to the
+    patches (owner, attribute, value) its capture runs under, the engine's way first and the way the
+    reference computes it second; and how far the engine's logits move from the second's."""
     passes, canvas, self_conditioning = graphed_passes(model, vocab)
     cuda = torch.device("cuda")
-    variants = {
-        "one Triton kernel (the engine)": (),
-        "as the reference writes them": ((fused, "usable", lambda device: False),),
-        "torch's `F.rms_norm`": ((layers, "rms_norm", lambda x, weight, eps: F.rms_norm(
-            x, (x.shape[-1],), weight, eps)),),
-    }
     logits, replay = {}, {}
     for name, patches in variants.items():
         passes.decoders.clear()
@@ -197,12 +192,25 @@ def norm_variants(model, vocab: int, repeats: int) -> str:
             passes.decode(canvas, self_conditioning, soft_capped=True)
         replay[name] = seconds(cuda, lambda: passes.decode(canvas, self_conditioning, soft_capped=True), repeats)
         logits[name] = passes.decode(canvas, self_conditioning, soft_capped=True).clone()
-    ours, theirs = logits["one Triton kernel (the engine)"], logits["as the reference writes them"]
+    ours, theirs = list(logits.values())[:2]
     moved = (ours - theirs).abs().max().item()
     same_argmax = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     times = "; ".join(f"{name}: {1000 * seconds_:.2f} ms" for name, seconds_ in replay.items())
-    return (f"A replayed batch-1 pass with the norms computed as {times}. The engine's logits differ from the "
-            f"reference-bits ones by up to {moved:.3g} and keep their argmax at {same_argmax:.1%} of positions.")
+    return (f"A replayed batch-1 pass with {part} computed as {times}. The engine's logits differ from the "
+            f"second's by up to {moved:.3g} and keep their argmax at {same_argmax:.1%} of positions.")
+
+
+NORMS = {
+    "one Triton kernel (the engine)": (),
+    "as the reference writes them (its bits)": ((fused, "usable", lambda device: False),),
+    "torch's `F.rms_norm`": ((layers, "rms_norm", lambda x, weight, eps: F.rms_norm(x, (x.shape[-1],), weight,
+                                                                                     eps)),),
+}
+EXPERTS = {
+    "one Triton kernel (the engine)": (),
+    "torch's `F.grouped_mm`, as the reference": ((fused, "grouped_linear", lambda x, weight, ends: F.grouped_mm(
+        x, weight.transpose(-2, -1), offs=ends)),),
+}
 
 
 @torch.no_grad()
@@ -268,7 +276,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a small config, to check the script anywhere")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     parser.add_argument("--without-triton", action="store_true",
-                        help="torch's operations in place of the fused Triton kernels (norms and sampler)")
+                        help="torch's operations in place of the fused Triton kernels (norms, experts, sampler)")
     args = parser.parse_args()
     if args.without_triton:
         fused.usable = lambda device: False
@@ -345,7 +353,8 @@ def main() -> None:
     part("ours vs reference", captured_steps)
     part("CUDA graphs", graph_checks)
     if device.type == "cuda" and not args.without_triton:
-        part("RMS norms", lambda: norm_variants(ours, vocab, repeats))
+        part("RMS norms", lambda: pass_variants(ours, vocab, repeats, "the RMS norms", NORMS))
+        part("experts' products", lambda: pass_variants(ours, vocab, repeats, "the experts' products", EXPERTS))
     part("where a batch-1 step's time goes",
          lambda: f"{kernel_times(ours, device, vocab)}\n\nTorch profiler over one canvas.")
 

@@ -1,7 +1,8 @@
 """Fused CUDA kernels, written in Triton (`triton_kernels.py`), and when they run: the sampler's
 vocabulary-sized work of a denoising step (`denoise`), the softmax of the self-conditioning input
-(`softmax`) and the RMS norm (`rms_norm`). They give up the reference's last bits on CUDA for speed; on
-the CPU nothing here runs and the engine keeps them.
+(`softmax`), the RMS norm (`rms_norm`) and the experts' products (`grouped_linear`). They give up the
+reference's last bits on CUDA for speed; on the CPU nothing here runs and the engine keeps them. Those in
+the model's pass run only where autograd records nothing (`takes`); training runs torch's operations.
 
 The sampler. Unfused, the step after the LM head reads or writes a float32 tensor of the logits' size about
 forty times: soft-capping (a cast, a division, tanh, a product), the temperature, the softmax,
@@ -31,14 +32,24 @@ dtype: 3.2 GB.
 The RMS norm. Written as the reference writes it, a norm is six to eight kernels (casts, a square, a mean,
 a sum, a power, products); a layer has eleven, about half of a decoder pass's kernels. In a CUDA graph each
 small kernel still costs a few microseconds, and an eager pass, or a capture, pays for every launch. One
-kernel per norm computes the same formula, with the sum in another order. It runs only where autograd
-records nothing; training runs the composite, which autograd can differentiate.
+kernel per norm computes the same formula, with the sum in another order.
+
+The experts' products. At batch 1 a step's 256 canvas tokens go to about 62 of each layer's 128 experts,
+some 33 rows each, so the products read about 22 GB of expert weights per step for little arithmetic: they
+are bound by memory, and the floor is about 5 ms on an H200. `F.grouped_mm`, which the reference uses,
+reached a third of the bandwidth in its profile (REFERENCE.md section 5). The kernel cuts each expert's
+rows into blocks of 64 (at batch 1 most experts have one) and each block's outputs into columns of 64; the
+programs of one block run side by side, read its rows from cache and each their own slice of the weight, so
+that an expert's weight is read once per block of rows. The grid is sized for the most blocks any routing
+can make, with no count read back to the host, so that a CUDA graph can hold it; the products accumulate in
+float32, as cuBLAS's do, in their own order.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -48,6 +59,10 @@ from .sampler import SAMPLING
 SAMPLINGS = {name: code for code, name in enumerate(SAMPLING)}
 # Columns one program handles at a time: 16 float32 values per thread at 8 warps.
 _BLOCK = 4096
+# The experts' products: rows per block (at batch 1 an expert gets some 33) and output columns per program.
+# Fixed, not chosen per call, so that the kernel compiles once, in the eager pass before the first capture,
+# and never inside a capture.
+_ROWS, _COLUMNS = 64, 64
 
 
 @functools.cache
@@ -55,9 +70,22 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _interpreted() -> bool:
+    # Triton's interpreter (the tests) multiplies bfloat16 tiles wrongly: its products then run in float32,
+    # which gives what a GPU's bfloat16 products accumulated in float32 give, to rounding.
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def usable(device: torch.device) -> bool:
     """Whether the fused kernels run on `device`: CUDA, with Triton installed (torch's CUDA builds bring it)."""
     return device.type == "cuda" and _triton_installed()
+
+
+def takes(*tensors: torch.Tensor | None) -> bool:
+    """Whether an operation on these tensors runs as a fused kernel: on a device where the kernels run, where
+    autograd records nothing (training runs torch's operations, which autograd can differentiate)."""
+    given = [tensor for tensor in tensors if tensor is not None]
+    return usable(given[0].device) and not (torch.is_grad_enabled() and any(t.requires_grad for t in given))
 
 
 def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor | None, sampling: str,
@@ -122,4 +150,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     rms_norm_kernel[(triton.cdiv(rows, per_program),)](
         x, x if weight is None else weight, out, rows, width, eps, HAS_WEIGHT=weight is not None,
         ROWS=per_program, BLOCK=block, num_warps=min(max(block * per_program // 512, 1), 8))
+    return out
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """`layers._grouped_linear` in one kernel (see above): rows of x [rows, in] sorted by expert, `ends` [E]
+    (int32) where each expert's rows end, times their expert's weight [E, out, in] transposed."""
+    import triton
+
+    from .triton_kernels import grouped_linear_kernel
+
+    rows, inner = x.shape
+    experts, width, _ = weight.shape
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    block_ends = torch.cumsum(torch.div(counts + _ROWS - 1, _ROWS, rounding_mode="floor"), 0, dtype=torch.int32)
+    # Any routing makes at most this many blocks of rows; the programs past the last one return at once.
+    blocks = triton.cdiv(rows, _ROWS) + experts
+    grouped_linear_kernel[(blocks * triton.cdiv(width, _COLUMNS),)](
+        x, weight, out, ends, block_ends, experts, width, inner, EXPERTS=triton.next_power_of_2(experts),
+        BLOCK_M=_ROWS, BLOCK_N=_COLUMNS, BLOCK_K=64, IN_FLOAT32=x.dtype == torch.float32 or _interpreted())
     return out

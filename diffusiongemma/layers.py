@@ -15,8 +15,7 @@ from .config import AttentionShape, DiffusionGemmaTextConfig
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     # On CUDA one kernel where autograd records nothing (see `fused.py`); its last bits are its own.
-    if fused.usable(x.device) and not (torch.is_grad_enabled()
-                                       and (x.requires_grad or (weight is not None and weight.requires_grad))):
+    if fused.takes(x, weight):
         return fused.rms_norm(x, weight, eps)
     # float32 throughout, and pow(-0.5) rather than rsqrt: the reference's exact formula. It casts x twice
     # and the weight once; casting x once, and letting the product promote a 16-bit weight to float32
@@ -145,6 +144,9 @@ class Router(nn.Module):
 
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of x, sorted by expert, times their expert's weight [E, out, in] transposed."""
+    # On CUDA one kernel where autograd records nothing (see `fused.py`).
+    if fused.takes(x, weight):
+        return fused.grouped_linear(x, weight, ends)
     if hasattr(F, "grouped_mm"):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=ends)
     out = x.new_empty(x.shape[0], weight.shape[1])

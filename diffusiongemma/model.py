@@ -318,7 +318,7 @@ class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):
     def soft_embeddings(self, logits: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The expected embedding under softmax(logits), scaled like a token embedding."""
         weight = self.backbone.embed_tokens.weight
-        if fused.usable(logits.device) and not (torch.is_grad_enabled() and logits.requires_grad):
+        if fused.takes(logits):
             # One kernel on CUDA (see `fused.py`), where autograd records nothing.
             probs = fused.softmax(logits, weight.dtype)
         else:

@@ -1,6 +1,7 @@
-"""Triton kernels for CUDA (`fused.py` says when they run): the sampler's vocabulary-sized work and the RMS
-norm. A module of its own because importing Triton takes time that a run without CUDA need not spend. Under
-TRITON_INTERPRET=1 (the tests) Triton's interpreter runs them on CPU tensors."""
+"""Triton kernels for CUDA (`fused.py` says when they run): the sampler's vocabulary-sized work, the RMS
+norm, the self-conditioning input's softmax and the experts' products. A module of its own because importing
+Triton takes time that a run without CUDA need not spend. Under TRITON_INTERPRET=1 (the tests) Triton's
+interpreter runs them on CPU tensors."""
 
 import triton
 import triton.language as tl
@@ -138,3 +139,43 @@ def softmax_kernel(x, out, width, BLOCK: tl.constexpr):
         inside = index < width
         values = tl.load(x + first + index, mask=inside, other=float("-inf")).to(tl.float32)
         tl.store(out + first + index, (tl.exp(values - row_top) / row_total).to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def grouped_linear_kernel(x, weight, out, ends, block_ends, experts, n, k, EXPERTS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          IN_FLOAT32: tl.constexpr):
+    # A program computes BLOCK_N output columns of one block of BLOCK_M rows, which are one expert's. Programs
+    # of one block come one after another, so those that run side by side read the same rows from cache
+    # and each reads its own slice of the expert's weight, once. A block past the last expert's returns at
+    # once: the grid is sized for the most blocks any routing can make.
+    column_blocks = tl.cdiv(n, BLOCK_N)
+    block = tl.program_id(0) // column_blocks
+    # The expert is the first whose blocks end after this one (EXPERTS: their number, to a power of two).
+    everyone = tl.arange(0, EXPERTS)
+    expert = tl.sum((tl.load(block_ends + everyone, mask=everyone < experts, other=block + 1) <= block).to(tl.int32),
+                    axis=0)
+    if expert < experts:
+        first_row = tl.load(ends + expert - 1, mask=expert > 0, other=0)
+        end_row = tl.load(ends + expert)
+        first_block = tl.load(block_ends + expert) - tl.cdiv(end_row - first_row, BLOCK_M)
+        rows = first_row + (block - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+        columns = (tl.program_id(0) % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_inside, columns_inside = rows < end_row, columns < n
+        rows, columns = rows.to(tl.int64), columns.to(tl.int64)
+        # The expert's weight is [n, k]: a [BLOCK_K, BLOCK_N] tile of its transpose.
+        expert_weight = weight + expert.to(tl.int64) * n * k
+        total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for start in range(0, k, BLOCK_K):
+            inner = start + tl.arange(0, BLOCK_K)
+            inner_inside = inner < k
+            a = tl.load(x + rows[:, None] * k + inner[None, :], mask=rows_inside[:, None] & inner_inside[None, :],
+                        other=0.0)
+            b = tl.load(expert_weight + columns[None, :] * k + inner[:, None],
+                        mask=columns_inside[None, :] & inner_inside[:, None], other=0.0)
+            if IN_FLOAT32:
+                total = tl.dot(a.to(tl.float32), b.to(tl.float32), total, input_precision="ieee")
+            else:
+                total = tl.dot(a, b, total)
+        tl.store(out + rows[:, None] * n + columns[None, :], total.to(out.dtype.element_ty),
+                 mask=rows_inside[:, None] & columns_inside[None, :])

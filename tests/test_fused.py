@@ -1,6 +1,7 @@
 """The fused CUDA kernels (`fused.py`), run by Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1). The sampler: the unfused step's values, random stream and tokens, and `generate` and
-`serve` with it in place of the unfused step. The RMS norm: the composite's values, and a model's logits."""
+`serve` with it in place of the unfused step. The RMS norm and the experts' grouped products: the composites'
+values, and a model's logits."""
 
 import queue
 
@@ -214,24 +215,47 @@ def test_rms_norm_gives_the_composites_values(shape, dtype, with_weight):
                                atol=0)
 
 
+@pytest.mark.parametrize("counts, dtype", [
+    # An expert with more rows than a block (two blocks), experts with none, 100 columns (two blocks) and 70
+    # inputs (two blocks, the second partial).
+    ((0, 0, 5, 0, fused._ROWS + 6, 1, 0, 2), torch.float32),
+    ((3, 0, 17, 4), torch.bfloat16),
+    ((0, 0, 0), torch.float32),
+])
+def test_grouped_linear_gives_each_experts_product(counts, dtype):
+    source = torch.Generator().manual_seed(len(counts))
+    x = torch.randn(sum(counts), 70, generator=source).to(dtype)
+    weight = torch.randn(len(counts), 100, 70, generator=source).to(dtype)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    out = fused.grouped_linear(x, weight, ends)
+    expected = torch.cat([rows.float() @ weight[expert].float().t()
+                          for expert, rows in enumerate(x.split(list(counts)))])
+    assert out.dtype == dtype and out.shape == (sum(counts), 100)
+    # bfloat16: one rounding of a float32 sum, to nearest on a GPU and by truncation in the interpreter.
+    torch.testing.assert_close(out.float(), expected, rtol=1e-5 if dtype == torch.float32 else 2 ** -7,
+                               atol=1e-5)
+
+
 def test_a_model_takes_the_fused_kernels_where_autograd_records_nothing(monkeypatch):
-    """The norms and the self-conditioning input's softmax."""
+    """The norms, the experts' products and the self-conditioning input's softmax."""
     model = randomize(tiny_model())
     prompt, canvas = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[7, 8, 9, 10]])
     signal = 4 * torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=signal).logits
-    calls, norm, softmax = [], fused.rms_norm, fused.softmax
+    calls, norm, softmax, grouped_linear = [], fused.rms_norm, fused.softmax, fused.grouped_linear
     monkeypatch.setattr(fused, "usable", lambda device: True)
     monkeypatch.setattr(fused, "rms_norm", lambda *args: calls.append("norm") or norm(*args))
     monkeypatch.setattr(fused, "softmax", lambda *args: calls.append("softmax") or softmax(*args))
+    monkeypatch.setattr(fused, "grouped_linear", lambda *args: calls.append("experts") or grouped_linear(*args))
     with torch.no_grad():
         logits = model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=signal).logits
-    assert set(calls) == {"norm", "softmax"}
+    assert set(calls) == {"norm", "softmax", "experts"}
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     # Training: autograd records the composites, and gradients reach the norms' weights and the logits.
     calls.clear()
     signal.requires_grad_(True)
     model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=signal).logits.sum().backward()
-    assert not calls and model.model.backbone.layers[0].input_layernorm.weight.grad is not None
+    layer = model.model.backbone.layers[0]
+    assert not calls and layer.input_layernorm.weight.grad is not None and layer.experts.down_proj.grad is not None
     assert signal.grad is not None

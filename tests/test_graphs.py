@@ -197,7 +197,7 @@ def test_replayed_passes_give_the_eager_tokens_and_logits(stand_in_graphs, name)
 
 
 # A CUDA graph records a Triton kernel's launch like any other; the stand-in records what torch dispatches,
-# so here the fused norm is a custom operator, recorded and replayed whole.
+# so here each fused kernel of the pass is a custom operator, recorded and replayed whole.
 @torch.library.custom_op("diffusiongemma_tests::rms_norm", mutates_args=())
 def dispatched_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     return fused_rms_norm(x, weight, eps)
@@ -214,19 +214,29 @@ def dispatched_softmax(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 fused_softmax = fused.softmax
 
 
+@torch.library.custom_op("diffusiongemma_tests::grouped_linear", mutates_args=())
+def dispatched_grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return fused_grouped_linear(x, weight, ends)
+
+
+fused_grouped_linear = fused.grouped_linear
+
+
 def test_replayed_passes_with_the_fused_kernels(stand_in_graphs, monkeypatch):
-    """The step as it runs on CUDA: replayed passes with the fused norms and the self-conditioning input's
-    fused softmax in them, and the fused sampler's kernel in place of torch's sampling operations, whose
+    """The step as it runs on CUDA: replayed passes with the fused norms, the experts' fused products and the
+    self-conditioning input's fused softmax in them, and the fused sampler's kernel in place of torch's sampling operations, whose
     self-conditioning output a replay reads (under Triton's interpreter)."""
     calls, denoise = [], fused.denoise
     monkeypatch.setattr(fused, "usable", lambda device: True)
     monkeypatch.setattr(fused, "denoise", lambda *args: calls.append(args[3]) or denoise(*args))
     monkeypatch.setattr(fused, "rms_norm", lambda *args: calls.append("norm") or dispatched_rms_norm(*args))
     monkeypatch.setattr(fused, "softmax", lambda *args: calls.append("softmax") or dispatched_softmax(*args))
+    monkeypatch.setattr(fused, "grouped_linear",
+                        lambda *args: calls.append("experts") or dispatched_grouped_linear(*args))
     model = tiny_model()
     prompt = torch.tensor([[3, 4, 5], [9, 8, 7], [20, 30, 40]])
     eager = assert_replays_are_eager(model, prompt, 1, **SETTINGS["adaptive stopping"])
-    assert {"norm", "softmax", "multinomial"} <= set(calls)
+    assert {"norm", "softmax", "experts", "multinomial"} <= set(calls)
     assert len(set(eager.tokens_per_forward.tolist())) > 1
 
 
