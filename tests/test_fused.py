@@ -1,12 +1,17 @@
 """The fused CUDA kernels (`fused.py`), run by Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1). The sampler: the unfused step's values, random stream and tokens, and `generate` and
 `serve` with it in place of the unfused step. The RMS norm and the experts' grouped products: the composites'
-values, and a model's logits."""
+values, and a model's logits. And every launch compiled for a GPU (sm90), which the interpreter never does."""
 
+import json
+import os
 import queue
+import subprocess
+import sys
 
 import pytest
 import torch
+import triton
 from conftest import randomize, tiny_model
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion, fused, layers
@@ -259,3 +264,91 @@ def test_a_model_takes_the_fused_kernels_where_autograd_records_nothing(monkeypa
     layer = model.model.backbone.layers[0]
     assert not calls and layer.input_layernorm.weight.grad is not None and layer.experts.down_proj.grad is not None
     assert signal.grad is not None
+
+
+
+# How a launch's arguments look to Triton's compiler.
+POINTERS = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64",
+            torch.int8: "*i8"}
+
+
+def launches(monkeypatch, calls) -> list:
+    """(kernel's name, signature, constexprs) of each kernel launch the `calls` make, recorded instead of run."""
+    from diffusiongemma import triton_kernels
+
+    made = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.params = triton.JITFunction(kernel.fn).params
+            self.name = kernel.fn.__name__
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                given = dict(zip([p.name for p in self.params], args)) | kwargs
+                signature, constexprs = {}, {}
+                for param in self.params:
+                    value = given[param.name]
+                    if param.is_constexpr:
+                        constexprs[param.name] = value
+                        signature[param.name] = "constexpr"
+                    else:
+                        signature[param.name] = (POINTERS[value.dtype] if isinstance(value, torch.Tensor) else
+                                                 "fp32" if isinstance(value, float) else "i32")
+                made.append((self.name, signature, constexprs))
+            return launch
+
+    for name in ("denoise_kernel", "rms_norm_kernel", "softmax_kernel", "grouped_linear_kernel"):
+        monkeypatch.setattr(triton_kernels, name, Recorder(getattr(triton_kernels, name)))
+    # The launch a GPU gets: bfloat16 products (the interpreter's stand-in multiplies in float32).
+    monkeypatch.setattr(fused, "_interpreted", lambda: False)
+    for call in calls:
+        call()
+    return made
+
+
+def bf16(*shape):
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+LAUNCHES = [
+    lambda: fused.denoise(bf16(2, 3, 1000), 30.0, torch.tensor(0.7), "multinomial", None, bf16(2, 3, 1000),
+                          torch.tensor([[True], [False]])),
+    lambda: fused.denoise(bf16(2, 3, 1000), None, None, "inverse_cdf", None, bf16(2, 3, 1000)),
+    lambda: fused.denoise(bf16(2, 3, 1000), 30.0, None, "argmax", None, bf16(2, 3, 1000)),
+    lambda: fused.rms_norm(bf16(4, 256), bf16(256), 1e-6),
+    lambda: fused.rms_norm(bf16(4, 2, 128), None, 1e-6),
+    lambda: fused.softmax(bf16(3, 1000), torch.bfloat16),
+    lambda: fused.grouped_linear(bf16(24, 256), bf16(8, 192, 256),
+                                 torch.tensor([3, 3, 9, 9, 12, 20, 24, 24], dtype=torch.int32)),
+]
+
+# Run without the interpreter, which turns even triton.language's own helpers into Python.
+COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from diffusiongemma import triton_kernels
+for name, signature, constexprs in json.load(sys.stdin):
+    source = ASTSource(fn=getattr(triton_kernels, name), signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    print(name, bool(compiled.asm["cubin"]), "wgmma" in compiled.asm["ptx"])
+"""
+
+
+def test_the_kernels_compile_for_hopper_gpus_as_launched(monkeypatch, tmp_path):
+    """Triton's interpreter runs a kernel as Python: what a GPU's compiler refuses (a shape, a type, an
+    operation it lacks) shows only when compiled. Each launch `fused.py` makes is compiled here for sm90,
+    the H100 and H200, as it would be on first use there; compiling needs no GPU."""
+    made = launches(monkeypatch, LAUNCHES)
+    assert {name for name, _, _ in made} == {"denoise_kernel", "rms_norm_kernel", "softmax_kernel",
+                                              "grouped_linear_kernel"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(made), env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = [line.split() for line in result.stdout.splitlines()]
+    assert [(name, cubin) for name, cubin, _ in compiled] == [(name, "True") for name, _, _ in made]
+    # The experts' products run on the tensor cores, in Hopper's warp-group instructions.
+    assert all(wgmma == "True" for name, _, wgmma in compiled if name == "grouped_linear_kernel")
