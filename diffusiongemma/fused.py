@@ -164,11 +164,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     experts, width, _ = weight.shape
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    block_ends = torch.cumsum(torch.div(counts + _ROWS - 1, _ROWS, rounding_mode="floor"), 0, dtype=torch.int32)
     # Any routing makes at most this many blocks of rows; the programs past the last one return at once.
     blocks = triton.cdiv(rows, _ROWS) + experts
     grouped_linear_kernel[(blocks * triton.cdiv(width, _COLUMNS),)](
-        x, weight, out, ends, block_ends, experts, width, inner, EXPERTS=triton.next_power_of_2(experts),
+        x, weight, out, ends, experts, width, inner, EXPERTS=triton.next_power_of_2(experts),
         BLOCK_M=_ROWS, BLOCK_N=_COLUMNS, BLOCK_K=64, IN_FLOAT32=x.dtype == torch.float32 or _interpreted())
     return out

@@ -142,7 +142,7 @@ def softmax_kernel(x, out, width, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def grouped_linear_kernel(x, weight, out, ends, block_ends, experts, n, k, EXPERTS: tl.constexpr,
+def grouped_linear_kernel(x, weight, out, ends, experts, n, k, EXPERTS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           IN_FLOAT32: tl.constexpr):
     # A program computes BLOCK_N output columns of one block of BLOCK_M rows, which are one expert's. Programs
@@ -151,14 +151,21 @@ def grouped_linear_kernel(x, weight, out, ends, block_ends, experts, n, k, EXPER
     # once: the grid is sized for the most blocks any routing can make.
     column_blocks = tl.cdiv(n, BLOCK_N)
     block = tl.program_id(0) // column_blocks
-    # The expert is the first whose blocks end after this one (EXPERTS: their number, to a power of two).
+    # Each program works out the blocks from where the experts' rows end (EXPERTS: the experts' number to a
+    # power of two): a few hundred values, read from cache, where kernels of their own would cost a launch
+    # each. The block's expert is the first whose blocks end after it.
     everyone = tl.arange(0, EXPERTS)
-    expert = tl.sum((tl.load(block_ends + everyone, mask=everyone < experts, other=block + 1) <= block).to(tl.int32),
-                    axis=0)
+    real = everyone < experts
+    row_ends = tl.load(ends + everyone, mask=real, other=0)
+    row_starts = tl.load(ends + everyone - 1, mask=real & (everyone > 0), other=0)
+    blocks = tl.where(real, tl.cdiv(row_ends - row_starts, BLOCK_M), 0)
+    block_ends = tl.cumsum(blocks, axis=0)
+    expert = tl.sum((block_ends <= block).to(tl.int32), axis=0)
     if expert < experts:
-        first_row = tl.load(ends + expert - 1, mask=expert > 0, other=0)
-        end_row = tl.load(ends + expert)
-        first_block = tl.load(block_ends + expert) - tl.cdiv(end_row - first_row, BLOCK_M)
+        mine = everyone == expert
+        first_row = tl.sum(tl.where(mine, row_starts, 0), axis=0)
+        end_row = tl.sum(tl.where(mine, row_ends, 0), axis=0)
+        first_block = tl.sum(tl.where(mine, block_ends - blocks, 0), axis=0)
         rows = first_row + (block - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
         columns = (tl.program_id(0) % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_inside, columns_inside = rows < end_row, columns < n
