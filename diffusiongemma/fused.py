@@ -81,11 +81,12 @@ def usable(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_installed()
 
 
-def takes(*tensors: torch.Tensor | None) -> bool:
-    """Whether an operation on these tensors runs as a fused kernel: on a device where the kernels run, where
-    autograd records nothing (training runs torch's operations, which autograd can differentiate)."""
-    given = [tensor for tensor in tensors if tensor is not None]
-    return usable(given[0].device) and not (torch.is_grad_enabled() and any(t.requires_grad for t in given))
+def takes(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether an operation on x (and `others`, None for absent) runs as a fused kernel: on a device where the
+    kernels run, where autograd records nothing (training runs torch's operations, which it differentiates).
+    The device comes first: on the CPU that is the whole answer."""
+    return usable(x.device) and not (torch.is_grad_enabled()
+                                     and any(t is not None and t.requires_grad for t in (x, *others)))
 
 
 def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor | None, sampling: str,
