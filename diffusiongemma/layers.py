@@ -208,16 +208,18 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, scalar: torch.Tensor,
                 experts_per_row: bool = False):
-        """`experts_per_row`: run the experts once per batch row. How many tokens an expert gets picks the
-        grouped product's kernel on the CPU, so rows that are independent requests must not share one call
-        if each is to get the numbers it gets alone; every other product here is exact row by row."""
+        """`experts_per_row`: rows are independent requests, each to get the numbers it gets alone. How many
+        tokens an expert gets picks `F.grouped_mm`'s kernel, so there each row's experts run in a call of
+        their own. The fused kernel's tiles are fixed and never sum across rows, so one call serves all rows
+        (on CUDA, a launch per layer instead of one per request); every other product here is exact row by
+        row."""
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attend))
         # The dense MLP and the experts read the same residual in parallel.
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, indices = self.router(flat)
         routed = (self.pre_feedforward_layernorm_2(flat), weights, indices)
-        if experts_per_row:
+        if experts_per_row and not fused.takes(flat, self.experts.gate_up_proj):
             moe = torch.cat([self.experts(*row) for row in zip(*(t.split(x.shape[1]) for t in routed))])
         else:
             moe = self.experts(*routed)

@@ -12,7 +12,8 @@ operations together (embedding, self-conditioning MLP, norms, projections, dense
 and the experts run per request inside each layer (`TextBackbone.decode` with a list of caches).
 Attention reads each request's own cache: padding caches of different lengths to one would copy them on
 every step, and the masked keys would change the kernel's summation order. The experts run per request
-because a grouped product's bits depend on how many tokens each expert gets. The batched products give
+because `F.grouped_mm`'s bits depend on how many tokens each expert gets; the fused kernel that replaces
+it on CUDA never sums across rows, so there they run once for all requests. The batched products give
 each token the same bits whatever the number of rows (measured on the CPU, where every row count is a
 multiple of the canvas length; a GPU library may pick another kernel for another row count). What is
 vocabulary-sized runs per request: the self-conditioning signal's expected embedding, the LM head and

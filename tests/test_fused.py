@@ -16,6 +16,7 @@ from conftest import randomize, tiny_model
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion, fused, layers
 from diffusiongemma import scheduler as engine
+from diffusiongemma.cache import KVCache
 from diffusiongemma.presets import write_random_checkpoint
 from diffusiongemma.sampler import sample_tokens, token_entropy
 
@@ -266,6 +267,38 @@ def test_a_model_takes_the_fused_kernels_where_autograd_records_nothing(monkeypa
     assert not calls and layer.input_layernorm.weight.grad is not None and layer.experts.down_proj.grad is not None
     assert signal.grad is not None
 
+
+def test_requests_side_by_side_share_the_fused_experts_and_get_their_numbers_alone(monkeypatch):
+    """The scheduler's pass (one cache per row): with the fused kernel the experts run once per layer for
+    every row, and each row still gets what its pass alone gives."""
+    model = randomize(tiny_model(num_experts=8))
+    config, source = model.config, torch.Generator().manual_seed(6)
+    vocab, length = config.text_config.vocab_size, config.canvas_length
+    caches, canvases, signals, positions = [], [], [], []
+    with torch.no_grad():
+        for prefix in (3, 9, 5):
+            caches.append(KVCache(config.text_config, length))
+            model.model.encoder(input_ids=torch.randint(0, vocab, (1, prefix), generator=source),
+                                past_key_values=caches[-1])
+            canvases.append(torch.randint(0, vocab, (1, length), generator=source))
+            signals.append(None if prefix == 9 else 4 * torch.randn(1, length, vocab, generator=source))
+            positions.append(torch.arange(prefix, prefix + length, dtype=torch.int32)[None])
+    calls, grouped_linear = [], fused.grouped_linear
+    monkeypatch.setattr(fused, "usable", lambda device: True)
+    monkeypatch.setattr(fused, "grouped_linear", lambda *args: calls.append(args[0].shape[0]) or grouped_linear(*args))
+    with torch.no_grad():
+        alone = [model.model.decoder(decoder_input_ids=canvas, past_key_values=[cache], self_conditioning_logits=[signal],
+                                     decoder_position_ids=position).last_hidden_state
+                 for cache, canvas, signal, position in zip(caches, canvases, signals, positions)]
+        calls.clear()
+        together = model.model.decoder(decoder_input_ids=torch.cat(canvases), past_key_values=caches,
+                                       self_conditioning_logits=signals,
+                                       decoder_position_ids=torch.cat(positions)).last_hidden_state
+    top_k = config.text_config.top_k_experts
+    # Two products (gate and up, then down) per layer, each over every row's routed tokens.
+    assert calls == [len(caches) * length * top_k] * (2 * config.text_config.num_hidden_layers)
+    for row, hidden in enumerate(alone):
+        assert torch.equal(together[row:row + 1], hidden), f"row {row} differs from its pass alone"
 
 
 # How a launch's arguments look to Triton's compiler.
