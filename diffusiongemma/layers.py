@@ -211,7 +211,7 @@ class TransformerLayer(nn.Module):
         """`experts_per_row`: rows are independent requests, each to get the numbers it gets alone. How many
         tokens an expert gets picks `F.grouped_mm`'s kernel, so there each row's experts run in a call of
         their own. The fused kernel's tiles are fixed and never sum across rows, so one call serves all rows
-        (on CUDA, a launch per layer instead of one per request); every other product here is exact row by
+        (on CUDA, one call per layer instead of one per request); every other product here is exact row by
         row."""
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attend))
         # The dense MLP and the experts read the same residual in parallel.
