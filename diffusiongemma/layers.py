@@ -219,7 +219,7 @@ class TransformerLayer(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         weights, indices = self.router(flat)
         routed = (self.pre_feedforward_layernorm_2(flat), weights, indices)
-        if experts_per_row and not fused.takes(flat, self.experts.gate_up_proj):
+        if experts_per_row and not fused.takes(routed[0], self.experts.gate_up_proj):
             moe = torch.cat([self.experts(*row) for row in zip(*(t.split(x.shape[1]) for t in routed))])
         else:
             moe = self.experts(*routed)
