@@ -32,7 +32,8 @@ SETTINGS = dict(max_new_tokens=256, max_denoising_steps=16, confidence_threshold
 
 
 def make_checkpoint(folder: str) -> None:
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion as Reference
+    from transformers import DiffusionGemmaConfig
+    from transformers import DiffusionGemmaForBlockDiffusion as Reference
 
     torch.manual_seed(0)
     model = Reference(DiffusionGemmaConfig(text_config=SMALL, vision_config=None, canvas_length=64)).eval()

@@ -36,10 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import record  # noqa: E402
 
 from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
-from diffusiongemma import fused, layers  # noqa: E402
-from diffusiongemma.cache import KVCache  # noqa: E402
-from diffusiongemma.graphs import GraphedPasses  # noqa: E402
-from diffusiongemma.loading import checkpoint_tensors  # noqa: E402
+from diffusiongemma.engine.graphs import GraphedPasses  # noqa: E402
+from diffusiongemma.hf.loading import checkpoint_tensors  # noqa: E402
+from diffusiongemma.kernels import fused  # noqa: E402
+from diffusiongemma.model import layers  # noqa: E402
+from diffusiongemma.model.cache import KVCache  # noqa: E402
 
 RELEASED = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,

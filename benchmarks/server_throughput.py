@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import record  # noqa: E402
 
-from diffusiongemma.presets import write_random_checkpoint  # noqa: E402
+from diffusiongemma.hf.presets import write_random_checkpoint  # noqa: E402
 
 MODEL = "random"  # the server answers whatever model name a request gives
 STARTUP_SECONDS = 120

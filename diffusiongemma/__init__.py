@@ -1,25 +1,19 @@
 """diffusiongemma: a standalone engine for DiffusionGemma block-diffusion language models."""
 
-from .cache import KVCache
-from .config import DiffusionGemmaConfig, DiffusionGemmaTextConfig
-from .generation import DiffusionGemmaGenerationConfig, DiffusionGemmaGenerationOutput
-from .image_processing import ImageProcessor
-from .model import (
-    DiffusionGemmaDecoderModel,
-    DiffusionGemmaEncoderModel,
-    DiffusionGemmaEncoderTextModel,
-    DiffusionGemmaForBlockDiffusion,
-    DiffusionGemmaModel,
-    DiffusionGemmaPreTrainedModel,
+from .engine.generate import (
+    DiffusionGemmaGenerationConfig,
+    DiffusionGemmaGenerationOutput,
 )
-from .processing import AutoProcessor, DiffusionGemmaProcessor
-from .sampler import (
+from .engine.sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
 )
-from .streamers import (
+from .hf.image_processing import ImageProcessor
+from .hf.modeling import DiffusionGemmaForBlockDiffusion
+from .hf.processing import AutoProcessor, DiffusionGemmaProcessor
+from .hf.streamers import (
     BaseStreamer,
     DiffusionIteratorStreamer,
     StreamEvent,
@@ -27,7 +21,16 @@ from .streamers import (
     TextIteratorStreamer,
     TextStreamer,
 )
-from .tokenizer import DiffusionGemmaTokenizer
+from .hf.tokenizer import DiffusionGemmaTokenizer
+from .model.cache import KVCache
+from .model.config import DiffusionGemmaConfig, DiffusionGemmaTextConfig
+from .model.network import (
+    DiffusionGemmaDecoderModel,
+    DiffusionGemmaEncoderModel,
+    DiffusionGemmaEncoderTextModel,
+    DiffusionGemmaModel,
+    DiffusionGemmaPreTrainedModel,
+)
 
 __all__ = [
     "AutoProcessor",

@@ -23,7 +23,11 @@ TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, nu
 
 def tiny_model(canvas_length=4, **text):
     """A small randomly initialised model of our own (no reference needed), the same on every call."""
-    from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
+    from diffusiongemma import (
+        DiffusionGemmaConfig,
+        DiffusionGemmaForBlockDiffusion,
+        DiffusionGemmaTextConfig,
+    )
 
     text = {**dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                    num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=6, num_experts=4,
@@ -70,7 +74,7 @@ def make_reference(text_overrides=None, canvas_length=8, vision=True, seed=0, im
 @pytest.fixture(scope="session")
 def tokenizer_folder(tmp_path_factory):
     """A folder holding the project-made tokenizer (512 ids) and its chat template."""
-    from diffusiongemma.chat_fixture import write_tokenizer
+    from diffusiongemma.hf.chat_fixture import write_tokenizer
 
     folder = tmp_path_factory.mktemp("tokenizer")
     write_tokenizer(folder, 512)
@@ -89,7 +93,9 @@ def reference_checkpoint(tmp_path_factory):
 def reference_processor(tokenizer, folder):
     """The reference's Gemma4Processor for text and images. Built directly, since its audio and video
     processors need torchvision; the chat template comes from the fixture folder."""
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.image_processing_pil_gemma4 import (
+        Gemma4ImageProcessorPil,
+    )
     from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
 
     class TextAndImages(Gemma4Processor):

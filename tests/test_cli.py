@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusiongemma.cli import main
-from diffusiongemma.processing import AutoProcessor
+from diffusiongemma.cli.main import main
+from diffusiongemma.hf.processing import AutoProcessor
 
 CANVAS = 16  # the tiny preset's canvas length
 PROMPT = "Why is the sky blue?"

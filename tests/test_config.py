@@ -8,7 +8,7 @@ import pytest
 from transformers import DiffusionGemmaConfig as RefConfig
 
 from diffusiongemma import DiffusionGemmaConfig, DiffusionGemmaTextConfig
-from diffusiongemma.vision import VisionConfig
+from diffusiongemma.model.vision import VisionConfig
 
 S, F = "sliding_attention", "full_attention"
 

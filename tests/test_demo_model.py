@@ -14,8 +14,8 @@ import torch
 import diffusiongemma
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma.demo import DEMO_HELDOUT, DEMO_MODEL, evaluate_demo
-from diffusiongemma.streamers import StepCounter
-from diffusiongemma.training import initialize_weights
+from diffusiongemma.hf.streamers import StepCounter
+from diffusiongemma.training.trainer import initialize_weights
 
 # The card's accuracy is measured in float32 on one machine; other CPUs may sum in another order.
 ACCURACY_TOLERANCE = 0.01

@@ -15,10 +15,10 @@ import triton
 from conftest import randomize, tiny_model
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion, fused, layers
-from diffusiongemma import scheduler as engine
-from diffusiongemma.cache import KVCache
-from diffusiongemma.presets import write_random_checkpoint
-from diffusiongemma.sampler import sample_tokens, token_entropy
+from diffusiongemma.engine.sampler import sample_tokens, token_entropy
+from diffusiongemma.hf.presets import write_random_checkpoint
+from diffusiongemma.model.cache import KVCache
+from diffusiongemma.serving import scheduler as engine
 
 # Crosses a block boundary of the kernel twice, with a partial last block.
 WIDE = 2 * fused._BLOCK + 37
@@ -308,7 +308,7 @@ POINTERS = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32"
 
 def launches(monkeypatch, calls) -> list:
     """(kernel's name, signature, constexprs) of each kernel launch the `calls` make, recorded instead of run."""
-    from diffusiongemma import triton_kernels
+    from diffusiongemma.kernels import triton_kernels
 
     made = []
 
@@ -363,7 +363,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from diffusiongemma import triton_kernels
+from diffusiongemma.kernels import triton_kernels
 for name, signature, constexprs in json.load(sys.stdin):
     source = ASTSource(fn=getattr(triton_kernels, name), signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))

@@ -15,15 +15,21 @@ import weakref
 
 import pytest
 import torch
+from conftest import randomize, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import randomize, tiny_model
-
 from diffusiongemma import DiffusionGemmaGenerationConfig
-from diffusiongemma import fused, generation, graphs
-from diffusiongemma import cache as cache_module
-from diffusiongemma.cache import KVCache, StaticKVCache, decoder_mask, unpadded_from
+from diffusiongemma.engine import generate as generation
+from diffusiongemma.engine import graphs
+from diffusiongemma.kernels import fused
+from diffusiongemma.model import cache as cache_module
+from diffusiongemma.model.cache import (
+    KVCache,
+    StaticKVCache,
+    decoder_mask,
+    unpadded_from,
+)
 
 # Operations a capture cannot hold: reading a value back to the host, or drawing from a generator the
 # graph does not know about.
@@ -454,7 +460,7 @@ def test_a_call_that_fails_leaves_the_graphs_to_the_next(stand_in_graphs):
 def test_folded_attention_is_grouped_query_attention(monkeypatch, queries_masked_apart):
     """Against SDPA's own grouped path, with a mask for all queries (the decoder's) or one per query (the
     encoder's), and with the output layout CUDA's fused kernels return (transposed, not contiguous)."""
-    from diffusiongemma.model import _folded_attention
+    from diffusiongemma.model.network import _folded_attention
 
     generator = torch.Generator().manual_seed(0)
     q, keys, values = (torch.randn(2, heads, length, 8, generator=generator)

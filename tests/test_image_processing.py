@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+from transformers.models.gemma4.image_processing_pil_gemma4 import (
+    Gemma4ImageProcessorPil,
+)
 
-from diffusiongemma.image_processing import ImageProcessor, load_image
+from diffusiongemma.hf.image_processing import ImageProcessor, load_image
 
 
 def random_image(width, height, mode="RGB", seed=0):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from diffusiongemma.layers import RotaryEmbedding, apply_rope
+from diffusiongemma.model.layers import RotaryEmbedding, apply_rope
 
 
 def rotate_half_formula(x, cos, sin):

@@ -17,7 +17,7 @@ from diffusiongemma import (
     DiffusionGemmaGenerationConfig,
     DiffusionGemmaModel,
 )
-from diffusiongemma.loading import checkpoint_tensors
+from diffusiongemma.hf.loading import checkpoint_tensors
 
 ENC = "model.encoder.language_model."
 DEC = "model.decoder."
@@ -561,7 +561,7 @@ def test_peak_memory_of_a_load_is_about_the_checkpoint(tmp_path):
 
 
 def test_a_missing_relative_path_is_not_taken_for_a_hub_id():
-    from diffusiongemma.loading import resolve_folder
+    from diffusiongemma.hf.loading import resolve_folder
 
     with pytest.raises(FileNotFoundError, match=r"no checkpoint folder at \./nope"):
         resolve_folder("./nope")

@@ -9,7 +9,7 @@ from conftest import make_reference
 from PIL import Image
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
-from diffusiongemma.chat_fixture import write_tokenizer
+from diffusiongemma.hf.chat_fixture import write_tokenizer
 
 
 @pytest.fixture(scope="module")

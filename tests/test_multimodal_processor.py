@@ -13,14 +13,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from conftest import reference_processor
-
-from diffusiongemma.processing import DEFAULT_MAX_IMAGES, AutoProcessor, DiffusionGemmaProcessor
-
 import transformers
-from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+from conftest import reference_processor
+from PIL import Image
+from transformers.models.gemma4.image_processing_pil_gemma4 import (
+    Gemma4ImageProcessorPil,
+)
+
+from diffusiongemma.hf.processing import (
+    DEFAULT_MAX_IMAGES,
+    AutoProcessor,
+    DiffusionGemmaProcessor,
+)
 
 
 def random_image(width, height, seed):

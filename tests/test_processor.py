@@ -4,16 +4,18 @@ import json
 
 import pytest
 import torch
+import transformers
+from conftest import reference_processor
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from conftest import reference_processor
-
-from diffusiongemma.chat_fixture import MIN_VOCAB_SIZE, SPECIAL_TOKENS, write_tokenizer
-from diffusiongemma.processing import AutoProcessor, DiffusionGemmaProcessor
-from diffusiongemma.tokenizer import DiffusionGemmaTokenizer
-
-import transformers
+from diffusiongemma.hf.chat_fixture import (
+    MIN_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+    write_tokenizer,
+)
+from diffusiongemma.hf.processing import AutoProcessor, DiffusionGemmaProcessor
+from diffusiongemma.hf.tokenizer import DiffusionGemmaTokenizer
 
 TEXTS = [
     "",

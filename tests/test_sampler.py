@@ -18,8 +18,8 @@ from diffusiongemma import (
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
 )
-from diffusiongemma.cache import encoder_mask
-from diffusiongemma.sampler import token_entropy
+from diffusiongemma.engine.sampler import token_entropy
+from diffusiongemma.model.cache import encoder_mask
 
 
 def test_entropy_by_hand():
@@ -219,7 +219,7 @@ def test_bidirectional_all_mode_masks():
 @pytest.mark.parametrize("method", ["multinomial", "inverse_cdf"])
 def test_sampling_follows_the_distribution(method):
     """Chi-square goodness of fit on a known distribution, with zero-probability tokens never drawn."""
-    from diffusiongemma.sampler import sample_tokens
+    from diffusiongemma.engine.sampler import sample_tokens
 
     probs = torch.tensor([0.5, 0.2, 0.0, 0.15, 0.1, 0.05, 0.0, 0.0])
     torch.manual_seed(0)
@@ -275,10 +275,14 @@ def test_multinomial_from_words_is_torch_multinomial(monkeypatch, top_bounds):
     """The default sampler's tokens and the generator's state afterwards are torch.multinomial's, seed by
     seed: with an explicit generator and with the global one, and with the words drawn before the call.
     With one top bound every call searches whole rows for candidates; with 8 nearly none does."""
-    from diffusiongemma.sampler import draw_multinomial_words, sample_tokens, words_reproduce_multinomial
+    from diffusiongemma.engine.sampler import (
+        draw_multinomial_words,
+        sample_tokens,
+        words_reproduce_multinomial,
+    )
 
     assert words_reproduce_multinomial(), "this torch build draws multinomial samples another way"
-    monkeypatch.setattr("diffusiongemma.sampler._TOP_BOUNDS", top_bounds)
+    monkeypatch.setattr("diffusiongemma.engine.sampler._TOP_BOUNDS", top_bounds)
     for index, probs in enumerate(_distributions()):
         for seed in range(3):
             expected_gen = torch.Generator().manual_seed(seed)
@@ -303,7 +307,11 @@ def test_multinomial_hands_torch_the_cases_it_alone_answers(monkeypatch):
     """A zero variate (u = 0 gives an infinite ratio, or NaN beside a zero probability, which torch's
     argmax would pick) goes back to torch.multinomial from the state before the words; probabilities that
     are not finite get torch's error."""
-    from diffusiongemma.sampler import MultinomialWords, draw_multinomial_words, sample_tokens
+    from diffusiongemma.engine.sampler import (
+        MultinomialWords,
+        draw_multinomial_words,
+        sample_tokens,
+    )
 
     calls = []
     multinomial = torch.multinomial
@@ -336,7 +344,7 @@ def test_words_drawn_ahead_change_nothing(monkeypatch):
     """generate draws each step's words while the decoder runs; the tokens and the global generator's
     state afterwards equal those of sampling with torch.multinomial itself. A caller's logits processor
     that draws random numbers keeps the reference's order (its draw comes before the step's words)."""
-    import diffusiongemma.generation as generation
+    import diffusiongemma.engine.generate as generation
 
     model = tiny_model(canvas_length=8)
     prompt = torch.tensor([[3, 4, 5]])
@@ -353,7 +361,7 @@ def test_words_drawn_ahead_change_nothing(monkeypatch):
     ahead = run()
     ahead_with_processor = run(logits_processor=[drawing_processor])
     monkeypatch.setattr(generation, "samples_from_words", lambda device: False)
-    monkeypatch.setattr("diffusiongemma.sampler.samples_from_words", lambda device: False)
+    monkeypatch.setattr("diffusiongemma.engine.sampler.samples_from_words", lambda device: False)
     for ours, torchs in ((ahead, run()), (ahead_with_processor, run(logits_processor=[drawing_processor]))):
         assert torch.equal(ours[0], torchs[0])
         assert torch.equal(ours[1], torchs[1])
@@ -390,8 +398,8 @@ def test_generate_after_fork():
 def test_a_failing_decoder_leaves_no_draw_running(monkeypatch):
     """When the decoder fails mid-generate, the words drawn for that step are finished before the error
     reaches the caller, so the global generator does not move afterwards."""
-    import diffusiongemma.generation as generation
-    from diffusiongemma.sampler import draw_multinomial_words
+    import diffusiongemma.engine.generate as generation
+    from diffusiongemma.engine.sampler import draw_multinomial_words
 
     def slow_draw(*args):
         time.sleep(0.3)

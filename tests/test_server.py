@@ -23,10 +23,10 @@ import torch
 import uvicorn
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
-from diffusiongemma import scheduler as engine
-from diffusiongemma.cache import KVCache
-from diffusiongemma.presets import write_random_checkpoint
-from diffusiongemma.server import create_app
+from diffusiongemma.hf.presets import write_random_checkpoint
+from diffusiongemma.model.cache import KVCache
+from diffusiongemma.serving import scheduler as engine
+from diffusiongemma.serving.server import create_app
 
 API_KEY = "test-key"
 MODEL = "tiny-random"

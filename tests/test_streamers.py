@@ -7,20 +7,19 @@ import threading
 
 import pytest
 import torch
+import transformers
+from transformers.generation import streamers as reference
 
-from diffusiongemma import streamers
-from diffusiongemma.chat_fixture import write_tokenizer
-from diffusiongemma.streamers import (
+from diffusiongemma.hf import streamers
+from diffusiongemma.hf.chat_fixture import write_tokenizer
+from diffusiongemma.hf.streamers import (
     DiffusionIteratorStreamer,
     StreamEvent,
     TextDiffusionStreamer,
     TextIteratorStreamer,
     TextStreamer,
 )
-from diffusiongemma.tokenizer import DiffusionGemmaTokenizer
-
-import transformers
-from transformers.generation import streamers as reference
+from diffusiongemma.hf.tokenizer import DiffusionGemmaTokenizer
 
 CANVAS = 16
 RESPONSE = "The sky looks blue because air scatters short light, 空气散射 more.\nCafé 😀 and sunsets 🌅 turn red.\n\nThat is all: 日本語 ok"

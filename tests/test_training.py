@@ -9,14 +9,25 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffusiongemma import DiffusionGemmaForBlockDiffusion
-from diffusiongemma.chat_fixture import write_tokenizer
-from diffusiongemma.config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
-from diffusiongemma.generation import DiffusionGemmaGenerationConfig
-from diffusiongemma.lora import LoRALinear, apply_lora, merge_lora
-from diffusiongemma.objective import (
+from diffusiongemma.engine.generate import DiffusionGemmaGenerationConfig
+from diffusiongemma.hf.chat_fixture import write_tokenizer
+from diffusiongemma.hf.processing import AutoProcessor
+from diffusiongemma.model.config import (
+    FULL,
+    SLIDING,
+    DiffusionGemmaConfig,
+    DiffusionGemmaTextConfig,
+)
+from diffusiongemma.training.data import (
+    canvas_examples,
+    collate,
+    epoch_batches,
+    read_chats,
+)
+from diffusiongemma.training.lora import LoRALinear, apply_lora, merge_lora
+from diffusiongemma.training.objective import (
     ObjectiveSettings,
     block_diffusion_loss,
     canvas_loss,
@@ -25,9 +36,12 @@ from diffusiongemma.objective import (
     encode,
     sample_noise_levels,
 )
-from diffusiongemma.processing import AutoProcessor
-from diffusiongemma.training import TrainingConfig, initialize_weights, learning_rate, train
-from diffusiongemma.training_data import canvas_examples, collate, epoch_batches, read_chats
+from diffusiongemma.training.trainer import (
+    TrainingConfig,
+    initialize_weights,
+    learning_rate,
+    train,
+)
 
 CANVAS = 8
 
@@ -356,7 +370,7 @@ def test_gradients_reach_the_encoder_through_the_cache(start_model, data):
 def test_progress_reports_loss_and_tokens_per_second_on_the_steps_it_shows():
     import io
 
-    from diffusiongemma.training import Progress
+    from diffusiongemma.training.trainer import Progress
 
     stream = io.StringIO()
     progress = Progress(total=10, stream=stream)

@@ -7,8 +7,13 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel
 
-from diffusiongemma.image_processing import ImageProcessor
-from diffusiongemma.vision import VisionConfig, VisionEmbedder, VisionTower, embed_images
+from diffusiongemma.hf.image_processing import ImageProcessor
+from diffusiongemma.model.vision import (
+    VisionConfig,
+    VisionEmbedder,
+    VisionTower,
+    embed_images,
+)
 
 TINY = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

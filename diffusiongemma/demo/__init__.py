@@ -16,10 +16,10 @@ def evaluate_demo(folder: str | Path = DEMO_MODEL) -> dict[str, float]:
     """Held-out loss and denoising token accuracy of a model on the demo's held-out chats, in float32 on the CPU."""
     import torch
 
-    from ..model import DiffusionGemmaForBlockDiffusion
-    from ..processing import AutoProcessor
-    from ..training import evaluate
-    from ..training_data import canvas_examples, read_chats
+    from ..hf.modeling import DiffusionGemmaForBlockDiffusion
+    from ..hf.processing import AutoProcessor
+    from ..training.data import canvas_examples, read_chats
+    from ..training.trainer import evaluate
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(folder)

@@ -28,13 +28,16 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-
 from diffusiongemma import DiffusionGemmaForBlockDiffusion
-from diffusiongemma.chat_fixture import write_tokenizer
-from diffusiongemma.config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
-from diffusiongemma.generation import DiffusionGemmaGenerationConfig
-from diffusiongemma.training import initialize_weights
+from diffusiongemma.engine.generate import DiffusionGemmaGenerationConfig
+from diffusiongemma.hf.chat_fixture import write_tokenizer
+from diffusiongemma.model.config import (
+    FULL,
+    SLIDING,
+    DiffusionGemmaConfig,
+    DiffusionGemmaTextConfig,
+)
+from diffusiongemma.training.trainer import initialize_weights
 
 # Modules that open windows or browsers, print on import, or are test suites and tools rather than API.
 SKIPPED = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data", "lib2to3", "test",

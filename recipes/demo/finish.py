@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from build_corpus import SAMPLING
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma.demo import DEMO_HELDOUT, DEMO_MODEL, evaluate_demo
-from diffusiongemma.streamers import StepCounter
+from diffusiongemma.hf.streamers import StepCounter
 
 CARD = """# diffusiongemma demo model
 

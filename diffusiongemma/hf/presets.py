@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ..engine.generate import DiffusionGemmaGenerationConfig
+from ..model.config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
+from ..model.vision import VisionConfig
 from .chat_fixture import write_tokenizer
-from .config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
-from .generation import DiffusionGemmaGenerationConfig
 from .image_processing import SUPPORTED_SOFT_TOKENS, ImageProcessor
-from .model import DiffusionGemmaForBlockDiffusion
-from .vision import VisionConfig
+from .modeling import DiffusionGemmaForBlockDiffusion
 
 # The smallest budget keeps each image's prompt share, and the tower's work on it, small. At this budget an
 # image is at most 3 * 70 = 210 patches long (a strip one pooling block high), so the presets' position tables

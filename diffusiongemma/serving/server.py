@@ -36,11 +36,24 @@ import uuid
 
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException
 
 from . import scheduler as engine
-from .scheduler import Delta, Draft, Failed, Finished, QueueFull, Scheduler, resolve_settings
+from .scheduler import (
+    Delta,
+    Draft,
+    Failed,
+    Finished,
+    QueueFull,
+    Scheduler,
+    resolve_settings,
+)
 
 # How often a non-streaming request looks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
@@ -452,8 +465,8 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
     """Loads the checkpoint and serves it, as `model_name` (default: `model_path`), until interrupted."""
     import uvicorn
 
-    from .model import DiffusionGemmaForBlockDiffusion
-    from .processing import AutoProcessor
+    from ..hf.modeling import DiffusionGemmaForBlockDiffusion
+    from ..hf.processing import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=dtype, device=device).eval()

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from .loading import resolve_folder
+from ..hf.loading import resolve_folder
+from ..hf.modeling import DiffusionGemmaForBlockDiffusion
+from ..hf.processing import AutoProcessor
+from .data import canvas_examples, collate, epoch_batches, read_chats
 from .lora import apply_lora, merge_lora
-from .model import DiffusionGemmaForBlockDiffusion
 from .objective import ObjectiveSettings, block_diffusion_loss, denoising_metrics
-from .processing import AutoProcessor
-from .training_data import canvas_examples, collate, epoch_batches, read_chats
 
 # What a trained model folder needs besides its weights and config.
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

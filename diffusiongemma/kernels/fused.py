@@ -53,7 +53,7 @@ import os
 
 import torch
 
-from .sampler import SAMPLING
+from ..engine.sampler import SAMPLING
 
 # The kernel knows a sampling by its place in `sampler.SAMPLING`: 0 multinomial, 1 inverse_cdf, 2 argmax.
 SAMPLINGS = {name: code for code, name in enumerate(SAMPLING)}

@@ -8,7 +8,15 @@ pipeline is the one `GemmaTokenizer` rebuilds (spaces become "▁", unknown char
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
+from ..kernels import fused
 from .config import AttentionShape, DiffusionGemmaTextConfig
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from . import fused
-from .cache import KVCache, check_cache, check_mask
-from .config import read_json
+from ..kernels import fused
+from ..model.cache import KVCache, check_cache, check_mask
+from ..model.config import read_json
 from .graphs import captures, graphed_passes
 from .sampler import (
     EntropyBoundSampler,
@@ -30,8 +30,8 @@ from .sampler import (
     MultinomialWords,
     StableAndConfidentStoppingCriteria,
     draw_multinomial_words,
-    samples_from_words,
     sample_tokens,
+    samples_from_words,
     token_entropy,
 )
 

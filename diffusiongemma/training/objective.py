@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cache import KVCache
-from .training_data import Batch
+from ..model.cache import KVCache
+from .data import Batch
 
 
 @dataclass(frozen=True)

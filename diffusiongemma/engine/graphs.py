@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .cache import StaticKVCache
+from ..model.cache import StaticKVCache
 
 
 def captures(device: torch.device) -> bool:

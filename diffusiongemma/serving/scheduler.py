@@ -39,16 +39,16 @@ from typing import Callable
 
 import torch
 
-from . import fused
-from .cache import KVCache
-from .generation import DenoisingState, draw_words_in_background
-from .sampler import (
+from ..engine.generate import DenoisingState, draw_words_in_background
+from ..engine.sampler import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
     samples_from_words,
 )
+from ..kernels import fused
+from ..model.cache import KVCache
 
 # Byte-fallback tokens, which the decoder joins with their neighbours into characters.
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

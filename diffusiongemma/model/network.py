@@ -14,10 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
-from .cache import KVCache, StaticKVCache, check_cache, check_mask, decoder_mask, encoder_mask
+from ..kernels import fused
+from .cache import (
+    KVCache,
+    StaticKVCache,
+    check_cache,
+    check_mask,
+    decoder_mask,
+    encoder_mask,
+)
 from .config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
-from .generation import DiffusionGemmaGenerationConfig, GenerationMixin
 from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_norm
 from .vision import VisionConfig, VisionEmbedder, VisionTower, embed_images
 
@@ -206,15 +212,15 @@ class DiffusionGemmaPreTrainedModel(nn.Module):
     def from_pretrained(cls, path_or_repo_id, **kwargs):
         """Loads a checkpoint folder or Hugging Face repo id (`dtype`, `device`, and hub arguments such as
         `revision` or `cache_dir`)."""
-        from .loading import load_pretrained
+        from ..hf.loading import load_pretrained
 
-        if not issubclass(cls, (DiffusionGemmaModel, DiffusionGemmaForBlockDiffusion)):
+        if not issubclass(cls, (DiffusionGemmaModel, BlockDiffusionLM)):
             raise ValueError(f"a checkpoint holds the whole model; load it with DiffusionGemmaForBlockDiffusion "
                              f"or DiffusionGemmaModel, not {cls.__name__}")
         return load_pretrained(cls, path_or_repo_id, **kwargs)
 
     def save_pretrained(self, folder, **kwargs) -> None:
-        from .loading import save_pretrained
+        from ..hf.loading import save_pretrained
 
         save_pretrained(self, folder, **kwargs)
 
@@ -417,13 +423,13 @@ class DiffusionGemmaModel(DiffusionGemmaPreTrainedModel):
         return decoded, past_key_values, encoder_hidden
 
 
-class DiffusionGemmaForBlockDiffusion(GenerationMixin, DiffusionGemmaPreTrainedModel):
-    """DiffusionGemma with its LM head (the embedding matrix) and the block-diffusion `generate`."""
+class BlockDiffusionLM(DiffusionGemmaPreTrainedModel):
+    """DiffusionGemma with its LM head (the embedding matrix). `generate` is the engine's: the public class
+    `DiffusionGemmaForBlockDiffusion` (`hf/modeling.py`) adds it."""
 
     def __init__(self, config: DiffusionGemmaConfig):
         super().__init__(config)
         self.model = DiffusionGemmaModel(config)
-        self.generation_config = DiffusionGemmaGenerationConfig()
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The scores before soft-capping, in the model's dtype."""

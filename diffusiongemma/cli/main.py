@@ -16,18 +16,18 @@ from dataclasses import dataclass
 import jinja2
 import torch
 
-from .cache import KVCache
-from .config import FULL, SLIDING, DiffusionGemmaConfig
-from .demo import DEMO_MODEL
-from .generation import DiffusionGemmaGenerationConfig
-from .image_processing import load_image
-from .loading import INDEX_NAME, WEIGHTS_NAME, resolve_folder
-from .model import DiffusionGemmaForBlockDiffusion
-from .presets import PRESETS, write_random_checkpoint
-from .processing import AutoProcessor, DiffusionGemmaProcessor
-from .sampler import EntropyBoundSamplerConfig
-from .streamers import StepCounter, TextDiffusionStreamer, TextStreamer
-from .vision import VisionConfig, VisionEmbedder, VisionTower
+from ..demo import DEMO_MODEL
+from ..engine.generate import DiffusionGemmaGenerationConfig
+from ..engine.sampler import EntropyBoundSamplerConfig
+from ..hf.image_processing import load_image
+from ..hf.loading import INDEX_NAME, WEIGHTS_NAME, resolve_folder
+from ..hf.modeling import DiffusionGemmaForBlockDiffusion
+from ..hf.presets import PRESETS, write_random_checkpoint
+from ..hf.processing import AutoProcessor, DiffusionGemmaProcessor
+from ..hf.streamers import StepCounter, TextDiffusionStreamer, TextStreamer
+from ..model.cache import KVCache
+from ..model.config import FULL, SLIDING, DiffusionGemmaConfig
+from ..model.vision import VisionConfig, VisionEmbedder, VisionTower
 
 PROG = "diffusiongemma"
 USER_ERRORS = (ValueError, OSError, NotImplementedError, jinja2.TemplateError, torch.OutOfMemoryError)
@@ -356,7 +356,7 @@ def cmd_init_random(args) -> None:
 
 def cmd_serve(args) -> None:
     try:
-        from .server import serve
+        from ..serving.server import serve
     except ImportError as error:
         raise SystemExit(f"{PROG}: error: `serve` needs fastapi and uvicorn: pip install 'diffusiongemma[serve]' "
                          f"({error})") from None
@@ -366,7 +366,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .training import TrainingConfig, train
+    from ..training.trainer import TrainingConfig, train
 
     result = train(TrainingConfig.from_yaml(args.recipe), resume=args.resume)
     final = result["evaluations"][-1] if result["evaluations"] else None

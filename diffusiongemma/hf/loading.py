@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import DiffusionGemmaConfig, read_json
-from .generation import DiffusionGemmaGenerationConfig
+from ..engine.generate import DiffusionGemmaGenerationConfig
+from ..model.config import DiffusionGemmaConfig, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

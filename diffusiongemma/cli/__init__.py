@@ -1,0 +1,5 @@
+"""The `diffusiongemma` command."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Fused CUDA kernels (Triton) and the one policy that says where they run."""
