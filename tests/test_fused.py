@@ -14,9 +14,11 @@ import torch
 import triton
 from conftest import randomize, tiny_model
 
-from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion, fused, layers
+from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma.engine.sampler import sample_tokens, token_entropy
 from diffusiongemma.hf.presets import write_random_checkpoint
+from diffusiongemma.kernels import fused
+from diffusiongemma.model import layers
 from diffusiongemma.model.cache import KVCache
 from diffusiongemma.serving import scheduler as engine
 
