@@ -161,7 +161,7 @@ def pass_times(model, vocab: int, repeats: int) -> str:
     cache = KVCache(model.config.text_config, model.config.canvas_length)
     model.model.encoder(input_ids=torch.randint(3, vocab - 3, (1, 512), device="cuda"), past_key_values=cache)
     positions = torch.arange(512, 512 + model.config.canvas_length, device="cuda")[None]
-    eager = seconds(cuda, lambda: model._decode(cache, None, positions, canvas, self_conditioning, None), repeats)
+    eager = seconds(cuda, lambda: model.decoder_scores(cache, None, positions, canvas, self_conditioning, None), repeats)
 
     def capture_and_replay():
         passes.decoders.clear()

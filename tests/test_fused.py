@@ -168,20 +168,29 @@ def test_the_fused_sampler_gives_way_to_a_logits_processor_and_to_the_switch(mon
     assert "fused_sampler" not in model.generation_config.to_dict()
 
 
-def served(model, tokenizer, prompt: list[int], temperature: float) -> str:
-    scheduler = engine.Scheduler(model, tokenizer, max_batch=2, max_queue=2)
-    scheduler.start()
-    try:
-        events = queue.Queue()
-        settings = engine.resolve_settings(model, len(prompt), max_tokens=12, temperature=temperature, seed=5,
+def served_together(model, tokenizer, requests: list[tuple[list[int], float, int]]) -> list[str]:
+    """The answers to (prompt, temperature, seed) requests submitted at once, so that they share steps."""
+    scheduler = engine.Scheduler(model, tokenizer, max_batch=len(requests), max_queue=len(requests))
+    outcomes = [queue.Queue() for _ in requests]
+    for (prompt, temperature, seed), events in zip(requests, outcomes):
+        settings = engine.resolve_settings(model, len(prompt), max_tokens=12, temperature=temperature, seed=seed,
                                            max_denoising_steps=4)
         scheduler.submit(engine.Request(prompt, settings, events.put))
-        while not isinstance(event := events.get(timeout=30), (engine.Finished, engine.Failed)):
-            pass
+    scheduler.start()
+    texts = []
+    try:
+        for events in outcomes:
+            while not isinstance(event := events.get(timeout=30), (engine.Finished, engine.Failed)):
+                pass
+            assert isinstance(event, engine.Finished), event
+            texts.append(event.text)
     finally:
         scheduler.stop()
-    assert isinstance(event, engine.Finished), event
-    return event.text
+    return texts
+
+
+def served(model, tokenizer, prompt: list[int], temperature: float) -> str:
+    return served_together(model, tokenizer, [(prompt, temperature, 5)])[0]
 
 
 def test_serve_with_the_fused_kernels_gives_the_unfused_answers(monkeypatch, tmp_path):
@@ -194,6 +203,23 @@ def test_serve_with_the_fused_kernels_gives_the_unfused_answers(monkeypatch, tmp
     calls = use_fused_kernels_on_cpu(monkeypatch)
     assert [served(model, tokenizer, prompt, temperature) for temperature in (1.0, 0.0)] == unfused
     assert set(calls) == {"multinomial", "argmax"}
+
+
+def test_served_requests_side_by_side_keep_their_own_temperature_and_random_stream(monkeypatch, tmp_path):
+    """One step samples every request's rows in one kernel call, each row at its own temperature and with
+    its own generator's variates: each answer is the one it gets alone."""
+    write_random_checkpoint(tmp_path, "tiny", seed=0)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path).eval()
+    tokenizer = AutoProcessor.from_pretrained(tmp_path).tokenizer
+    calls = use_fused_kernels_on_cpu(monkeypatch)
+    requests = [(tokenizer.encode("a fused question"), 1.0, 5), (tokenizer.encode("another, longer question"), 0.3, 6),
+                (tokenizer.encode("a third"), 1.7, 7)]
+    alone = [served_together(model, tokenizer, [request])[0] for request in requests]
+    calls.clear()
+    assert served_together(model, tokenizer, requests) == alone
+    assert len(set(alone)) == 3
+    # Fewer kernel calls than request steps: the requests shared them.
+    assert 0 < len(calls) < 3 * 4 * 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from diffusiongemma import DiffusionGemmaGenerationConfig
 from diffusiongemma.engine import generate as generation
-from diffusiongemma.engine import graphs
+from diffusiongemma.engine import graphs, step
 from diffusiongemma.kernels import fused
 from diffusiongemma.model import cache as cache_module
 from diffusiongemma.model.cache import (
@@ -110,7 +110,7 @@ def stand_in_graphs(monkeypatch):
     RecordedGraph.instances = []
     monkeypatch.setattr(generation, "captures", lambda device: True)
     # Kept rows are selected as on an accelerator: without asking the device whether any row stopped.
-    monkeypatch.setattr(generation, "_selects_without_asking", lambda device: True)
+    monkeypatch.setattr(step, "_selects_without_asking", lambda device: True)
     monkeypatch.setattr(graphs, "_WARM_STREAMS", {})
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)

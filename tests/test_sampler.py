@@ -18,6 +18,7 @@ from diffusiongemma import (
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
 )
+from diffusiongemma.engine.generate import generation_settings
 from diffusiongemma.engine.sampler import token_entropy
 from diffusiongemma.model.cache import encoder_mask
 
@@ -116,7 +117,7 @@ def test_tokens_per_forward_by_hand():
 def test_generation_settings_priority_and_defaults():
     model = tiny_model()
     model.generation_config = DiffusionGemmaGenerationConfig(max_denoising_steps=7, t_min=0.1, t_max=0.2)
-    config, model_kwargs = model._generation_settings(DiffusionGemmaGenerationConfig(t_max=0.9), {"t_min": 0.3,
+    config, model_kwargs = generation_settings(model, DiffusionGemmaGenerationConfig(t_max=0.9), {"t_min": 0.3,
                                                                                                   "use_cache": True})
     assert (config.max_denoising_steps, config.t_min, config.t_max) == (7, 0.3, 0.9)
     assert config.max_new_tokens == 256 and config.sampler_config.entropy_bound == 0.1
@@ -344,7 +345,7 @@ def test_words_drawn_ahead_change_nothing(monkeypatch):
     """generate draws each step's words while the decoder runs; the tokens and the global generator's
     state afterwards equal those of sampling with torch.multinomial itself. A caller's logits processor
     that draws random numbers keeps the reference's order (its draw comes before the step's words)."""
-    import diffusiongemma.engine.generate as generation
+    import diffusiongemma.engine.state as state
 
     model = tiny_model(canvas_length=8)
     prompt = torch.tensor([[3, 4, 5]])
@@ -360,7 +361,7 @@ def test_words_drawn_ahead_change_nothing(monkeypatch):
 
     ahead = run()
     ahead_with_processor = run(logits_processor=[drawing_processor])
-    monkeypatch.setattr(generation, "samples_from_words", lambda device: False)
+    monkeypatch.setattr(state, "samples_from_words", lambda device: False)
     monkeypatch.setattr("diffusiongemma.engine.sampler.samples_from_words", lambda device: False)
     for ours, torchs in ((ahead, run()), (ahead_with_processor, run(logits_processor=[drawing_processor]))):
         assert torch.equal(ours[0], torchs[0])
@@ -398,14 +399,14 @@ def test_generate_after_fork():
 def test_a_failing_decoder_leaves_no_draw_running(monkeypatch):
     """When the decoder fails mid-generate, the words drawn for that step are finished before the error
     reaches the caller, so the global generator does not move afterwards."""
-    import diffusiongemma.engine.generate as generation
+    import diffusiongemma.engine.runner as runner
     from diffusiongemma.engine.sampler import draw_multinomial_words
 
     def slow_draw(*args):
         time.sleep(0.3)
         return draw_multinomial_words(*args)
 
-    monkeypatch.setattr(generation, "draw_multinomial_words", slow_draw)
+    monkeypatch.setattr(runner, "draw_multinomial_words", slow_draw)
     model = tiny_model(canvas_length=8)
     monkeypatch.setattr(model.model.decoder, "forward", lambda *args, **kwargs: 1 / 0)
     torch.manual_seed(3)

@@ -413,14 +413,14 @@ def test_long_request_does_not_block_short_ones(server):
 
 def test_failing_request_does_not_stop_the_others(server, monkeypatch):
     url, app = server
-    update = engine._Running.update
+    stepped = engine._Running.stepped
 
-    def fail_seed_666(self, hidden, words=None):
+    def fail_seed_666(self):
         if self.request.settings.seed == 666:
             raise RuntimeError("injected fault")
-        return update(self, hidden, words)
+        return stepped(self)
 
-    monkeypatch.setattr(engine._Running, "update", fail_seed_666)
+    monkeypatch.setattr(engine._Running, "stepped", fail_seed_666)
     errors_before = metric(url, 'requests_finished_total{outcome="error"}')
 
     async def both():

@@ -8,32 +8,22 @@ until every row has finished or the length limit is reached.
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import json
 import math
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..kernels import fused
 from ..model.cache import KVCache, check_cache, check_mask
 from ..model.config import read_json
 from .graphs import captures, graphed_passes
-from .sampler import (
-    EntropyBoundSampler,
-    EntropyBoundSamplerConfig,
-    LinearTemperatureScheduleLogitsProcessor,
-    MultinomialWords,
-    StableAndConfidentStoppingCriteria,
-    draw_multinomial_words,
-    sample_tokens,
-    samples_from_words,
-    token_entropy,
-)
+from .runner import EagerRunner, GraphedRunner, decode_drawing_words
+from .sampler import EntropyBoundSamplerConfig
+from .state import Denoising, SamplingPlan
+from .step import denoise_step
 
 # Every cache layout gives the reference's default-cache answer here, so both names mean the same.
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
@@ -202,37 +192,6 @@ def _with_step(processor) -> bool:
     return len(inspect.signature(processor.__call__).parameters) > 2
 
 
-def _selects_without_asking(device: torch.device) -> bool:
-    """Whether stopped rows are kept by selects on every step, without first asking the device whether any
-    row stopped: on an accelerator the selects cost less than the wait, on the CPU it is the reverse."""
-    return device.type != "cpu"
-
-
-def _apply_processors(processors, input_ids, scores, cur_step):
-    """`processors`: (processor, whether it takes the step) pairs, resolved once per `generate`."""
-    for processor, with_step in processors:
-        scores = processor(input_ids, scores, cur_step=cur_step) if with_step else processor(input_ids, scores)
-    return scores
-
-
-@functools.cache
-def _word_drawer() -> ThreadPoolExecutor:
-    """A denoising step's random words do not depend on its logits; one worker draws them while the
-    decoder runs (its small products keep one core busy, not all)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusiongemma-words")
-
-
-# A forked child inherits the executor but not its thread: it must make its own.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_word_drawer.cache_clear)
-
-
-def draw_words_in_background(shape: tuple[int, int], generator: torch.Generator | None) -> Future:
-    """Starts drawing a step's multinomial words (see `sampler.draw_multinomial_words`); only for a
-    generator that nothing else draws from until the step samples."""
-    return _word_drawer().submit(draw_multinomial_words, shape, generator)
-
-
 class MaxLengthCriteria:
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -251,50 +210,43 @@ class EosTokenCriteria:
         return torch.isin(input_ids[:, -new_token_length:], self.eos_token_id).any(dim=-1)
 
 
-@dataclass
-class DenoisingState:
-    """A canvas while it is being denoised: current tokens, argmax draft, self-conditioning logits, and
-    which rows stopped."""
+def generation_settings(model, generation_config, kwargs):
+    """The generation config a call runs with (the caller's over the model's over the defaults), and the
+    model inputs among `kwargs`; raises ValueError naming an unknown or bad parameter."""
+    base = generation_config or model.generation_config or DiffusionGemmaGenerationConfig()
+    if not isinstance(base, DiffusionGemmaGenerationConfig):
+        raise ValueError("`generation_config` must be a DiffusionGemmaGenerationConfig")
+    config = copy.deepcopy(base)
+    config.update(defaults_only=True, **{k: v for k, v in model.generation_config.to_dict().items()
+                                         if k in config.FIELDS})
+    config.update(defaults_only=True, **config.defaults())
+    model_kwargs = config.update(**kwargs)
+    model_kwargs.pop("use_cache", None)  # the cache is always on
+    unknown = sorted(set(model_kwargs) - set(MODEL_INPUTS))
+    if unknown:
+        raise ValueError(f"`generate` got unknown arguments {unknown}")
+    return config, model_kwargs
 
-    current: torch.Tensor
-    argmax: torch.Tensor
-    self_conditioning_logits: torch.Tensor | None
-    finished: torch.Tensor
+
+def length_limits(model, config: DiffusionGemmaGenerationConfig, cur_len: int) -> tuple[int, int]:
+    """(max_length, max_new_tokens), counting cached tokens in the length."""
+    if config.max_length and config.max_new_tokens == 256:
+        # As in the reference: an explicit max_length wins over the untouched default max_new_tokens.
+        max_length, max_new_tokens = config.max_length, config.max_length - cur_len
+        if max_new_tokens <= 0:
+            raise ValueError(f"`max_length` ({max_length}) leaves no room after the {cur_len} prompt tokens")
+    elif config.max_new_tokens is None:
+        raise ValueError("`max_new_tokens` must be a positive integer, got None")
+    else:
+        max_new_tokens, max_length = config.max_new_tokens, config.max_new_tokens + cur_len
+    if max_length > model.config.text_config.max_position_embeddings:
+        raise ValueError(f"the prompt and {max_new_tokens} new tokens ({max_length} positions) exceed the "
+                         f"model's {model.config.text_config.max_position_embeddings} positions")
+    return max_length, max_new_tokens
 
 
 class GenerationMixin:
     """`generate` for DiffusionGemmaForBlockDiffusion."""
-
-    def _generation_settings(self, generation_config, kwargs):
-        base = generation_config or self.generation_config or DiffusionGemmaGenerationConfig()
-        if not isinstance(base, DiffusionGemmaGenerationConfig):
-            raise ValueError("`generation_config` must be a DiffusionGemmaGenerationConfig")
-        config = copy.deepcopy(base)
-        config.update(defaults_only=True, **{k: v for k, v in self.generation_config.to_dict().items()
-                                             if k in config.FIELDS})
-        config.update(defaults_only=True, **config.defaults())
-        model_kwargs = config.update(**kwargs)
-        model_kwargs.pop("use_cache", None)  # the cache is always on
-        unknown = sorted(set(model_kwargs) - set(MODEL_INPUTS))
-        if unknown:
-            raise ValueError(f"`generate` got unknown arguments {unknown}")
-        return config, model_kwargs
-
-    def _length_limits(self, config: DiffusionGemmaGenerationConfig, cur_len: int) -> tuple[int, int]:
-        """(max_length, max_new_tokens), counting cached tokens in the length."""
-        if config.max_length and config.max_new_tokens == 256:
-            # As in the reference: an explicit max_length wins over the untouched default max_new_tokens.
-            max_length, max_new_tokens = config.max_length, config.max_length - cur_len
-            if max_new_tokens <= 0:
-                raise ValueError(f"`max_length` ({max_length}) leaves no room after the {cur_len} prompt tokens")
-        elif config.max_new_tokens is None:
-            raise ValueError("`max_new_tokens` must be a positive integer, got None")
-        else:
-            max_new_tokens, max_length = config.max_new_tokens, config.max_new_tokens + cur_len
-        if max_length > self.config.text_config.max_position_embeddings:
-            raise ValueError(f"the prompt and {max_new_tokens} new tokens ({max_length} positions) exceed the "
-                             f"model's {self.config.text_config.max_position_embeddings} positions")
-        return max_length, max_new_tokens
 
     @torch.no_grad()
     def generate(
@@ -307,7 +259,7 @@ class GenerationMixin:
         stopping_criteria=None,
         **kwargs,
     ):
-        config, model_kwargs = self._generation_settings(generation_config, kwargs)
+        config, model_kwargs = generation_settings(self, generation_config, kwargs)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("`input_ids` must be a 2D tensor [batch, tokens]")
         image_token = self.config.image_token_id
@@ -319,7 +271,7 @@ class GenerationMixin:
         canvas_length = self.config.canvas_length
         batch, prompt_length = input_ids.shape
         cur_len = prompt_length + (past_key_values.get_seq_length() if past_key_values is not None else 0)
-        max_length, max_new_tokens = self._length_limits(config, cur_len)
+        max_length, max_new_tokens = length_limits(self, config, cur_len)
 
         device = input_ids.device
         eos = torch.tensor(config.eos_token_id, device=device) if config.eos_token_id is not None else None
@@ -340,29 +292,16 @@ class GenerationMixin:
         canvases = math.ceil(max_new_tokens / canvas_length)
         encoder_positions = torch.arange(cur_len - prompt_length, cur_len, dtype=torch.int32, device=device)[None]
 
-        sampler = EntropyBoundSampler(config.sampler_config, canvas_length, vocab_size)
-        processors = list(logits_processor or [])
-        if config.t_min is not None and config.t_max is not None:
-            processors.append(LinearTemperatureScheduleLogitsProcessor(config.t_min, config.t_max,
-                                                                       config.max_denoising_steps))
-        processors = [(processor, _with_step(processor)) for processor in processors]
+        processors = [(processor, _with_step(processor)) for processor in (logits_processor or [])]
+        sampling = "inverse_cdf" if config.fast_sampling else "multinomial"
+        plan = SamplingPlan.resolve(device, config.max_denoising_steps, config.t_min, config.t_max,
+                                    config.sampler_config.entropy_bound, config.stability_threshold,
+                                    config.confidence_threshold, sampling, config.fused_sampler, processors)
         stops = list(stopping_criteria or []) + [MaxLengthCriteria(max_length)]
         if eos is not None:
             stops.append(EosTokenCriteria(eos))
-        adaptive_stop = None
-        if config.stability_threshold is not None and config.confidence_threshold is not None:
-            adaptive_stop = StableAndConfidentStoppingCriteria(config.stability_threshold, config.confidence_threshold)
-
-        # A logits processor of the caller's might draw random numbers itself; the words must then be
-        # drawn after it, in the reference's order.
-        # The fused sampler knows one processor, the temperature schedule.
-        fused_sampler = config.fused_sampler and not logits_processor and fused.usable(device)
-        draw_ahead = (not fused_sampler and not config.fast_sampling and not logits_processor
-                      and samples_from_words(device))
-        sampling = "inverse_cdf" if config.fast_sampling else "multinomial"
-        # n = N..1 as views of one device tensor: a tensor made per step is a copy to the device, which
-        # waits for the work queued there.
-        step_numbers = torch.arange(config.max_denoising_steps, 0, -1, dtype=torch.int32, device=device)
+        # None: torch's global generator, as the reference draws from.
+        canvas = Denoising(plan, None, batch, canvas_length, vocab_size, device)
         finished_rows = torch.zeros(batch, dtype=torch.bool, device=device)
         decoder_passes = torch.zeros(batch, dtype=torch.int, device=device)
         if streamer is not None:
@@ -376,47 +315,32 @@ class GenerationMixin:
             check_mask("attention_mask", attention_mask, batch, cur_len)
             # Every canvas but the last is committed.
             graphed = graphed_passes(self, batch, cur_len + (canvases - 1) * canvas_length)
-            cache = graphed.cache
+            runner = GraphedRunner(graphed, past_key_values, soft_capped=not plan.fused)
         else:
             cache = past_key_values if past_key_values is not None else KVCache(self.config.text_config,
                                                                                  canvas_length)
+            runner = EagerRunner(self, cache, soft_capped=not plan.fused)
+        dtype = self.model.backbone.embed_tokens.weight.dtype
+        cap = self.config.text_config.final_logit_softcapping
         try:
             new_tokens = input_ids
-            for index in range(canvases):
+            for _ in range(canvases):
                 images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")
                           if k in model_kwargs}
-                if graphed is None:
-                    self.model.encoder(input_ids=new_tokens, attention_mask=attention_mask, past_key_values=cache,
-                                       position_ids=encoder_positions, **images)
-                elif index == 0:
-                    graphed.prefill(new_tokens, attention_mask, past_key_values, **images)
-                else:
-                    graphed.commit(new_tokens)
-                cur_len = cache.get_seq_length()
+                runner.encode(new_tokens, attention_mask, encoder_positions, **images)
+                cur_len = runner.cache.get_seq_length()
                 decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32,
                                                  device=device)[None]
                 decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
-
-                # The reference draws the starting noise even when the caller supplies the first canvas.
-                noise = sampler.initialize_canvas(batch, device)
-                start = model_kwargs.pop("decoder_input_ids", noise)
-                canvas = DenoisingState(current=start, argmax=start,
-                                        self_conditioning_logits=model_kwargs.pop("self_conditioning_logits", None),
-                                        finished=torch.zeros(batch, dtype=torch.bool, device=device))
-                if adaptive_stop is not None:
-                    adaptive_stop.reset()
-                if graphed is None:
-                    decode = functools.partial(self._decode, cache, decoder_mask, decoder_positions,
-                                               self_conditioning_mask=None, soft_capped=not fused_sampler)
-                else:
-                    decode = functools.partial(graphed.decode, soft_capped=not fused_sampler)
-                for step in step_numbers:
+                runner.start_canvas(decoder_mask, decoder_positions)
+                canvas.start(model_kwargs.pop("decoder_input_ids", None),
+                             model_kwargs.pop("self_conditioning_logits", None))
+                while not canvas.out_of_steps:
                     decoder_passes += ~(canvas.finished | finished_rows)
-                    self._denoising_step(canvas, step, input_ids, decode, sampler, processors, adaptive_stop, sampling,
-                                         draw_ahead, fused_sampler,
-                                         graphed.self_conditioning_logits if graphed is not None else None)
-                    if graphed is not None:
-                        canvas.self_conditioning_logits = graphed.keep(canvas.self_conditioning_logits)
+                    scores, words = decode_drawing_words(
+                        lambda: runner.decode(canvas.current, canvas.self_conditioning_logits), [canvas])
+                    denoise_step([canvas], scores, dtype, cap, input_ids, words, runner.self_conditioning_buffer)
+                    canvas.self_conditioning_logits = runner.keep(canvas.self_conditioning_logits)
                     if streamer is not None and hasattr(streamer, "put_draft"):
                         # The argmax canvas is the draft closest to what will be committed.
                         if getattr(streamer, "_takes_logits", False):
@@ -424,7 +348,7 @@ class GenerationMixin:
                         else:
                             streamer.put_draft(value=canvas.argmax.cpu())
                     # Only adaptive stopping finishes a canvas early; without it, no step waits for the device.
-                    if adaptive_stop is not None and bool(canvas.finished.all()):
+                    if plan.adaptive and bool(canvas.finished.all()):
                         break
 
                 input_ids = torch.cat([input_ids, canvas.argmax], dim=-1)
@@ -440,6 +364,7 @@ class GenerationMixin:
 
             if streamer is not None:
                 streamer.end()
+            cache = runner.cache
             if graphed is not None and (past_key_values is not None or config.return_dict_in_generate):
                 # As without graphs, a caller's cache goes on to hold the conversation.
                 cache = cache.to_dynamic(past_key_values)
@@ -454,78 +379,6 @@ class GenerationMixin:
         valid = (generated != config.pad_token_id).sum(dim=-1) if config.pad_token_id is not None else generated.shape[1]
         return DiffusionGemmaGenerationOutput(sequences=input_ids, tokens_per_forward=valid / decoder_passes,
                                               past_key_values=cache)
-
-    def _decode(self, cache, decoder_mask, decoder_positions, current, self_conditioning_logits,
-                self_conditioning_mask, soft_capped: bool = True) -> torch.Tensor:
-        """The decoder pass's logits, or with `soft_capped=False` the scores the fused sampler soft-caps."""
-        hidden = self.model.decoder(decoder_input_ids=current, past_key_values=cache,
-                                    self_conditioning_logits=self_conditioning_logits,
-                                    self_conditioning_mask=self_conditioning_mask, decoder_attention_mask=decoder_mask,
-                                    decoder_position_ids=decoder_positions).last_hidden_state
-        return self.logits(hidden) if soft_capped else self.lm_head(hidden)
-
-    def _denoising_step(self, canvas: DenoisingState, step: torch.Tensor, input_ids, decode,
-                        sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                        draw_ahead: bool = False, fused_sampler: bool = False,
-                        into: torch.Tensor | None = None) -> None:
-        """One denoising step for every row of `canvas`, updated in place; `decode(tokens, self-conditioning
-        logits or None)` gives the decoder pass's logits, and random numbers come from `sampler.generator`
-        (torch's global generator when None). With `draw_ahead`, the step's multinomial
-        words are drawn while the decoder runs: nothing else draws in between. `fused_sampler` and `into`: as
-        in `_update_canvas`."""
-        words = None
-        if draw_ahead:
-            words = draw_words_in_background((canvas.current.numel(), sampler.vocab_size), sampler.generator)
-        try:
-            logits = decode(canvas.current, canvas.self_conditioning_logits)
-        finally:
-            # Even when the decoder fails: nothing may go on drawing from the caller's generator afterwards.
-            drawn = words.result() if words is not None else None
-        self._update_canvas(canvas, logits, step, input_ids, sampler, processors, adaptive_stop, sampling, drawn,
-                            fused_sampler, into)
-
-    def _update_canvas(self, canvas: DenoisingState, logits: torch.Tensor, cur_step: torch.Tensor, input_ids,
-                       sampler: EntropyBoundSampler, processors, adaptive_stop, sampling: str,
-                       words: MultinomialWords | None = None, fused_sampler: bool = False,
-                       into: torch.Tensor | None = None) -> None:
-        """The sampler's half of a denoising step, given the decoder's logits for the rows of `canvas`;
-        `cur_step` is n (N..1) as a 0-d int32 tensor on the logits' device. `fused_sampler` runs the
-        vocabulary-sized work as one kernel (`fused.denoise`), soft-capping included: `logits` are then the
-        LM head's scores (`lm_head`), and its caller makes sure the only processor is the temperature
-        schedule. The kernel writes the next self-conditioning input into `into` if given (the graphs'
-        buffer for it)."""
-        dtype = self.model.backbone.embed_tokens.weight.dtype
-        # Rows that stopped keep their logits: with adaptive stopping, from a canvas's second step on.
-        keeps = adaptive_stop is not None and canvas.self_conditioning_logits is not None
-        if fused_sampler:
-            temperature = processors[0][0].temperature(cur_step) if processors else None
-            processed = into if into is not None else torch.empty(logits.shape, dtype=dtype, device=logits.device)
-            # Where `into` already holds this canvas's logits, the kernel leaves its stopped rows as they are:
-            # no vocabulary-sized select or copy.
-            kept = canvas.finished[:, None] if keeps and canvas.self_conditioning_logits is processed else None
-            denoised, argmax, entropy = fused.denoise(logits, self.config.text_config.final_logit_softcapping,
-                                                      temperature, sampling, sampler.generator, processed, kept)
-            logits = processed
-        else:
-            logits = _apply_processors(processors, input_ids, logits, cur_step)
-            denoised = sample_tokens(torch.softmax(logits, dim=-1, dtype=torch.float32), sampling,
-                                     sampler.generator, words)
-            argmax = torch.argmax(logits, dim=-1)
-            entropy = token_entropy(logits)
-        accepted = sampler.accept_canvas(canvas.current, denoised, logits, cur_step, entropy=entropy)
-        current = sampler.renoise_canvas(accepted, cur_step)
-        if adaptive_stop is not None:
-            # Rows that already stopped keep their canvas, argmax and logits. On a canvas's first step no row
-            # has stopped yet, and there may be no logits to keep.
-            done = canvas.finished
-            if keeps and (_selects_without_asking(done.device) or bool(done.any())):
-                argmax = torch.where(done[:, None], canvas.argmax, argmax)
-                current = torch.where(done[:, None], canvas.current, current)
-                if logits is not canvas.self_conditioning_logits:
-                    logits = torch.where(done[:, None, None], canvas.self_conditioning_logits, logits)
-            canvas.finished = canvas.finished | adaptive_stop(argmax, logits, entropy=entropy)
-        canvas.current, canvas.argmax = current, argmax
-        canvas.self_conditioning_logits = logits.to(dtype)
 
     @staticmethod
     def _commit_canvas(input_ids, finished_rows, stops, eos, pad_token_id, canvas_length):

@@ -118,13 +118,13 @@ class GraphedPasses:
 
     def decode(self, current: torch.Tensor, self_conditioning_logits: torch.Tensor | None,
                soft_capped: bool) -> torch.Tensor:
-        """The decoder pass's logits (see `GenerationMixin._decode`), in the graph's buffer: valid until the
+        """The decoder pass's logits (see `BlockDiffusionLM.decoder_scores`), in the graph's buffer: valid until the
         next pass."""
         self.canvas.copy_(current)
         if self_conditioning_logits is None:
             self.self_conditioning_mask.zero_()
         else:
-            # The fused sampler writes the input into the buffer itself (`_update_canvas`'s `into`).
+            # The fused sampler writes the input into the buffer itself (`step.denoise_step`'s `into`).
             if self_conditioning_logits is not self.self_conditioning_logits:
                 self.self_conditioning_logits.copy_(self_conditioning_logits)
             self.self_conditioning_mask.fill_(1)
@@ -136,7 +136,7 @@ class GraphedPasses:
         return logits
 
     def _decode(self, soft_capped: bool) -> torch.Tensor:
-        return self.model._decode(self.cache, None, self.cache.positions(self.canvas_length), self.canvas,
+        return self.model.decoder_scores(self.cache, None, self.cache.positions(self.canvas_length), self.canvas,
                                   self.self_conditioning_logits, self.self_conditioning_mask,
                                   soft_capped=soft_capped)
 

@@ -90,25 +90,35 @@ def takes(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
 
 
 def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor | None, sampling: str,
-            generator: torch.Generator | None, into: torch.Tensor,
+            draws: torch.Generator | None | list[tuple[torch.Generator | None, int]], into: torch.Tensor,
             kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sampled tokens, argmax tokens, entropies) for the LM head's `scores` [..., vocab] (any float dtype),
-    soft-capped at `cap` (None for none) as the model's logits are, then divided by the temperature, a
-    float32 tensor of one element (None for none). The processed logits go into `into` (the scores' shape,
-    the self-conditioning input's dtype), except at the positions where `kept` (a bool tensor broadcast to
-    the scores' positions) is true: those keep what `into` holds."""
+    soft-capped at `cap` (None for none) as the model's logits are, then divided by the temperature: a
+    float32 tensor of one element, or of one per row of positions (`scores.shape[0]`), or None for none.
+    `draws`: the generator of every position (None: torch's own), or (generator, positions) pairs in order,
+    whose lengths add up to all positions: each span's random numbers come from its own generator, as if
+    drawn alone. The processed logits go into `into` (the
+    scores' shape, the self-conditioning input's dtype), except at the positions where `kept` (a bool
+    tensor broadcast to the scores' positions) is true: those keep what `into` holds."""
     vocab = scores.shape[-1]
     flat = scores.reshape(-1, vocab).contiguous()
     rows, device = flat.shape[0], flat.device
+    if not isinstance(draws, list):
+        draws = [(draws, rows)]
     if temperature is None:
         temperature = torch.ones((), dtype=torch.float32, device=device)
+    # Positions per temperature: all of them share a 0-d one.
+    per_temperature = rows if temperature.dim() == 0 else rows // temperature.numel()
     # Drawn as the unfused step draws them, over its float32 probabilities: the same calls, shapes, dtype and
     # generator ("argmax" draws nothing, and the kernel reads neither then).
     variates = uniforms = temperature
     if sampling == "multinomial":
-        variates = torch.empty(flat.shape, dtype=torch.float32, device=device).exponential_(generator=generator)
+        variates = torch.empty(flat.shape, dtype=torch.float32, device=device)
+        for (generator, count), start in zip(draws, _starts(draws)):
+            variates[start:start + count].exponential_(generator=generator)
     elif sampling == "inverse_cdf":
-        uniforms = torch.rand(rows, 1, dtype=torch.float32, device=device, generator=generator)
+        uniforms = torch.cat([torch.rand(count, 1, dtype=torch.float32, device=device, generator=generator)
+                              for generator, count in draws])
     if kept is not None:
         kept = kept.expand(scores.shape[:-1]).reshape(-1).to(torch.int8)
     tokens = torch.empty(rows, dtype=torch.long, device=device)
@@ -117,11 +127,20 @@ def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor |
     # Imported on first use: a CPU run need not spend the time Triton takes to import.
     from .triton_kernels import denoise_kernel
 
-    denoise_kernel[(rows,)](flat, 0.0 if cap is None else cap, temperature, variates, uniforms, into,
-                            tokens if kept is None else kept, tokens, argmax, entropy, vocab, HAS_CAP=cap is not None,
-                            HAS_KEPT=kept is not None, SAMPLING=SAMPLINGS[sampling], BLOCK=_BLOCK, num_warps=8)
+    denoise_kernel[(rows,)](flat, 0.0 if cap is None else cap, temperature, per_temperature, variates, uniforms,
+                            into, tokens if kept is None else kept, tokens, argmax, entropy, vocab,
+                            HAS_CAP=cap is not None, HAS_KEPT=kept is not None, SAMPLING=SAMPLINGS[sampling],
+                            BLOCK=_BLOCK, num_warps=8)
     shape = scores.shape[:-1]
     return tokens.view(shape), argmax.view(shape), entropy.view(shape)
+
+
+def _starts(draws: list[tuple[torch.Generator | None, int]]) -> list[int]:
+    starts, start = [], 0
+    for _, count in draws:
+        starts.append(start)
+        start += count
+    return starts
 
 
 def softmax(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

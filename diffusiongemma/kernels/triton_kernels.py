@@ -31,14 +31,15 @@ def _processed(scores, index, inside, cap, t, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def denoise_kernel(scores, cap, temperature, variates, uniforms, processed, kept, tokens, argmax, entropy, vocab,
-                   HAS_CAP: tl.constexpr, HAS_KEPT: tl.constexpr, SAMPLING: tl.constexpr, BLOCK: tl.constexpr):
+def denoise_kernel(scores, cap, temperature, per_temperature, variates, uniforms, processed, kept, tokens, argmax,
+                   entropy, vocab, HAS_CAP: tl.constexpr, HAS_KEPT: tl.constexpr, SAMPLING: tl.constexpr, BLOCK: tl.constexpr):
     # One program per position. Each lane keeps its own running values over the blocks of the row and
     # the lanes are combined once at the end: no reduction across threads inside the loops, except
     # inverse_cdf's running sum, which has to follow the vocabulary's order.
     row = tl.program_id(0).to(tl.int64)
     first = row * vocab
-    t = tl.load(temperature)
+    # Consecutive positions share a temperature: a request's canvas, or every position when there is one.
+    t = tl.load(temperature + row // per_temperature)
     lanes = tl.arange(0, BLOCK)
 
     # Pass 1: the maximum of y = logits / t (and where it first occurs), and the sum of exp(y - maximum).

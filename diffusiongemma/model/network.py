@@ -435,6 +435,17 @@ class BlockDiffusionLM(DiffusionGemmaPreTrainedModel):
         """The scores before soft-capping, in the model's dtype."""
         return F.linear(hidden, self.model.backbone.embed_tokens.weight)
 
+    def decoder_scores(self, cache, attention_mask, positions, current, self_conditioning_logits,
+                       self_conditioning_mask=None, soft_capped: bool = True) -> torch.Tensor:
+        """The decoder pass's soft-capped logits, or with `soft_capped=False` the LM head's scores (what the
+        fused sampler soft-caps itself)."""
+        hidden = self.model.decoder(decoder_input_ids=current, past_key_values=cache,
+                                    self_conditioning_logits=self_conditioning_logits,
+                                    self_conditioning_mask=self_conditioning_mask,
+                                    decoder_attention_mask=attention_mask,
+                                    decoder_position_ids=positions).last_hidden_state
+        return self.logits(hidden) if soft_capped else self.lm_head(hidden)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits, soft-capped."""
         logits = self.lm_head(hidden).float()

@@ -1,61 +1,47 @@
-"""Continuous batching for the server: many requests denoised side by side by one worker thread.
+"""Continuous batching for the server: many requests denoised side by side by one worker thread, on the
+engine `generate` uses (`engine.state`, `engine.step`, `engine.runner`).
 
-Each scheduler tick admits waiting requests (up to `max_batch` running at once), drops the cancelled
-ones, and then runs one denoising step for all running requests at once, in a single decoder pass. A
-request that starts a canvas first encodes, on its own, what its cache lacks (the prompt, then its last
-committed canvas); a request whose canvas is done commits it and either leaves or starts its next canvas
-at the next tick. Requests therefore join and leave between ticks, each with its own prefix length,
-settings and step counter, and a long request costs a short one a row in each pass, never its length.
+Each tick admits waiting requests (up to `max_batch` running at once), drops the cancelled ones, encodes
+what the requests' caches lack, and runs one denoising step for every request that has a canvas: one
+decoder pass for all their canvases (`RequestsRunner`), then one `denoise_step` over all their rows. A
+request whose canvas is done commits it and either leaves or starts its next canvas at the next tick, so
+requests join and leave between ticks, each with its own prefix length, settings and step counter.
 
-How the pass is shared: the canvases, one row per request, go through the backbone's token-wise
-operations together (embedding, self-conditioning MLP, norms, projections, dense MLP, router); attention
-and the experts run per request inside each layer (`TextBackbone.decode` with a list of caches).
-Attention reads each request's own cache: padding caches of different lengths to one would copy them on
-every step, and the masked keys would change the kernel's summation order. The experts run per request
-because `F.grouped_mm`'s bits depend on how many tokens each expert gets; the fused kernel that replaces
-it on CUDA never sums across rows, so there they run once for all requests. The batched products give
-each token the same bits whatever the number of rows (measured on the CPU, where every row count is a
-multiple of the canvas length; a GPU library may pick another kernel for another row count). What is
-vocabulary-sized runs per request: the self-conditioning signal's expected embedding, the LM head and
-the sampler, because on the CPU one request's [canvas, vocabulary] tensor stays in cache and a batch's
-does not (batching them made the step slower).
+Prompts are encoded in chunks of `prefill_chunk` tokens, at most one chunk per request per tick and at
+most `prefill_budget` tokens per tick in all, so a long prompt delays the running requests by one chunk
+at a time, never by its whole length. Chunk boundaries depend on the prompt alone.
 
-The sampler's half of the step works on the request's own logits: its temperature from its own step
-counter, its acceptance, renoising and adaptive stopping, and every random number from its own
-`torch.Generator`, drawn in `generate`'s order (the canvas noise, then per step the samples and the
-renoising). So on the CPU a seeded request gives the same tokens alone or in any batch, the tokens
-`generate` gives after `torch.manual_seed(seed)`. Prompts are encoded in one pass, not in chunks.
+Numbers. Every request is its own group in the step, with its own `torch.Generator`, drawn in `generate`'s
+order (the canvas noise, then per step the samples and the renoising), and the decoder pass gives each row
+what it gets alone (see `RequestsRunner`). So a seeded request gives the same tokens alone or in any batch;
+on the CPU they are the tokens `generate` gives after `torch.manual_seed(seed)` with
+`prefill_chunk_size` set to the server's chunk (the same for prompts no longer than one chunk).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import re
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..engine.generate import DenoisingState, draw_words_in_background
-from ..engine.sampler import (
-    EntropyBoundSampler,
-    EntropyBoundSamplerConfig,
-    LinearTemperatureScheduleLogitsProcessor,
-    StableAndConfidentStoppingCriteria,
-    samples_from_words,
-)
-from ..kernels import fused
-from ..model.cache import KVCache
+from ..engine.generate import generation_settings, length_limits
+from ..engine.runner import RequestsRunner, decode_drawing_words
+from ..engine.sampler import EntropyBoundSamplerConfig
+from ..engine.state import Denoising, SamplingPlan
+from ..engine.step import denoise_step
+from ..engine.text import IncrementalDetokenizer, cut_at_end, eos_ids
 
-# Byte-fallback tokens, which the decoder joins with their neighbours into characters.
-BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Upper bounds of the steps-per-canvas histogram that /metrics exports.
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
 # The only generation parameters a request may set besides its length, temperature, seed and stops.
 TUNABLE = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+# Prompt tokens encoded per request per tick, and per tick in all.
+PREFILL_CHUNK = 512
+PREFILL_BUDGET = 1024
 
 
 class QueueFull(Exception):
@@ -125,13 +111,13 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
         overrides["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=tunable["entropy_bound"])
     if max_tokens is not None:
         overrides["max_new_tokens"] = max_tokens
-    config, _ = model._generation_settings(None, overrides)
+    config, _ = generation_settings(model, None, overrides)
     room = model.config.text_config.max_position_embeddings - prompt_tokens
     if max_tokens is None and room >= 1:
         # Left unset, the answer may take the checkpoint's length or whatever room the prompt leaves.
         config.max_new_tokens = min(config.max_new_tokens, room)
     try:
-        model._length_limits(config, prompt_tokens)
+        length_limits(model, config, prompt_tokens)
     except ValueError as error:
         raise ValueError(f"`max_tokens` ({config.max_new_tokens}) is too large: {error}") from None
     if config.stability_threshold is not None and config.stability_threshold > config.max_denoising_steps:
@@ -168,114 +154,75 @@ class Request:
 
 
 class _Running:
-    """A request being answered: its cache, its generator, and the canvas it is denoising."""
+    """A request being answered: its cache, its canvas (a group of one row, with its own generator), and
+    the text sent so far."""
 
-    def __init__(self, request: Request, model, tokenizer, eos: set[int]):
-        self.request, self.model, self.tokenizer, self.eos = request, model, tokenizer, eos
-        self.special_ids = set(getattr(tokenizer, "all_special_ids", ()))
+    def __init__(self, request: Request, runner: RequestsRunner, model, tokenizer, eos: set[int]):
+        self.request, self.tokenizer, self.eos = request, tokenizer, eos
         settings = request.settings
-        self.device = model.device
-        self.canvas_length = model.config.canvas_length
-        self.generator = torch.Generator(device=self.device)
+        device = model.device
+        generator = torch.Generator(device=device)
         if settings.seed is None:
-            self.generator.seed()
+            generator.seed()
         else:
-            self.generator.manual_seed(settings.seed)
-        self.sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(settings.entropy_bound), self.canvas_length,
-                                           model.config.text_config.vocab_size, generator=self.generator)
+            generator.manual_seed(settings.seed)
         scale = settings.temperature if settings.temperature > 0 else 1.0
-        self.schedule = LinearTemperatureScheduleLogitsProcessor(settings.t_min * scale, settings.t_max * scale,
-                                                                 settings.max_denoising_steps)
-        self.sampling = "argmax" if settings.temperature == 0 else "multinomial"
-        self.fused_sampler = fused.usable(self.device)
-        self.adaptive_stop = None
-        if settings.stability_threshold is not None:
-            self.adaptive_stop = StableAndConfidentStoppingCriteria(settings.stability_threshold,
-                                                                    settings.confidence_threshold)
-        self.cache = KVCache(model.config.text_config, self.canvas_length)
-        self.uncached = torch.tensor([request.prompt_ids], device=self.device)
-        # n = N..1 as views of one device tensor, as in `generate`: no copy to the device per step.
-        self.step_numbers = torch.arange(settings.max_denoising_steps, 0, -1, dtype=torch.int32, device=self.device)
-        self.generated: list[int] = []
+        plan = SamplingPlan.resolve(device, settings.max_denoising_steps, settings.t_min * scale,
+                                    settings.t_max * scale, settings.entropy_bound, settings.stability_threshold,
+                                    settings.confidence_threshold,
+                                    "argmax" if settings.temperature == 0 else "multinomial")
+        self.canvas = Denoising(plan, generator, 1, model.config.canvas_length, model.config.text_config.vocab_size,
+                                device)
+        self.cache = runner.new_cache()
+        self.uncached = torch.tensor([request.prompt_ids], device=device)
+        self.denoising = False
+        self.text = IncrementalDetokenizer(tokenizer)
         self.sent = ""
-        self.step = 0  # steps left in the current canvas; 0 means no canvas is being denoised
-        self.canvas: DenoisingState | None = None
-        self.positions: torch.Tensor | None = None  # the canvas's positions, after the cached prefix
 
-    def start_canvas(self) -> None:
-        """Encodes what the cache lacks and draws the canvas's starting noise."""
-        start = self.cache.get_seq_length()
-        positions = torch.arange(start, start + self.uncached.shape[1], dtype=torch.int32, device=self.device)[None]
-        self.model.model.encoder(input_ids=self.uncached, past_key_values=self.cache, position_ids=positions)
-        start = self.cache.get_seq_length()
-        self.positions = torch.arange(start, start + self.canvas_length, dtype=torch.int32, device=self.device)[None]
-        noise = self.sampler.initialize_canvas(1, self.device)
-        self.canvas = DenoisingState(current=noise, argmax=noise, self_conditioning_logits=None,
-                                     finished=torch.zeros(1, dtype=torch.bool, device=self.device))
-        self.step = self.request.settings.max_denoising_steps
-        if self.adaptive_stop is not None:
-            self.adaptive_stop.reset()
+    def encode_chunk(self, runner: RequestsRunner, chunk: int) -> int:
+        """Encodes up to `chunk` of the tokens the cache lacks; starts a canvas once none is left. Returns
+        how many tokens it encoded."""
+        tokens, self.uncached = self.uncached[:, :chunk], self.uncached[:, chunk:]
+        runner.encode(self.cache, tokens)
+        if not self.uncached.shape[1]:
+            self.canvas.start()
+            self.denoising = True
+        return tokens.shape[1]
 
-    def draw_words(self) -> Future | None:
-        """Starts drawing this step's multinomial words while the decoder runs; only this request draws from
-        its generator, so nothing can come in between."""
-        if self.sampling != "multinomial" or self.fused_sampler or not samples_from_words(self.device):
-            return None
-        return draw_words_in_background((self.canvas_length, self.sampler.vocab_size), self.generator)
-
-    def update(self, hidden: torch.Tensor, words: Future | None = None) -> tuple[int | None, Finished | None]:
-        """The rest of the step, `generate`'s, from this request's row of the decoder's output [1, canvas,
-        hidden]: the LM head, then the sampler. Returns the steps the canvas took when this step committed
-        it (else None), and the outcome once the answer is done."""
-        step = self.step_numbers[self.request.settings.max_denoising_steps - self.step]
-        scores = self.model.lm_head(hidden) if self.fused_sampler else self.model.logits(hidden)
-        self.model._update_canvas(self.canvas, scores, step, self.uncached, self.sampler,
-                                  [(self.schedule, True)], self.adaptive_stop, self.sampling,
-                                  words.result() if words is not None else None, self.fused_sampler)
-        stopped = bool(self.canvas.finished.all())
+    def stepped(self) -> tuple[int | None, Finished | None]:
+        """After a step: the steps the canvas took when it is done (else None), and the outcome once the
+        answer is done."""
         if self.request.drafts:
             self.request.emit(Draft(self.tokenizer.decode(self.canvas.argmax[0].tolist(), skip_special_tokens=True)))
-        self.step -= 1
-        if not stopped and self.step > 0:
+        if not self.canvas.out_of_steps and not bool(self.canvas.finished.all()):
             return None, None
-        steps = self.request.settings.max_denoising_steps - self.step
-        self.step = 0
-        return steps, self._commit()
+        self.denoising = False
+        return self.canvas.taken, self._commit()
 
     def _commit(self) -> Finished | None:
-        canvas = self.canvas.argmax[0].tolist()
-        end = next((i for i, token in enumerate(canvas) if token in self.eos), None)
-        self.generated.extend(canvas if end is None else canvas[:end + 1])
+        self.text.add(cut_at_end(self.canvas.argmax[0].tolist(), self.eos))
         settings = self.request.settings
-        kept = self.generated[:settings.max_tokens]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        kept = self.text.tokens[:settings.max_tokens]
+        text = self.text.text(settings.max_tokens)
         stops = [i for i in (text.find(s) for s in settings.stop) if i >= 0]
         reason = None
         if stops:
             reason, text = "stop", text[:min(stops)]
         elif any(token in self.eos for token in kept):
             reason = "stop"
-        elif len(self.generated) >= settings.max_tokens:
+        elif len(self.text.tokens) >= settings.max_tokens:
             reason = "length"
         if reason is not None:
             self._send(text[len(self.sent):])
             return Finished(text, reason, len(self.request.prompt_ids), len(kept))
-        # The decoder reads a run of byte tokens (and the special tokens it skips) as one piece, so text
-        # that ends in one may still change; it waits, and so does whatever could begin a stop string.
-        settled = len(kept)
-        while settled and self._open_ended(kept[settled - 1]):
-            settled -= 1
-        safe = text if settled == len(kept) else self.tokenizer.decode(kept[:settled], skip_special_tokens=True)
+        # Whatever could begin a stop string waits too.
+        safe = self.text.settled(settings.max_tokens)
         hold = max((len(s) - 1 for s in settings.stop), default=0)
         safe = safe[:len(safe) - hold] if hold else safe
         if len(safe) > len(self.sent) and safe.startswith(self.sent):
             self._send(safe[len(self.sent):])
         self.uncached = self.canvas.argmax
         return None
-
-    def _open_ended(self, token: int) -> bool:
-        piece = self.tokenizer.convert_ids_to_tokens(token) or ""
-        return token in self.special_ids or BYTE_TOKEN.fullmatch(piece) is not None
 
     def _send(self, text: str) -> None:
         if text:
@@ -310,13 +257,19 @@ class Metrics:
 class Scheduler:
     """Owns the model for its worker thread; `submit` and `cancel` may be called from any thread."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, idle_wait: float = 0.5):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, idle_wait: float = 0.5,
+                 prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = PREFILL_BUDGET):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if prefill_chunk < 1 or prefill_budget < prefill_chunk:
+            raise ValueError(f"prefill_chunk must be >= 1 and prefill_budget >= prefill_chunk, got {prefill_chunk} "
+                             f"and {prefill_budget}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.idle_wait = max_batch, max_queue, idle_wait
-        eos = model.generation_config.eos_token_id
-        self.eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
+        self.eos = eos_ids(model.generation_config.eos_token_id)
+        self.runner = RequestsRunner(model, soft_capped=not SamplingPlan.resolve(
+            model.device, 1, None, None, 1.0, None, None).fused)
         self.metrics = Metrics()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[_Running] = []
@@ -372,7 +325,7 @@ class Scheduler:
                     self._count("cancelled")
                     continue
                 try:
-                    self.running.append(_Running(request, self.model, self.tokenizer, self.eos))
+                    self.running.append(_Running(request, self.runner, self.model, self.tokenizer, self.eos))
                 except Exception as error:  # one bad request must not stop the others
                     self._fail(request, error)
         return True
@@ -387,53 +340,54 @@ class Scheduler:
         self.running.clear()
 
     def _tick(self) -> None:
-        """One denoising step for every running request, in one decoder pass."""
-        batch = [running for running in list(self.running) if self._ready(running)]
+        """Encodes what the caches lack, within the tick's budget; then one denoising step for every request
+        that has a canvas, in one decoder pass."""
+        budget = self.prefill_budget
+        for running in list(self.running):
+            if running.request.cancelled:
+                self.running.remove(running)
+                self._count("cancelled")
+            elif not running.denoising and budget > 0:
+                try:
+                    budget -= running.encode_chunk(self.runner, min(self.prefill_chunk, budget))
+                except Exception as error:  # the failure belongs to this request alone
+                    self._drop(running, error)
+        batch = [running for running in self.running if running.denoising]
         with self.metrics.lock:
             self.metrics.step_batch_size = len(batch)
         if batch:
-            words = [running.draw_words() for running in batch]
+            groups = [running.canvas for running in batch]
             try:
-                hidden = self._decode(batch)
-            except Exception as error:  # the pass was theirs together: every request in it fails
+                scores, words = decode_drawing_words(lambda: self._decode(batch), groups)
+                denoise_step(groups, scores, self._dtype, self.model.config.text_config.final_logit_softcapping,
+                             words=words)
+            except Exception as error:  # the step was theirs together: every request in it fails
                 for running in batch:
                     self._drop(running, error)
             else:
                 with self.metrics.lock:
                     self.metrics.decoder_forwards += len(batch)
                     self.metrics.batched_steps += 1
-                for row, running in enumerate(batch):
-                    self._update(running, hidden[row:row + 1], words[row])
+                for running in batch:
+                    self._update(running)
         if not self.running:
             with self.metrics.lock:
                 self.metrics.step_batch_size = 0
 
-    def _ready(self, running: _Running) -> bool:
-        """Drops a cancelled request; starts a canvas for one that needs it. True if it takes this step."""
-        if running.request.cancelled:
-            self.running.remove(running)
-            self._count("cancelled")
-            return False
-        if running.step == 0:
-            try:
-                running.start_canvas()
-            except Exception as error:  # the failure belongs to this request alone
-                self._drop(running, error)
-                return False
-        return True
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.model.model.backbone.embed_tokens.weight.dtype
 
     def _decode(self, batch: list[_Running]) -> torch.Tensor:
-        """The decoder's last hidden states [requests, canvas, hidden], row r for `batch[r]` over its own cache."""
-        return self.model.model.decoder(
-            decoder_input_ids=torch.cat([running.canvas.current for running in batch]),
-            past_key_values=[running.cache for running in batch],
-            self_conditioning_logits=[running.canvas.self_conditioning_logits for running in batch],
-            decoder_position_ids=torch.cat([running.positions for running in batch])).last_hidden_state
+        """Scores [requests, canvas, vocab], row r for `batch[r]` over its own cache."""
+        return self.runner.decode([running.cache for running in batch],
+                                  torch.cat([running.canvas.current for running in batch]),
+                                  [running.canvas.self_conditioning_logits for running in batch])
 
-    def _update(self, running: _Running, hidden: torch.Tensor, words: Future | None) -> None:
+    def _update(self, running: _Running) -> None:
         request = running.request
         try:
-            steps, outcome = running.update(hidden, words)
+            steps, outcome = running.stepped()
             if steps is not None:
                 self.metrics.canvas_done(steps)
             if outcome is not None:

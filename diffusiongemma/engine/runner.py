@@ -1,0 +1,136 @@
+"""Model runners: how the model's passes run, apart from what they compute.
+
+The engine asks a runner for three things: encode tokens into the cache (a prompt, or a committed canvas),
+and the decoder's scores for the canvases being denoised. A runner owns the cache those passes use and the
+device, and chooses how they run:
+
+- `EagerRunner`: eager passes over a `KVCache`, the reference's numbers on the CPU (`generate` by default);
+- `GraphedRunner`: the decoder pass and the commit replayed from CUDA graphs over a `StaticKVCache`
+  (`generate` on CUDA; see `graphs.py`);
+- `RequestsRunner`: many requests, each over its own `KVCache`, whose canvases share one decoder pass
+  (the server). A row gets the numbers it would get alone: every product that mixes rows either gives
+  each row its own bits (the token-wise products, on the CPU) or runs per request (attention, and the
+  experts where their kernel depends on how many rows each expert gets).
+
+Scores are the soft-capped float32 logits, or, where the sampling plan is fused, the LM head's scores,
+which the fused kernel soft-caps itself (`BlockDiffusionLM.decoder_scores`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..model.cache import KVCache
+from .graphs import GraphedPasses
+from .sampler import MultinomialWords, draw_multinomial_words
+
+
+@functools.cache
+def _word_drawer() -> ThreadPoolExecutor:
+    """A denoising step's random words do not depend on its logits; one worker draws them while the
+    decoder runs (its small products keep one core busy, not all)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusiongemma-words")
+
+
+# A forked child inherits the executor but not its thread: it must make its own.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_word_drawer.cache_clear)
+
+
+def draw_words_in_background(shape: tuple[int, int], generator: torch.Generator | None) -> Future:
+    """Starts drawing a step's multinomial words (see `sampler.draw_multinomial_words`); only for a
+    generator that nothing else draws from until the step samples."""
+    return _word_drawer().submit(draw_multinomial_words, shape, generator)
+
+
+def decode_drawing_words(decode, groups) -> tuple[torch.Tensor, list[MultinomialWords | None]]:
+    """`decode()`'s scores, with each group's multinomial words drawn meanwhile where its plan asks."""
+    futures = [draw_words_in_background((g.rows * g.canvas_length, g.vocab_size), g.generator)
+               if g.plan.draw_ahead else None for g in groups]
+    try:
+        scores = decode()
+    finally:
+        # Even when the decoder fails: nothing may go on drawing from a caller's generator afterwards.
+        words = [f.result() if f is not None else None for f in futures]
+    return scores, words
+
+
+class EagerRunner:
+    """Eager passes over one `KVCache` for a batch of rows (a `generate` call)."""
+
+    def __init__(self, model, cache: KVCache, soft_capped: bool):
+        self.model, self.cache, self.soft_capped = model, cache, soft_capped
+        self.mask = self.positions = None
+        self.self_conditioning_buffer = None
+
+    def encode(self, tokens, attention_mask, positions, **images) -> None:
+        self.model.model.encoder(input_ids=tokens, attention_mask=attention_mask, past_key_values=self.cache,
+                                 position_ids=positions, **images)
+
+    def start_canvas(self, attention_mask, positions) -> None:
+        self.mask, self.positions = attention_mask, positions
+
+    def decode(self, current, self_conditioning_logits) -> torch.Tensor:
+        return self.model.decoder_scores(self.cache, self.mask, self.positions, current, self_conditioning_logits,
+                              soft_capped=self.soft_capped)
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+class GraphedRunner:
+    """The decoder pass and the commit replayed from CUDA graphs (`GraphedPasses`); the prompt's prefill
+    runs eagerly, its length being the caller's."""
+
+    def __init__(self, passes: GraphedPasses, past: KVCache | None, soft_capped: bool):
+        self.passes, self.past, self.soft_capped = passes, past, soft_capped
+        self.cache = passes.cache
+        self.prefilled = False
+        # The fused sampler writes the next self-conditioning input straight into the graph's buffer.
+        self.self_conditioning_buffer = passes.self_conditioning_logits
+
+    def encode(self, tokens, attention_mask, positions, **images) -> None:
+        if self.prefilled:
+            self.passes.commit(tokens)
+        else:
+            self.passes.prefill(tokens, attention_mask, self.past, **images)
+            self.prefilled = True
+
+    def start_canvas(self, attention_mask, positions) -> None:
+        pass
+
+    def decode(self, current, self_conditioning_logits) -> torch.Tensor:
+        return self.passes.decode(current, self_conditioning_logits, soft_capped=self.soft_capped)
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.passes.keep(tensor)
+
+
+class RequestsRunner:
+    """Passes for independent requests, each with its own `KVCache`: encoding runs per request, and the
+    canvases of a step's requests go through one decoder pass (see `TextBackbone.decode` with a list of
+    caches)."""
+
+    def __init__(self, model, soft_capped: bool):
+        self.model, self.soft_capped = model, soft_capped
+        self.canvas_length = model.config.canvas_length
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.model.config.text_config, self.canvas_length)
+
+    def encode(self, cache: KVCache, tokens: torch.Tensor) -> None:
+        start = cache.get_seq_length()
+        positions = torch.arange(start, start + tokens.shape[1], dtype=torch.int32, device=tokens.device)[None]
+        self.model.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions)
+
+    def decode(self, caches: list[KVCache], current: torch.Tensor, self_conditioning_logits: list) -> torch.Tensor:
+        """Scores [requests, canvas, vocab] for each request's canvas over its own cache; a request on the
+        first step of its canvas gives None as its self-conditioning logits."""
+        positions = torch.stack([torch.arange(c.get_seq_length(), c.get_seq_length() + self.canvas_length,
+                                              dtype=torch.int32, device=current.device) for c in caches])
+        return self.model.decoder_scores(caches, None, positions, current, self_conditioning_logits,
+                              soft_capped=self.soft_capped)

@@ -1,0 +1,144 @@
+"""The sampler's half of a denoising step, for any number of groups (`state.Denoising`) in one batch.
+
+Given the decoder's scores for every row of every group, one step: divides the logits by each group's
+temperature (n counts down from N to 1), samples every position, takes the argmax and the entropies,
+accepts the lowest-entropy positions within each group's entropy bound, puts fresh noise everywhere else,
+judges each group's adaptive stopping, and keeps the processed logits as the next step's self-conditioning
+input. What is vocabulary-sized runs once over all rows; what draws random numbers runs per group, from
+its own generator and in the reference's order (the samples, then the renoising), so that a group gets
+the same numbers whatever other groups share its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import fused
+from .sampler import (
+    MultinomialWords,
+    _multinomial_from_words,
+    sample_tokens,
+    token_entropy,
+)
+from .state import Denoising
+
+
+def _selects_without_asking(device: torch.device) -> bool:
+    """Whether stopped rows are kept by selects on every step, without first asking the device whether any
+    row stopped: on an accelerator the selects cost less than the wait, on the CPU it is the reverse."""
+    return device.type != "cpu"
+
+
+def _apply_processors(processors, input_ids, scores, cur_step):
+    for processor, with_step in processors:
+        scores = processor(input_ids, scores, cur_step=cur_step) if with_step else processor(input_ids, scores)
+    return scores
+
+
+def _spans(groups: list[Denoising]) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for group in groups:
+        spans.append((start, start + group.rows))
+        start += group.rows
+    return spans
+
+
+def _per_row(groups: list[Denoising], values: list[torch.Tensor | float], device) -> torch.Tensor:
+    """[rows, 1] float32: each group's value (a float or a 0-d float32 tensor) repeated over its rows."""
+    return torch.cat([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1).expand(g.rows)
+                      for g, v in zip(groups, values)])[:, None]
+
+
+def _sample(groups: list[Denoising], probs: torch.Tensor, words: list[MultinomialWords | None]) -> torch.Tensor:
+    """Tokens from probs [rows, canvas, vocab], each group's from its own generator (and words drawn ahead)."""
+    method = groups[0].plan.sampling
+    if len(groups) == 1:
+        return sample_tokens(probs, method, groups[0].generator, words[0])
+    if method == "argmax":
+        return probs.argmax(dim=-1)
+    if method == "multinomial" and all(w is not None for w in words):
+        drawn = MultinomialWords(torch.cat([w.words for w in words]), None, None)
+        tokens = _multinomial_from_words(probs.reshape(-1, probs.shape[-1]), drawn)
+        if tokens is not None:
+            return tokens.view(probs.shape[:-1])
+    # Each group alone: where one group's words leave the answer to torch, only that group's is redone.
+    return torch.cat([sample_tokens(probs[a:b], method, g.generator, w)
+                      for g, (a, b), w in zip(groups, _spans(groups), words)])
+
+
+def denoise_step(groups: list[Denoising], scores: torch.Tensor, dtype: torch.dtype, cap: float | None,
+                 input_ids: torch.Tensor | None = None, words: list[MultinomialWords | None] | None = None,
+                 into: torch.Tensor | None = None) -> None:
+    """One step for every row of `groups`, whose rows follow one another in `scores` [rows, canvas, vocab]:
+    soft-capped float32 logits, or, where the groups' plan is `fused`, the LM head's scores, which the
+    kernel soft-caps at `cap` itself. `dtype`: the self-conditioning input's. `input_ids`: what the caller's
+    logits processors see. `words`: per group, its multinomial words when drawn ahead. `into`: where the
+    fused kernel writes the self-conditioning input (a CUDA graph's buffer; one group only). Groups are
+    updated in place; each group's step counter moves on by one."""
+    plan, device = groups[0].plan, scores.device
+    words = words if words is not None else [None] * len(groups)
+    single = len(groups) == 1
+    spans = _spans(groups)
+    # Rows that stopped keep their logits: with adaptive stopping, from a canvas's second step on.
+    keeps = [g.stop is not None and g.self_conditioning_logits is not None for g in groups]
+    temperatures = [g.temperature() for g in groups]
+    if plan.fused:
+        if single:
+            temperature = temperatures[0]
+            processed = into if into is not None else torch.empty(scores.shape, dtype=dtype, device=device)
+        else:
+            temperature = _per_row(groups, [1.0 if t is None else t for t in temperatures], device)[:, 0]
+            processed = torch.empty(scores.shape, dtype=dtype, device=device)
+        # Where `into` already holds this canvas's logits, the kernel leaves its stopped rows as they are:
+        # no vocabulary-sized select or copy.
+        group = groups[0]
+        kept = group.finished[:, None] if single and keeps[0] and group.self_conditioning_logits is processed else None
+        draws = [(g.generator, g.rows * g.canvas_length) for g in groups]
+        denoised, argmax, entropy = fused.denoise(scores, cap, temperature, plan.sampling, draws, processed, kept)
+        logits = processed
+    else:
+        if single:
+            logits = _apply_processors(plan.processors + ((plan.schedule, True),) if plan.schedule else plan.processors,
+                                       input_ids, scores, groups[0].step)
+        elif any(t is not None for t in temperatures):
+            logits = scores / _per_row(groups, [1.0 if t is None else t for t in temperatures], device)[:, :, None]
+        else:
+            logits = scores
+        denoised = _sample(groups, torch.softmax(logits, dim=-1, dtype=torch.float32), words)
+        argmax = torch.argmax(logits, dim=-1)
+        entropy = token_entropy(logits)
+
+    # Entropy-bound acceptance: sorted by entropy, a position is accepted while the entropy summed over the
+    # positions before it stays within the bound, so the lowest-entropy one always is.
+    sorted_entropy, order = torch.sort(entropy, dim=-1)
+    bound = plan.entropy_bound if single else _per_row(groups, [g.plan.entropy_bound for g in groups], device)
+    accepted_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
+    accepted = torch.zeros_like(accepted_sorted).scatter(-1, order, accepted_sorted)
+    current = torch.cat([g.current for g in groups]) if not single else groups[0].current
+    current = torch.where(accepted, denoised, current)
+    noise = groups[0].noise() if single else torch.cat([g.noise() for g in groups])
+    current = torch.where(accepted, current, noise)
+
+    cast = None  # the batch's logits in `dtype`, made once for every group that keeps them as they are
+    for group, (a, b), keep in zip(groups, spans, keeps):
+        group_argmax, group_current = argmax[a:b], current[a:b]
+        group_logits = logits if single else logits[a:b]
+        replaced = False
+        if group.stop is not None:
+            # Rows that already stopped keep their canvas, argmax and logits. On a canvas's first step no row
+            # has stopped yet, and there may be no logits to keep.
+            done = group.finished
+            if keep and (_selects_without_asking(device) or bool(done.any())):
+                group_argmax = torch.where(done[:, None], group.argmax, group_argmax)
+                group_current = torch.where(done[:, None], group.current, group_current)
+                if group_logits is not group.self_conditioning_logits:
+                    group_logits = torch.where(done[:, None, None], group.self_conditioning_logits, group_logits)
+                    replaced = True
+            group.finished = done | group.stop(group_argmax, group_logits, entropy=entropy[a:b])
+        group.current, group.argmax = group_current, group_argmax
+        if replaced:
+            group.self_conditioning_logits = group_logits.to(dtype)
+        else:
+            cast = logits.to(dtype) if cast is None else cast
+            group.self_conditioning_logits = cast if single else cast[a:b]
+        group.taken += 1
