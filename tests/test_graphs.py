@@ -460,7 +460,7 @@ def test_a_call_that_fails_leaves_the_graphs_to_the_next(stand_in_graphs):
 def test_folded_attention_is_grouped_query_attention(monkeypatch, queries_masked_apart):
     """Against SDPA's own grouped path, with a mask for all queries (the decoder's) or one per query (the
     encoder's), and with the output layout CUDA's fused kernels return (transposed, not contiguous)."""
-    from diffusiongemma.model.network import _folded_attention
+    from diffusiongemma.model.attention import folded_attention as _folded_attention
 
     generator = torch.Generator().manual_seed(0)
     q, keys, values = (torch.randn(2, heads, length, 8, generator=generator)

@@ -272,7 +272,7 @@ def _distributions():
 
 
 @pytest.mark.parametrize("top_bounds", [1, 8])
-def test_multinomial_from_words_is_torch_multinomial(monkeypatch, top_bounds):
+def testmultinomial_from_words_is_torch_multinomial(monkeypatch, top_bounds):
     """The default sampler's tokens and the generator's state afterwards are torch.multinomial's, seed by
     seed: with an explicit generator and with the global one, and with the words drawn before the call.
     With one top bound every call searches whole rows for candidates; with 8 nearly none does."""

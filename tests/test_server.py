@@ -23,7 +23,9 @@ import torch
 import uvicorn
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
+from diffusiongemma.engine.runner import RequestsRunner
 from diffusiongemma.hf.presets import write_random_checkpoint
+from diffusiongemma.kernels.experts import grouped_linear, row_independent
 from diffusiongemma.model.cache import KVCache
 from diffusiongemma.serving import scheduler as engine
 from diffusiongemma.serving.server import create_app
@@ -96,10 +98,12 @@ def chat_ids(processor, text):
 
 
 def expected(model, processor, ids, seed, max_tokens, steps=FAST["max_denoising_steps"], **settings):
-    """(text, completion tokens, finish reason) that `generate` gives after `torch.manual_seed(seed)`."""
+    """(text, completion tokens, finish reason) that `generate` gives after `torch.manual_seed(seed)`, with the
+    server's numbers (`batch_invariant`, the prompt in the server's chunks)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, max_denoising_steps=steps, **settings)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, max_denoising_steps=steps,
+                             batch_invariant=True, prefill_chunk_size=engine.PREFILL_CHUNK, **settings)
     eos = set(model.generation_config.eos_token_id)
     generated = out.sequences[0, len(ids):].tolist()
     end = next((i for i, token in enumerate(generated) if token in eos), None)
@@ -220,29 +224,43 @@ def test_batched_requests_answer_as_alone(server):
 
 
 def test_batched_decoder_pass_equals_each_request_alone(tiny):
-    """The pass the scheduler runs: every row over its own cache, then the LM head per row, bit for bit
-    what that row gets alone, with prefixes of different lengths (some past the sliding window) and rows
-    on their first step (no self-conditioning signal) beside rows that have one."""
+    """The pass the scheduler runs (`RequestsRunner`): every row over its own cache, bit for bit what that
+    row gets alone, with prefixes of different lengths (some past the sliding window) and rows on their
+    first step (no self-conditioning signal) beside rows that have one."""
     model, _ = tiny
     config, generator = model.config, torch.Generator().manual_seed(0)
     length, vocab = config.canvas_length, config.text_config.vocab_size
-    caches, canvases, signals, positions = [], [], [], []
+    runner = RequestsRunner(model, soft_capped=True)
+    caches, canvases, signals = [], [], []
     with torch.inference_mode():
         for prefix in (3, 20, 45, 90, 7):
-            caches.append(KVCache(config.text_config, length))
-            model.model.encoder(input_ids=torch.randint(0, vocab, (1, prefix), generator=generator),
-                                past_key_values=caches[-1])
+            caches.append(runner.new_cache())
+            runner.encode(caches[-1], torch.randint(0, vocab, (1, prefix), generator=generator))
             canvases.append(torch.randint(0, vocab, (1, length), generator=generator))
             signals.append(None if prefix in (20, 7) else 4 * torch.randn(1, length, vocab, generator=generator))
-            positions.append(torch.arange(prefix, prefix + length, dtype=torch.int32)[None])
-        alone = [model(decoder_input_ids=canvas, past_key_values=cache, self_conditioning_logits=signal,
-                       decoder_position_ids=position).logits
-                 for cache, canvas, signal, position in zip(caches, canvases, signals, positions)]
-        hidden = model.model.decoder(decoder_input_ids=torch.cat(canvases), past_key_values=caches,
-                                     self_conditioning_logits=signals,
-                                     decoder_position_ids=torch.cat(positions)).last_hidden_state
-        for row, logits in enumerate(alone):
-            assert torch.equal(model.logits(hidden[row:row + 1]), logits), f"row {row} differs from its pass alone"
+        alone = [runner.decode([cache], canvas, [signal]) for cache, canvas, signal in zip(caches, canvases, signals)]
+        together = runner.decode(caches, torch.cat(canvases), signals)
+    for row, logits in enumerate(alone):
+        assert torch.equal(together[row:row + 1], logits), f"row {row} differs from its pass alone"
+
+
+def test_row_independent_experts_give_each_row_its_own_bits():
+    """In tiles, an expert's product for a row does not depend on how many other rows that expert gets (with
+    `F.grouped_mm` it does, at these shapes), and stays within rounding of the reference's grouped product."""
+    generator = torch.Generator().manual_seed(0)
+    experts, width = 8, 192
+    weight = torch.randn(experts, width, width, generator=generator)
+    few = torch.randn(experts * 4, width, generator=generator)
+    others = torch.randn(experts * 60, width, generator=generator)
+    # Each expert's four rows alone, then the same four rows first among 64.
+    crowd = torch.cat([torch.cat([few[4 * e:4 * e + 4], others[60 * e:60 * e + 60]]) for e in range(experts)])
+    few_ends = torch.arange(1, experts + 1, dtype=torch.int32) * 4
+    crowd_ends = torch.arange(1, experts + 1, dtype=torch.int32) * 64
+    with row_independent():
+        alone, together = grouped_linear(few, weight, few_ends), grouped_linear(crowd, weight, crowd_ends)
+    for e in range(experts):
+        assert torch.equal(together[64 * e:64 * e + 4], alone[4 * e:4 * e + 4]), f"expert {e}"
+    torch.testing.assert_close(alone, grouped_linear(few, weight, few_ends), rtol=1e-4, atol=1e-4)
 
 
 def live_requests() -> int:

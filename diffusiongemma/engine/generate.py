@@ -7,6 +7,7 @@ until every row has finished or the length limit is reached.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..kernels.experts import row_independent
 from ..model.cache import KVCache, check_cache, check_mask
 from ..model.config import read_json
 from .graphs import captures, graphed_passes
@@ -52,13 +54,18 @@ class DiffusionGemmaGenerationConfig:
     commit captured once per batch size and cache capacity (see `graphs.py`); the two differ in the
     attention's last bits, which may change a token. `fused_sampler=False` runs the
     sampler's vocabulary-sized work as torch's operations on CUDA instead of one Triton kernel (see
-    `fused.py`), with the reference's roundings.
+    `fused.py`), with the reference's roundings. `prefill_chunk_size=C` encodes the prompt C tokens at a
+    time, as `serve` does (its `--prefill-chunk`), instead of in one pass: the attention's sums then run in
+    other pieces, so a prompt longer than C can get other tokens. `batch_invariant=True` runs the experts'
+    products as `serve` does, in fixed tiles of rows whose bits do not depend on the other rows (see
+    `kernels/experts.py`), instead of the reference's `F.grouped_mm`. A served answer is what `generate`
+    gives for its prompt alone, after `torch.manual_seed(seed)`, with both set as the server runs.
     """
 
     FIELDS = ("max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config",
               "t_min", "t_max", "stability_threshold", "confidence_threshold", "cache_implementation",
               "bos_token_id", "pad_token_id", "eos_token_id", "fast_sampling", "cuda_graphs",
-              "fused_sampler")
+              "fused_sampler", "prefill_chunk_size", "batch_invariant")
 
     def __init__(self, **kwargs: Any):
         for name in self.FIELDS:
@@ -67,6 +74,7 @@ class DiffusionGemmaGenerationConfig:
         self.fast_sampling = False
         self.cuda_graphs = True
         self.fused_sampler = True
+        self.batch_invariant = False
         self.metadata = {k: kwargs.pop(k) for k in METADATA_KEYS if k in kwargs}
         unknown = sorted(set(kwargs) - set(self.FIELDS))
         if unknown:
@@ -99,7 +107,7 @@ class DiffusionGemmaGenerationConfig:
         def fail(name, requirement):
             raise ValueError(f"`{name}` must be {requirement}, got {getattr(self, name)!r}")
 
-        for name in ("max_new_tokens", "max_length", "max_denoising_steps"):
+        for name in ("max_new_tokens", "max_length", "max_denoising_steps", "prefill_chunk_size"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value <= 0):
                 fail(name, "a positive integer")
@@ -127,7 +135,7 @@ class DiffusionGemmaGenerationConfig:
         if eos is not None and not (_is_int(eos) and eos >= 0) and not (
                 isinstance(eos, (list, tuple)) and eos and all(_is_int(e) and e >= 0 for e in eos)):
             fail("eos_token_id", "a token id or a non-empty list of token ids")
-        for name in ("return_dict_in_generate", "fast_sampling", "cuda_graphs", "fused_sampler"):
+        for name in ("return_dict_in_generate", "fast_sampling", "cuda_graphs", "fused_sampler", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
 
@@ -145,11 +153,14 @@ class DiffusionGemmaGenerationConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {name: copy.deepcopy(getattr(self, name)) for name in self.FIELDS}
         # The reference's generation config knows none of these switches: written only when not the default.
-        if not self.fast_sampling:
-            del out["fast_sampling"]
+        for name in ("fast_sampling", "batch_invariant"):
+            if not getattr(self, name):
+                del out[name]
         for name in ("cuda_graphs", "fused_sampler"):
             if getattr(self, name):
                 del out[name]
+        if self.prefill_chunk_size is None:
+            del out["prefill_chunk_size"]
         if isinstance(self.sampler_config, EntropyBoundSamplerConfig):
             out["sampler_config"] = self.sampler_config.to_dict()
         out.update(self.metadata)
@@ -307,8 +318,13 @@ class GenerationMixin:
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
+        prefill_chunk = config.prefill_chunk_size
+        if prefill_chunk is not None and "pixel_values" in model_kwargs:
+            raise ValueError("`prefill_chunk_size` cannot split a prompt with images: an image's tokens attend to "
+                             "each other in one pass")
         graphed = None
-        if config.cuda_graphs and captures(device) and (past_key_values is None or (
+        # Chunks are the server's eager passes; the graphs' prefill is one pass.
+        if config.cuda_graphs and prefill_chunk is None and captures(device) and (past_key_values is None or (
                 isinstance(past_key_values, KVCache) and not past_key_values.differentiable)):
             # The eager path's encoder checks these; here they are copied into the graphs' own cache first.
             check_cache(past_key_values, batch)
@@ -323,44 +339,55 @@ class GenerationMixin:
         dtype = self.model.backbone.embed_tokens.weight.dtype
         cap = self.config.text_config.final_logit_softcapping
         try:
-            new_tokens = input_ids
-            for _ in range(canvases):
-                images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")
-                          if k in model_kwargs}
-                runner.encode(new_tokens, attention_mask, encoder_positions, **images)
-                cur_len = runner.cache.get_seq_length()
-                decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32,
-                                                 device=device)[None]
-                decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
-                runner.start_canvas(decoder_mask, decoder_positions)
-                canvas.start(model_kwargs.pop("decoder_input_ids", None),
-                             model_kwargs.pop("self_conditioning_logits", None))
-                while not canvas.out_of_steps:
-                    decoder_passes += ~(canvas.finished | finished_rows)
-                    scores, words = decode_drawing_words(
-                        lambda: runner.decode(canvas.current, canvas.self_conditioning_logits), [canvas])
-                    denoise_step([canvas], scores, dtype, cap, input_ids, words, runner.self_conditioning_buffer)
-                    canvas.self_conditioning_logits = runner.keep(canvas.self_conditioning_logits)
-                    if streamer is not None and hasattr(streamer, "put_draft"):
-                        # The argmax canvas is the draft closest to what will be committed.
-                        if getattr(streamer, "_takes_logits", False):
-                            streamer.put_draft(logits=canvas.self_conditioning_logits.cpu())
-                        else:
-                            streamer.put_draft(value=canvas.argmax.cpu())
-                    # Only adaptive stopping finishes a canvas early; without it, no step waits for the device.
-                    if plan.adaptive and bool(canvas.finished.all()):
-                        break
+            with row_independent() if config.batch_invariant else contextlib.nullcontext():
+                new_tokens = input_ids
+                for _ in range(canvases):
+                    images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")
+                              if k in model_kwargs}
+                    if prefill_chunk is None:
+                        runner.encode(new_tokens, attention_mask, encoder_positions, **images)
+                    else:
+                        # The prompt in pieces, as the server encodes it; committed canvases stay whole.
+                        seen = attention_mask.shape[1] - new_tokens.shape[1]
+                        for start in range(0, new_tokens.shape[1], prefill_chunk):
+                            end = min(start + prefill_chunk, new_tokens.shape[1])
+                            runner.encode(new_tokens[:, start:end], attention_mask[:, :seen + end],
+                                          encoder_positions[:, start:end])
+                        prefill_chunk = None
+                    cur_len = runner.cache.get_seq_length()
+                    decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32,
+                                                     device=device)[None]
+                    decoder_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+                    runner.start_canvas(decoder_mask, decoder_positions)
+                    canvas.start(model_kwargs.pop("decoder_input_ids", None),
+                                 model_kwargs.pop("self_conditioning_logits", None))
+                    while not canvas.out_of_steps:
+                        decoder_passes += ~(canvas.finished | finished_rows)
+                        scores, words = decode_drawing_words(
+                            lambda: runner.decode(canvas.current, canvas.self_conditioning_logits), [canvas])
+                        denoise_step([canvas], scores, dtype, cap, input_ids, words, runner.self_conditioning_buffer)
+                        canvas.self_conditioning_logits = runner.keep(canvas.self_conditioning_logits)
+                        if streamer is not None and hasattr(streamer, "put_draft"):
+                            # The argmax canvas is the draft closest to what will be committed; a streamer
+                            # that says `_takes_logits` (the tests' view of each step) gets the logits.
+                            if getattr(streamer, "_takes_logits", False):
+                                streamer.put_draft(logits=canvas.self_conditioning_logits.cpu())
+                            else:
+                                streamer.put_draft(value=canvas.argmax.cpu())
+                        # Only adaptive stopping finishes a canvas early; without it, no step waits for the device.
+                        if plan.adaptive and bool(canvas.finished.all()):
+                            break
 
-                input_ids = torch.cat([input_ids, canvas.argmax], dim=-1)
-                finished_rows = self._commit_canvas(input_ids, finished_rows, stops, eos, config.pad_token_id,
-                                                     canvas_length)
-                if streamer is not None:
-                    streamer.put(input_ids[:, -canvas_length:].cpu())
-                if bool(finished_rows.all()):
-                    break
-                new_tokens = input_ids[:, -canvas_length:]
-                attention_mask = decoder_mask
-                encoder_positions = decoder_positions
+                    input_ids = torch.cat([input_ids, canvas.argmax], dim=-1)
+                    finished_rows = self._commit_canvas(input_ids, finished_rows, stops, eos, config.pad_token_id,
+                                                         canvas_length)
+                    if streamer is not None:
+                        streamer.put(input_ids[:, -canvas_length:].cpu())
+                    if bool(finished_rows.all()):
+                        break
+                    new_tokens = input_ids[:, -canvas_length:]
+                    attention_mask = decoder_mask
+                    encoder_positions = decoder_positions
 
             if streamer is not None:
                 streamer.end()

@@ -8,9 +8,10 @@ device, and chooses how they run:
 - `GraphedRunner`: the decoder pass and the commit replayed from CUDA graphs over a `StaticKVCache`
   (`generate` on CUDA; see `graphs.py`);
 - `RequestsRunner`: many requests, each over its own `KVCache`, whose canvases share one decoder pass
-  (the server). A row gets the numbers it would get alone: every product that mixes rows either gives
-  each row its own bits (the token-wise products, on the CPU) or runs per request (attention, and the
-  experts where their kernel depends on how many rows each expert gets).
+  (the server). A row gets the numbers it would get alone: the token-wise products give each row its own
+  bits (measured on the CPU's BLAS, whose kernel for a row does not change with the row count at these
+  shapes; a GPU library may choose by row count), attention runs per request over its own cache, and the
+  experts' products run in fixed tiles (`kernels.experts.row_independent`).
 
 Scores are the soft-capped float32 logits, or, where the sampling plan is fused, the LM head's scores,
 which the fused kernel soft-caps itself (`BlockDiffusionLM.decoder_scores`).
@@ -24,7 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ..model.cache import KVCache
+from ..kernels.experts import row_independent
+from ..model.cache import KVCache, RequestCaches
 from .graphs import GraphedPasses
 from .sampler import MultinomialWords, draw_multinomial_words
 
@@ -125,12 +127,14 @@ class RequestsRunner:
     def encode(self, cache: KVCache, tokens: torch.Tensor) -> None:
         start = cache.get_seq_length()
         positions = torch.arange(start, start + tokens.shape[1], dtype=torch.int32, device=tokens.device)[None]
-        self.model.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions)
+        with row_independent():
+            self.model.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions)
 
     def decode(self, caches: list[KVCache], current: torch.Tensor, self_conditioning_logits: list) -> torch.Tensor:
         """Scores [requests, canvas, vocab] for each request's canvas over its own cache; a request on the
         first step of its canvas gives None as its self-conditioning logits."""
         positions = torch.stack([torch.arange(c.get_seq_length(), c.get_seq_length() + self.canvas_length,
                                               dtype=torch.int32, device=current.device) for c in caches])
-        return self.model.decoder_scores(caches, None, positions, current, self_conditioning_logits,
-                              soft_capped=self.soft_capped)
+        with row_independent():
+            return self.model.decoder_scores(RequestCaches(caches), None, positions, current, self_conditioning_logits,
+                                             soft_capped=self.soft_capped)

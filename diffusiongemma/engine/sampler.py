@@ -74,7 +74,7 @@ def _exact_ratios(probs: torch.Tensor, words: torch.Tensor, rows: torch.Tensor, 
     return probs[rows, cols] / _exponential_variates(words[rows, cols].tolist())
 
 
-def _multinomial_from_words(probs: torch.Tensor, drawn: MultinomialWords) -> torch.Tensor | None:
+def multinomial_from_words(probs: torch.Tensor, drawn: MultinomialWords) -> torch.Tensor | None:
     """torch.multinomial(probs, 1)[:, 0] for 2-D float32 probs, from its words; None where only torch's
     kernel gives its answer (a zero variate, probabilities that are not finite)."""
     words = drawn.words
@@ -101,7 +101,7 @@ def _multinomial_from_words(probs: torch.Tensor, drawn: MultinomialWords) -> tor
 
 @functools.cache
 def words_reproduce_multinomial() -> bool:
-    """Whether this torch build draws multinomial samples as `_multinomial_from_words` assumes: checked
+    """Whether this torch build draws multinomial samples as `multinomial_from_words` assumes: checked
     once per process on the variates themselves, on samples and on the generator's state afterwards.
     Where it does not, the exact path stays on `torch.multinomial`."""
     seed = 20261127
@@ -111,7 +111,7 @@ def words_reproduce_multinomial() -> bool:
     if not torch.equal(_exponential_variates(draw_multinomial_words((4096,), ours).words.tolist()), variates):
         return False
     expected = torch.multinomial(probs, 1, generator=reference)[:, 0]
-    tokens = _multinomial_from_words(probs, draw_multinomial_words(tuple(probs.shape), ours))
+    tokens = multinomial_from_words(probs, draw_multinomial_words(tuple(probs.shape), ours))
     return tokens is not None and torch.equal(tokens, expected) and torch.equal(reference.get_state(),
                                                                                   ours.get_state())
 
@@ -126,7 +126,7 @@ def sample_tokens(probs: torch.Tensor, method: str = "multinomial", generator: t
     """One token per position from probs [..., vocab].
 
     "multinomial" gives `torch.multinomial`'s tokens from its random stream, so the reference's seed gives
-    the reference's tokens; on the CPU it goes through the words (see `_multinomial_from_words`), which may
+    the reference's tokens; on the CPU it goes through the words (see `multinomial_from_words`), which may
     have been drawn ahead. "inverse_cdf" draws one uniform per position and inverts the cumulative
     distribution: the same distribution, other random numbers, a fraction of the cost. "argmax" takes the
     most likely token.
@@ -141,7 +141,7 @@ def sample_tokens(probs: torch.Tensor, method: str = "multinomial", generator: t
         return flat.argmax(dim=-1).view(probs.shape[:-1])
     if words is None and flat.dtype == torch.float32 and samples_from_words(flat.device):
         words = draw_multinomial_words(tuple(flat.shape), generator)
-    tokens = _multinomial_from_words(flat, words) if words is not None else None
+    tokens = multinomial_from_words(flat, words) if words is not None else None
     if tokens is None:
         if words is not None:
             words.generator.set_state(words.state_before)

@@ -16,7 +16,7 @@ import torch
 from ..kernels import fused
 from .sampler import (
     MultinomialWords,
-    _multinomial_from_words,
+    multinomial_from_words,
     sample_tokens,
     token_entropy,
 )
@@ -58,12 +58,42 @@ def _sample(groups: list[Denoising], probs: torch.Tensor, words: list[Multinomia
         return probs.argmax(dim=-1)
     if method == "multinomial" and all(w is not None for w in words):
         drawn = MultinomialWords(torch.cat([w.words for w in words]), None, None)
-        tokens = _multinomial_from_words(probs.reshape(-1, probs.shape[-1]), drawn)
+        tokens = multinomial_from_words(probs.reshape(-1, probs.shape[-1]), drawn)
         if tokens is not None:
             return tokens.view(probs.shape[:-1])
     # Each group alone: where one group's words leave the answer to torch, only that group's is redone.
     return torch.cat([sample_tokens(probs[a:b], method, g.generator, w)
                       for g, (a, b), w in zip(groups, _spans(groups), words)])
+
+
+def _vocabulary_work(groups: list[Denoising], scores: torch.Tensor, dtype: torch.dtype, cap: float | None,
+                     input_ids, words: list, into: torch.Tensor | None, processed: torch.Tensor | None):
+    """(sampled tokens, argmax tokens, entropies, processed logits) of groups that sample alike."""
+    plan, device, single = groups[0].plan, scores.device, len(groups) == 1
+    temperatures = [g.temperature() for g in groups]
+    if plan.fused:
+        group = groups[0]
+        if single:
+            temperature = temperatures[0]
+            processed = into if into is not None else processed
+        else:
+            temperature = _per_row(groups, [1.0 if t is None else t for t in temperatures], device)[:, 0]
+        # Where `into` already holds this canvas's logits, the kernel leaves its stopped rows as they are:
+        # no vocabulary-sized select or copy.
+        keeps = group.stop is not None and group.self_conditioning_logits is not None
+        kept = group.finished[:, None] if single and keeps and group.self_conditioning_logits is processed else None
+        draws = [(g.generator, g.rows * g.canvas_length) for g in groups]
+        denoised, argmax, entropy = fused.denoise(scores, cap, temperature, plan.sampling, draws, processed, kept)
+        return denoised, argmax, entropy, processed
+    if single:
+        schedule = ((plan.schedule, True),) if plan.schedule is not None else ()
+        logits = _apply_processors(plan.processors + schedule, input_ids, scores, groups[0].step)
+    elif any(t is not None for t in temperatures):
+        logits = scores / _per_row(groups, [1.0 if t is None else t for t in temperatures], device)[:, :, None]
+    else:
+        logits = scores
+    denoised = _sample(groups, torch.softmax(logits, dim=-1, dtype=torch.float32), words)
+    return denoised, torch.argmax(logits, dim=-1), token_entropy(logits), logits
 
 
 def denoise_step(groups: list[Denoising], scores: torch.Tensor, dtype: torch.dtype, cap: float | None,
@@ -81,32 +111,25 @@ def denoise_step(groups: list[Denoising], scores: torch.Tensor, dtype: torch.dty
     spans = _spans(groups)
     # Rows that stopped keep their logits: with adaptive stopping, from a canvas's second step on.
     keeps = [g.stop is not None and g.self_conditioning_logits is not None for g in groups]
-    temperatures = [g.temperature() for g in groups]
-    if plan.fused:
-        if single:
-            temperature = temperatures[0]
-            processed = into if into is not None else torch.empty(scores.shape, dtype=dtype, device=device)
+    processed = torch.empty(scores.shape, dtype=dtype, device=device) if plan.fused and into is None else None
+    # Runs of consecutive groups that sample alike share the vocabulary-sized work.
+    runs = []
+    for index, group in enumerate(groups):
+        if runs and groups[runs[-1][0]].plan.sampling == group.plan.sampling:
+            runs[-1][1] = index + 1
         else:
-            temperature = _per_row(groups, [1.0 if t is None else t for t in temperatures], device)[:, 0]
-            processed = torch.empty(scores.shape, dtype=dtype, device=device)
-        # Where `into` already holds this canvas's logits, the kernel leaves its stopped rows as they are:
-        # no vocabulary-sized select or copy.
-        group = groups[0]
-        kept = group.finished[:, None] if single and keeps[0] and group.self_conditioning_logits is processed else None
-        draws = [(g.generator, g.rows * g.canvas_length) for g in groups]
-        denoised, argmax, entropy = fused.denoise(scores, cap, temperature, plan.sampling, draws, processed, kept)
-        logits = processed
+            runs.append([index, index + 1])
+    if len(runs) == 1:
+        denoised, argmax, entropy, logits = _vocabulary_work(groups, scores, dtype, cap, input_ids, words, into,
+                                                             processed)
     else:
-        if single:
-            logits = _apply_processors(plan.processors + ((plan.schedule, True),) if plan.schedule else plan.processors,
-                                       input_ids, scores, groups[0].step)
-        elif any(t is not None for t in temperatures):
-            logits = scores / _per_row(groups, [1.0 if t is None else t for t in temperatures], device)[:, :, None]
-        else:
-            logits = scores
-        denoised = _sample(groups, torch.softmax(logits, dim=-1, dtype=torch.float32), words)
-        argmax = torch.argmax(logits, dim=-1)
-        entropy = token_entropy(logits)
+        parts = []
+        for first, last in runs:
+            a, b = spans[first][0], spans[last - 1][1]
+            parts.append(_vocabulary_work(groups[first:last], scores[a:b], dtype, cap, None, words[first:last],
+                                          None, None if processed is None else processed[a:b]))
+        denoised, argmax, entropy = (torch.cat([part[i] for part in parts]) for i in range(3))
+        logits = processed if processed is not None else torch.cat([part[3] for part in parts])
 
     # Entropy-bound acceptance: sorted by entropy, a position is accepted while the entropy summed over the
     # positions before it stays within the bound, so the lowest-entropy one always is.

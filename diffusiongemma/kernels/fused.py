@@ -53,10 +53,8 @@ import os
 
 import torch
 
-from ..engine.sampler import SAMPLING
-
-# The kernel knows a sampling by its place in `sampler.SAMPLING`: 0 multinomial, 1 inverse_cdf, 2 argmax.
-SAMPLINGS = {name: code for code, name in enumerate(SAMPLING)}
+# The kernel's code for each sampling (`sampler.SAMPLING`).
+SAMPLINGS = {"multinomial": 0, "inverse_cdf": 1, "argmax": 2}
 # Columns one program handles at a time: 16 float32 values per thread at 8 warps.
 _BLOCK = 4096
 # The experts' products: rows per block (at batch 1 an expert gets some 33) and output columns per program.

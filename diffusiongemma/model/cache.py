@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .attention import attention_per_row, masked_attention
 from .config import AttentionShape, DiffusionGemmaTextConfig
 
 
@@ -130,6 +131,34 @@ class KVCache:
         keys = self.layers[0].keys
         return None if keys is None else keys.shape[0]
 
+    def encoder_attention(self, config: DiffusionGemmaTextConfig, count: int, attention_mask: torch.Tensor | None,
+                          block_ids: torch.Tensor | None, device: torch.device) -> list:
+        """Per layer, the attention of `count` new tokens, which it appends to the cache; `attention_mask` is
+        the padding of every token, cached and new."""
+        query_start = self.get_seq_length()
+        attention = masked_attention(
+            lambda layer_cache, k, v: layer_cache.append(k, v, self.canvas_length),
+            lambda sliding, start, end: encoder_mask(config, sliding, query_start, count, start, end, attention_mask,
+                                                     block_ids, device))
+        return [attention(layer) for layer in self.layers]
+
+    def decoder_attention(self, attention_mask: torch.Tensor | None) -> list:
+        """Per layer, the canvas's attention to the prefix and itself; the cache keeps only the prefix."""
+        attention = masked_attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
+                                     lambda sliding, start, end: decoder_mask(attention_mask, start, end))
+        return [attention(layer) for layer in self.layers]
+
+
+class RequestCaches(list):
+    """One `KVCache` of one row per request: row r of a decoder pass is request r's canvas over its own
+    cache, and gets exactly the numbers it gets alone (no padding mask: each row has its own)."""
+
+    def get_seq_length(self) -> int:
+        return self[0].get_seq_length()
+
+    def decoder_attention(self, attention_mask: torch.Tensor | None) -> list:
+        return [attention_per_row([cache.layers[index] for cache in self]) for index in range(len(self[0].layers))]
+
 
 def check_mask(name: str, mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
     if mask is None:
@@ -142,7 +171,7 @@ def check_mask(name: str, mask: torch.Tensor | None, batch: int, length: int) ->
     return mask.bool()
 
 
-def check_cache(cache: KVCache | StaticKVCache | list[KVCache] | None, batch: int) -> None:
+def check_cache(cache, batch: int) -> None:
     if isinstance(cache, list):
         if len(cache) != batch or any(c.batch_size != 1 for c in cache):
             raise ValueError(f"a list in `past_key_values` needs one filled cache of batch 1 per row; got "
@@ -295,6 +324,20 @@ class StaticKVCache:
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def encoder_attention(self, config: DiffusionGemmaTextConfig, count: int, attention_mask: torch.Tensor | None,
+                          block_ids: torch.Tensor | None, device: torch.device) -> list:
+        """Per layer, the attention of `count` new tokens written after the committed ones (counted once the
+        owner calls `advance`); the padding is the cache's own (`start`)."""
+        attention = masked_attention(lambda layer_cache, k, v: layer_cache.append(k, v, self.used),
+                                     lambda sliding, start, end: self.encoder_mask(sliding, count, block_ids),
+                                     folded=True)
+        return [attention(layer) for layer in self.layers]
+
+    def decoder_attention(self, attention_mask: torch.Tensor | None) -> list:
+        attention = masked_attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
+                                     lambda sliding, start, end: self.decoder_mask(sliding), folded=True)
+        return [attention(layer) for layer in self.layers]
 
     def start(self, attention_mask: torch.Tensor, past: KVCache | None = None) -> None:
         """Empties the cache, or fills it with `past`'s committed tokens; `attention_mask` is the padding of

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused
+from ..kernels.experts import grouped_linear
 from .config import AttentionShape, DiffusionGemmaTextConfig
 
 
@@ -142,24 +143,9 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[indices], indices
 
 
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Rows of x, sorted by expert, times their expert's weight [E, out, in] transposed."""
-    # On CUDA one kernel where autograd records nothing (see `fused.py`).
-    if fused.takes(x, weight):
-        return fused.grouped_linear(x, weight, ends)
-    if hasattr(F, "grouped_mm"):
-        return F.grouped_mm(x, weight.transpose(-2, -1), offs=ends)
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    start = 0
-    for expert, end in enumerate(ends.tolist()):
-        if end > start:
-            torch.mm(x[start:end], weight[expert].t(), out=out[start:end])
-        start = end
-    return out
-
-
 class Experts(nn.Module):
-    """All experts' weights as 3-D tensors; tokens are sorted by expert and run as grouped products."""
+    """All experts' weights as 3-D tensors; tokens are sorted by expert and run as grouped products
+    (`kernels.experts.grouped_linear`)."""
 
     def __init__(self, config: DiffusionGemmaTextConfig):
         super().__init__()
@@ -178,8 +164,8 @@ class Experts(nn.Module):
         rows = x.index_select(0, order // top_k)  # a third of what advanced indexing costs here
         # Where each expert's rows end, counted without bincount, which asks the device for its maximum.
         ends = torch.searchsorted(sorted_experts, torch.arange(1, experts + 1, device=indices.device), out_int32=True)
-        gate, up = _grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
-        out = _grouped_linear(self.act(gate) * up, self.down_proj, ends)
+        gate, up = grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
+        out = grouped_linear(self.act(gate) * up, self.down_proj, ends)
         # Weights are float32, so the weighted sum over the top-k accumulates in float32.
         weighted = out * weights.reshape(-1)[order, None]
         unsorted = torch.empty_like(weighted)
@@ -206,23 +192,13 @@ class TransformerLayer(nn.Module):
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
         self.register_buffer("decoder_layer_scalar", torch.ones(1))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, scalar: torch.Tensor,
-                experts_per_row: bool = False):
-        """`experts_per_row`: rows are independent requests, each to get the numbers it gets alone. How many
-        tokens an expert gets picks `F.grouped_mm`'s kernel, so there each row's experts run in a call of
-        their own. The fused kernel's tiles are fixed and never sum across rows, so one call serves all rows
-        (on CUDA, one call per layer instead of one per request); every other product here is exact row by
-        row."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, scalar: torch.Tensor):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attend))
         # The dense MLP and the experts read the same residual in parallel.
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, indices = self.router(flat)
-        routed = (self.pre_feedforward_layernorm_2(flat), weights, indices)
-        if experts_per_row and not fused.takes(routed[0], self.experts.gate_up_proj):
-            moe = torch.cat([self.experts(*row) for row in zip(*(t.split(x.shape[1]) for t in routed))])
-        else:
-            moe = self.experts(*routed)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, indices)
         moe = self.post_feedforward_layernorm_2(moe.view(x.shape))
         x = x + self.post_feedforward_layernorm(dense + moe)
         return x * scalar

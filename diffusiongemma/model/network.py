@@ -15,68 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused
-from .cache import (
-    KVCache,
-    StaticKVCache,
-    check_cache,
-    check_mask,
-    decoder_mask,
-    encoder_mask,
-)
+from .cache import KVCache, RequestCaches, check_cache, check_mask
 from .config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
 from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_norm
 from .vision import VisionConfig, VisionEmbedder, VisionTower, embed_images
-
-
-def _attention(visible_keys, make_mask, folded: bool = False):
-    """Builds each layer's attention function. `visible_keys(layer_cache, k, v)` stores the new keys and
-    values and returns what the queries may attend to, with the absolute index of its first token;
-    `make_mask(is_sliding, start, end)` gives the mask over that span, built once per span. `folded`
-    computes it as `_folded_attention` does."""
-    masks = {}
-
-    def for_layer(layer_cache):
-        def attend(q, k, v):
-            keys, values, start = visible_keys(layer_cache, k, v)
-            span = (layer_cache.is_sliding, start, start + keys.shape[2])
-            if span not in masks:
-                masks[span] = make_mask(*span)
-            if folded:
-                return _folded_attention(q, keys, values, masks[span])
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[span], scale=1.0, enable_gqa=True)
-        return attend
-
-    return for_layer
-
-
-def _folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention with a mask, as multi-head attention over the key/value heads: the query
-    heads that share a key/value head are folded into the query length. With a mask, SDPA's own grouped
-    path falls back to its math kernel, which copies the keys and values once per query head; folded,
-    nothing is copied but the queries, and the memory-efficient kernel can take the call. The sums follow
-    other shapes, so the last bits are not `enable_gqa`'s."""
-    batch, heads, length, dim = q.shape
-    groups = heads // keys.shape[1]
-    # Query head h reads key/value head h // groups, so consecutive query heads fold together.
-    folded = q.reshape(batch, keys.shape[1], groups * length, dim)
-    if mask.shape[-2] != 1:
-        mask = mask.repeat(1, 1, groups, 1)
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=1.0)
-    # Not `view`: the fused kernels hand back a transposed layout.
-    return out.reshape(batch, heads, length, dim)
-
-
-def _attention_per_row(caches: list[KVCache], index: int):
-    """Layer `index`'s attention when row r of the batch is one request's canvas over `caches[r]`: one
-    product per row, the very one that request gets alone. Padding the prefixes to one length would copy
-    the caches on every step, and the masked keys would change the kernel's summation order."""
-    def attend(q, k, v):
-        rows = []
-        for row, cache in enumerate(caches):
-            keys, values, _ = cache.layers[index].with_canvas(k[row:row + 1], v[row:row + 1])
-            rows.append(F.scaled_dot_product_attention(q[row:row + 1], keys, values, scale=1.0, enable_gqa=True))
-        return torch.cat(rows)
-    return attend
 
 
 class TextBackbone(nn.Module):
@@ -106,51 +48,30 @@ class TextBackbone(nn.Module):
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache,
+        cache,
         attention_mask: torch.Tensor | None,
         block_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal pass over new tokens; appends their keys and values to the cache (a `StaticKVCache` holds its
-        own padding, and counts them once its owner calls `advance`)."""
-        query_start, count = cache.get_seq_length(), hidden.shape[1]
-        if isinstance(cache, StaticKVCache):
-            attention = _attention(lambda layer_cache, k, v: layer_cache.append(k, v, cache.used),
-                                   lambda sliding, start, end: cache.encoder_mask(sliding, count, block_ids),
-                                   folded=True)
-            return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=False)
-        attention = _attention(
-            lambda layer_cache, k, v: layer_cache.append(k, v, cache.canvas_length),
-            lambda sliding, start, end: encoder_mask(self.config, sliding, query_start, count, start, end,
-                                                     attention_mask, block_ids, hidden.device))
-        return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=False)
+        """Causal pass over new tokens; the cache stores their keys and values (see its
+        `encoder_attention`)."""
+        attends = cache.encoder_attention(self.config, hidden.shape[1], attention_mask, block_ids, hidden.device)
+        return self._run(hidden, positions, attends, decoder=False)
 
     def decode(
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache | list[KVCache],
+        cache,
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Bidirectional pass over the canvas, attending to the cached prefix; the cache is not extended.
-        With a list of caches, row r is the canvas of its own request over `cache[r]` (no padding mask):
-        each row gets exactly the numbers it gets alone."""
-        if isinstance(cache, list):
-            attends = [_attention_per_row(cache, index) for index in range(len(self.layers))]
-            return self._run(hidden, positions, attends, decoder=True, per_row=True)
-        if isinstance(cache, StaticKVCache):
-            attention = _attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
-                                   lambda sliding, start, end: cache.decoder_mask(sliding), folded=True)
-            return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=True)
-        attention = _attention(lambda layer_cache, k, v: layer_cache.with_canvas(k, v),
-                               lambda sliding, start, end: decoder_mask(attention_mask, start, end))
-        return self._run(hidden, positions, [attention(c) for c in cache.layers], decoder=True)
+        """Bidirectional pass over the canvas, attending to the cached prefix; the cache is not extended."""
+        return self._run(hidden, positions, cache.decoder_attention(attention_mask), decoder=True)
 
-    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, attends, decoder: bool,
-             per_row: bool = False) -> torch.Tensor:
+    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, attends, decoder: bool) -> torch.Tensor:
         rope = {t: self.rotary(positions, t, hidden.dtype) for t in (SLIDING, FULL) if t in self.config.layer_types}
         for layer, attend in zip(self.layers, attends):
             scalar = layer.decoder_layer_scalar if decoder else layer.encoder_layer_scalar
-            hidden = layer(hidden, *rope[layer.layer_type], attend, scalar, experts_per_row=per_row)
+            hidden = layer(hidden, *rope[layer.layer_type], attend, scalar)
         return self.norm(hidden)
 
 
@@ -364,6 +285,8 @@ class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):
         elif self_conditioning_logits is not None:
             soft = self.soft_embeddings(self_conditioning_logits, self_conditioning_mask, embeds.dtype)
         hidden = self.self_conditioning(embeds, soft)
+        if isinstance(past_key_values, list) and not isinstance(past_key_values, RequestCaches):
+            past_key_values = RequestCaches(past_key_values)
         caches = past_key_values if isinstance(past_key_values, list) else [past_key_values]
         if decoder_position_ids is None:
             decoder_position_ids = torch.stack([torch.arange(c.get_seq_length(), c.get_seq_length() + length,

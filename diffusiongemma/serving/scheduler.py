@@ -8,14 +8,16 @@ request whose canvas is done commits it and either leaves or starts its next can
 requests join and leave between ticks, each with its own prefix length, settings and step counter.
 
 Prompts are encoded in chunks of `prefill_chunk` tokens, at most one chunk per request per tick and at
-most `prefill_budget` tokens per tick in all, so a long prompt delays the running requests by one chunk
-at a time, never by its whole length. Chunk boundaries depend on the prompt alone.
+most `prefill_budget` tokens per tick in all (a chunk that does not fit waits for the next tick), so a
+long prompt delays the running requests by one chunk at a time, never by its whole length. Chunk
+boundaries depend on the prompt alone; a committed canvas is one chunk.
 
 Numbers. Every request is its own group in the step, with its own `torch.Generator`, drawn in `generate`'s
 order (the canvas noise, then per step the samples and the renoising), and the decoder pass gives each row
-what it gets alone (see `RequestsRunner`). So a seeded request gives the same tokens alone or in any batch;
-on the CPU they are the tokens `generate` gives after `torch.manual_seed(seed)` with
-`prefill_chunk_size` set to the server's chunk (the same for prompts no longer than one chunk).
+what it gets alone (see `RequestsRunner`). So on the CPU a seeded request gives the same tokens alone or in
+any batch: the tokens `generate` gives for its prompt after `torch.manual_seed(seed)` with
+`batch_invariant=True` and `prefill_chunk_size` set to the server's chunk. On CUDA the token-wise products
+are cuBLAS's, which may choose its kernel by row count: there a batch can move a token's last bits.
 """
 
 from __future__ import annotations
@@ -180,8 +182,8 @@ class _Running:
         self.sent = ""
 
     def encode_chunk(self, runner: RequestsRunner, chunk: int) -> int:
-        """Encodes up to `chunk` of the tokens the cache lacks; starts a canvas once none is left. Returns
-        how many tokens it encoded."""
+        """Encodes the next `chunk` tokens the cache lacks; starts a canvas once none is left. Returns how
+        many tokens it encoded."""
         tokens, self.uncached = self.uncached[:, :chunk], self.uncached[:, chunk:]
         runner.encode(self.cache, tokens)
         if not self.uncached.shape[1]:
@@ -261,9 +263,10 @@ class Scheduler:
                  prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = PREFILL_BUDGET):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        if prefill_chunk < 1 or prefill_budget < prefill_chunk:
-            raise ValueError(f"prefill_chunk must be >= 1 and prefill_budget >= prefill_chunk, got {prefill_chunk} "
-                             f"and {prefill_budget}")
+        if prefill_chunk < model.config.canvas_length or prefill_budget < prefill_chunk:
+            # A committed canvas is encoded in one piece, as `generate` encodes it.
+            raise ValueError(f"prefill_chunk must be at least the canvas length ({model.config.canvas_length}) and "
+                             f"prefill_budget at least prefill_chunk, got {prefill_chunk} and {prefill_budget}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.idle_wait = max_batch, max_queue, idle_wait
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
@@ -347,12 +350,17 @@ class Scheduler:
             if running.request.cancelled:
                 self.running.remove(running)
                 self._count("cancelled")
-            elif not running.denoising and budget > 0:
-                try:
-                    budget -= running.encode_chunk(self.runner, min(self.prefill_chunk, budget))
-                except Exception as error:  # the failure belongs to this request alone
-                    self._drop(running, error)
-        batch = [running for running in self.running if running.denoising]
+            elif not running.denoising:
+                # A whole chunk or none: where a prompt is cut must not depend on what else runs.
+                piece = min(self.prefill_chunk, running.uncached.shape[1])
+                if piece <= budget:
+                    try:
+                        budget -= running.encode_chunk(self.runner, piece)
+                    except Exception as error:  # the failure belongs to this request alone
+                        self._drop(running, error)
+        # Requests that sample alike side by side share the sampler's vocabulary-sized work.
+        batch = sorted((running for running in self.running if running.denoising),
+                       key=lambda running: running.canvas.plan.sampling)
         with self.metrics.lock:
             self.metrics.step_batch_size = len(batch)
         if batch:
