@@ -1,21 +1,12 @@
-"""CUDA graphs of the decoder pass and of a canvas's commit, captured once and replayed across canvases and
-across `generate` calls.
+"""CUDA graphs of the decoder pass and of a canvas's commit, for `generate` on CUDA.
 
-A denoising step's decoder pass is thousands of small kernels, whose launch cost is most of an eager step
-at batch 1; a graph replays them with one launch. For one graph to serve every canvas, the pass must read
-the same addresses with the same shapes each time, so on CUDA `generate` keeps its cache in a
-`StaticKVCache` (fixed slots, masks built on the device from the count of committed tokens) instead of a
-`KVCache`. The model keeps one `GraphedPasses` for the batch size and capacity of its last call: a call of
-the same shape reuses its graphs, captured by an earlier one; another shape replaces it. Only the prompt's
-prefill runs eagerly (its length is the caller's).
-
-A canvas's first step has no self-conditioning input. The graph always has one, with a per-row mask: a
-mask of zeros zeroes the soft embeddings, and with them the self-conditioning MLP's output, exactly, so
-the first step's numbers are those of the pass without it, and a mask of ones leaves the input as it is.
-
-Captures run on one side stream per device. The first one follows an eager pass on that stream, so that
-lazy initialisations (cuBLAS's per-stream workspace, Triton's compilations) happen outside the capture. A
-capture runs nothing: every pass, the one that was captured included, is a replay.
+`graphed_passes(model, batch, tokens)` returns the model's `GraphedPasses` for that batch and at least that
+many committed tokens, locked for the caller: the one the model holds when its shape and weights match and
+no other call holds it, else a new one in its place. Each pass is captured on its first use and replayed
+after that, across canvases and calls; only the prompt's prefill runs eagerly. The passes run over a
+`StaticKVCache`, whose attention's last bits differ from `KVCache`'s, so the graph path is never taken on the
+CPU. Captures run on a side stream per device, after one eager warm-up pass per process and device. Design
+notes: docs/graphs.md.
 """
 
 from __future__ import annotations

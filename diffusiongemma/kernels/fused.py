@@ -1,48 +1,14 @@
-"""Fused CUDA kernels, written in Triton (`triton_kernels.py`), and when they run: the sampler's
-vocabulary-sized work of a denoising step (`denoise`), the softmax of the self-conditioning input
-(`softmax`), the RMS norm (`rms_norm`) and the experts' products (`grouped_linear`). They give up the
-reference's last bits on CUDA for speed; on the CPU nothing here runs and the engine keeps them. Those in
-the model's pass run only where autograd records nothing (`takes`); training runs torch's operations.
+"""Fused CUDA kernels (Triton, in `triton_kernels.py`) and the one policy that says where they run.
 
-The sampler. Unfused, the step after the LM head reads or writes a float32 tensor of the logits' size about
-forty times: soft-capping (a cast, a division, tanh, a product), the temperature, the softmax,
-multinomial's checks, variates and ratios, the argmax, the entropy's logsumexp and second softmax, and the
-cast of the next step's self-conditioning input. At the released vocabulary (262144) one such tensor is
-268 MB per batch row, so that is about 10 GB per step at batch 1 and 85 GB at batch 8: more than all the
-weights. The kernel reads the LM head's scores (in the model's dtype) twice and the variates once, and
-writes the self-conditioning input once, in the model's dtype (the variates are written once before, as
-torch writes them).
+`denoise`: the sampler's vocabulary-sized work of a denoising step in one kernel (soft-capping, temperature,
+sampling, argmax, entropy, the next self-conditioning input); `softmax`: the self-conditioning input's
+softmax; `rms_norm`: `layers.rms_norm`; `grouped_linear`: the experts' grouped products.
 
-What it computes is what `generate`'s unfused step computes, formula by formula: the logits
-tanh(scores / cap) * cap, processed logits y = logits / t, the argmax of y, the entropy of softmax(y) from
-log-probabilities clamped like a categorical distribution's, and a token per position. "multinomial" takes
-the argmax of p / q over exponential variates q that `torch.empty(...).exponential_` draws over the same
-float32 shape, as `torch.multinomial` draws them: the same variates and the generator's state after them.
-"inverse_cdf" takes one uniform per position, as the unfused fast path does, and "argmax" the argmax of y.
-The sums run in another order (a running maximum and sum over blocks of the vocabulary) and tanh is the
-kernel's own, so logits, probabilities and entropies can differ from torch's in the last bits, and a token
-or an acceptance can differ where two candidates are that close.
-
-The self-conditioning input's softmax (`softmax`). Written as the reference writes it, it reads the
-previous step's logits (in the model's dtype), writes their float32 probabilities, and casts those to the
-model's dtype for the product with the embedding: at batch 8 and the released vocabulary, 6.4 GB of
-traffic per step. One kernel reads the logits twice and writes the probabilities once, in the model's
-dtype: 3.2 GB.
-
-The RMS norm. Written as the reference writes it, a norm is six to eight kernels (casts, a square, a mean,
-a sum, a power, products); a layer has eleven, about half of a decoder pass's kernels. In a CUDA graph each
-small kernel still costs a few microseconds, and an eager pass, or a capture, pays for every launch. One
-kernel per norm computes the same formula, with the sum in another order.
-
-The experts' products. At batch 1 a step's 256 canvas tokens go to about 62 of each layer's 128 experts,
-some 33 rows each, so the products read about 22 GB of expert weights per step for little arithmetic: they
-are bound by memory, and the floor is about 5 ms on an H200. `F.grouped_mm`, which the reference uses,
-reached a third of the bandwidth in its profile (REFERENCE.md section 5). The kernel cuts each expert's
-rows into blocks of 64 (at batch 1 most experts have one) and each block's outputs into columns of 64; the
-programs of one block run side by side, read its rows from cache and each their own slice of the weight, so
-that an expert's weight is read once per block of rows. The grid is sized for the most blocks any routing
-can make, with no count read back to the host, so that a CUDA graph can hold it; the products accumulate in
-float32, as cuBLAS's do, in their own order.
+`usable(device)`: the kernels run on CUDA with Triton installed, never on the CPU, where the engine keeps the
+reference's bits. `takes(x, ...)`: the three kernels inside the model's pass run, in addition, only where
+autograd records nothing; training runs torch's operations. Each kernel computes the reference's formula
+with its sums in its own order, so on CUDA its last bits can differ from torch's; the random numbers
+`denoise` takes are torch's. Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -93,6 +59,8 @@ def denoise(scores: torch.Tensor, cap: float | None, temperature: torch.Tensor |
     """(sampled tokens, argmax tokens, entropies) for the LM head's `scores` [..., vocab] (any float dtype),
     soft-capped at `cap` (None for none) as the model's logits are, then divided by the temperature: a
     float32 tensor of one element, or of one per row of positions (`scores.shape[0]`), or None for none.
+    `sampling`: "multinomial" (the argmax of p / q over exponential variates drawn as `torch.multinomial`
+    draws them), "inverse_cdf" (one uniform per position) or "argmax" (nothing drawn).
     `draws`: the generator of every position (None: torch's own), or (generator, positions) pairs in order,
     whose lengths add up to all positions: each span's random numbers come from its own generator, as if
     drawn alone. The processed logits go into `into` (the
@@ -142,7 +110,7 @@ def _starts(draws: list[tuple[torch.Generator | None, int]]) -> list[int]:
 
 
 def softmax(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """softmax(x, dim=-1) computed in float32 and returned in `dtype`, in one kernel (see above)."""
+    """softmax(x, dim=-1) computed in float32 and returned in `dtype`, in one kernel."""
     from .triton_kernels import softmax_kernel
 
     width = x.shape[-1]
@@ -153,7 +121,7 @@ def softmax(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """`layers.rms_norm` in one kernel (see above)."""
+    """`layers.rms_norm` in one kernel, computed in float32 and returned in x's dtype."""
     import triton
 
     from .triton_kernels import rms_norm_kernel
@@ -172,7 +140,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """`layers._grouped_linear` in one kernel (see above): rows of x [rows, in] sorted by expert, `ends` [E]
+    """The experts' grouped products in one kernel: rows of x [rows, in] sorted by expert, `ends` [E]
     (int32) where each expert's rows end, times their expert's weight [E, out, in] transposed."""
     import triton
 

@@ -1,19 +1,15 @@
-"""The encoder's key/value cache and the attention masks that follow from it.
+"""The encoder's key/value caches and the attention masks that follow from them.
 
-Each layer keeps its keys and values in one buffer with spare room at the end. The encoder appends
-committed tokens there; the decoder writes the canvas's keys and values into the spare room for the
-duration of one forward pass and attends to prefix + canvas as one contiguous view, so no denoising
-step concatenates the prefix again.
+`KVCache` keeps every committed token's keys and values per layer, with room after them for one canvas: the
+decoder writes the canvas there for one pass without committing it. A sliding layer shows new tokens
+exactly the `sliding_window - 1` tokens before them, as the reference's default cache does, so the eager path
+gives the reference's bits. Masks are written in absolute token indices. `differentiable=True` gives the
+training cache, built by concatenation so that autograd can go through it.
 
-Sliding layers only need the last `sliding_window - 1` prefix tokens (the decoder sees exactly those,
-as the reference's default cache does), so older ones are dropped when the buffer fills. Every mask is
-written in absolute token indices, which is why results do not depend on where in the buffer a token
-sits.
-
-`StaticKVCache` is the layout CUDA graphs need (`graphs.py`): fixed buffers and shapes, a canvas that
-always goes into the same slots, and masks computed on the device, so that one captured pass serves every
-canvas. Its attention runs over masked slots in another order, so its last bits differ from `KVCache`'s;
-the CPU path, which must give the reference's bits, never uses it.
+`StaticKVCache` keeps fixed buffers and shapes, puts the canvas in the same slots every time and builds its
+masks on the device from a device-side count of committed tokens, so that one pass captured in a CUDA graph
+serves every canvas (`engine/graphs.py`). Its attention runs over masked slots in another order, so its last
+bits differ from `KVCache`'s. Design notes: docs/graphs.md.
 """
 
 from __future__ import annotations
