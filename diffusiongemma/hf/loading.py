@@ -210,23 +210,61 @@ def _target_dtype(dtype, config: DiffusionGemmaConfig, stored: torch.dtype) -> t
 
 
 def _target_device(device) -> torch.device:
-    if device is None or device == "auto":
+    if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"  # as in `transformers`: a bare number is a GPU's index
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA was asked for, but no CUDA device is available")
     return device
+
+
+# `transformers`' device_map values that split a model or move parts of it off the accelerator.
+SPLITTING_MAPS = ("balanced", "balanced_low_0", "sequential")
+OFFLOADING = ("disk", "meta")
+
+
+def _one_device(device, device_map) -> torch.device:
+    """The device `device` or a `transformers`-style `device_map` names. A map may name one device only
+    (`"auto"`, `"cuda:0"`, `{"": 0}`, or every module on the same device): this engine does not split a model."""
+    if device_map is None:
+        return _target_device("cpu" if device is None else device)
+    if device is not None:
+        raise ValueError("pass `device` or `device_map`, not both")
+    places = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    if not places:
+        raise ValueError("`device_map` is an empty mapping; name a device, e.g. {'': 0} or 'auto'")
+    for place in places:
+        if place in SPLITTING_MAPS or place in OFFLOADING:
+            raise ValueError(f"device_map {device_map!r} spreads the model over several devices or offloads it; "
+                             "this engine runs a model on one device: use 'auto', 'cpu', 'cuda:N' or {'': N}")
+    devices = {_target_device(place) for place in places}
+    if len(devices) > 1:
+        raise ValueError(f"device_map {device_map!r} splits the model across {sorted(map(str, devices))}; this engine "
+                         "runs a model on one device: use 'auto', 'cpu', 'cuda:N' or {'': N}")
+    return devices.pop()
 
 
 HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 
 
 @torch.no_grad()
-def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs):
+def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map=None, torch_dtype=None,
+                    **hub_kwargs):
+    """See `DiffusionGemmaPreTrainedModel.from_pretrained`."""
     unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
     if unknown:
-        raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype` and `device` it takes "
-                         f"{list(HUB_ARGUMENTS)}")
+        raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype` and `device` (or "
+                         f"`device_map`) it takes {list(HUB_ARGUMENTS)}")
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError("pass `dtype` or its old name `torch_dtype`, not both")
+        dtype = torch_dtype
+    device = _one_device(device, device_map)
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
@@ -236,7 +274,6 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs
     embed = next((n for n in (DECODER + "embed_tokens.weight", ENCODER_TEXT + "embed_tokens.weight",
                               "lm_head.weight") if n in located), None)
     dtype = _target_dtype(dtype, config, located[embed].dtype if embed else torch.float32)
-    device = _target_device(device)
 
     with torch.device("meta"):
         model = cls(config)
