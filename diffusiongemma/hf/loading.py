@@ -30,6 +30,9 @@ DECODER = "model.decoder."
 VISION_TOWER = "model.encoder.vision_tower."
 EMBED_VISION = "model.encoder.embed_vision."
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PATTERNS = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
 
 
 class SafetensorsFile:
@@ -254,12 +257,12 @@ HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_do
 
 @torch.no_grad()
 def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map=None, torch_dtype=None,
-                    **hub_kwargs):
+                    adapter=None, **hub_kwargs):
     """See `DiffusionGemmaPreTrainedModel.from_pretrained`."""
     unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
     if unknown:
-        raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype` and `device` (or "
-                         f"`device_map`) it takes {list(HUB_ARGUMENTS)}")
+        raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype`, `device` (or `device_map`) "
+                         f"and `adapter` it takes {list(HUB_ARGUMENTS)}")
     if torch_dtype is not None:
         if dtype is not None:
             raise ValueError("pass `dtype` or its old name `torch_dtype`, not both")
@@ -268,6 +271,9 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
+        if os.path.exists(os.path.join(folder, ADAPTER_CONFIG)):
+            raise ValueError(f"{folder} holds a LoRA adapter, not a model: load the base model it was trained on "
+                             f"with adapter={folder!r}")
         raise FileNotFoundError(f"no config.json in {folder}")
     config = DiffusionGemmaConfig.from_json_file(config_path)
     located = _stored_tensors(folder)
@@ -306,6 +312,10 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
                          f"{_listing(unexpected)}")
     core = model.model if hasattr(model, "model") else model
     core.backbone.reset_computed_buffers()
+    if adapter is not None:
+        from ..training.lora import merge_adapter
+
+        merge_adapter(model, resolve_folder(adapter, ADAPTER_PATTERNS))
 
     generation_path = os.path.join(folder, "generation_config.json")
     if hasattr(model, "generation_config") and os.path.exists(generation_path):

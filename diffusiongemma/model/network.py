@@ -215,7 +215,8 @@ class DiffusionGemmaPreTrainedModel(nn.Module):
         `dtype` ("auto", the default: the checkpoint's; or a float dtype or its name; `torch_dtype` is its old
         name); `device` ("cpu", the default; "auto": CUDA where there is one; "cuda:N") or instead
         `transformers`' `device_map` where it names one device ("auto", "cuda:0", {"": 0}): the model is
-        never split; and hub arguments such as `revision` or `cache_dir`."""
+        never split; `adapter`: a folder or repo id with a LoRA adapter in PEFT's layout, folded into the
+        weights as they load; and hub arguments such as `revision` or `cache_dir`."""
         from ..hf.loading import load_pretrained
 
         if not issubclass(cls, (DiffusionGemmaModel, BlockDiffusionLM)):
