@@ -3,16 +3,22 @@
 
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from diffusiongemma import DiffusionGemmaForBlockDiffusion
 from diffusiongemma.engine.generate import DiffusionGemmaGenerationConfig
 from diffusiongemma.hf.chat_fixture import write_tokenizer
+from diffusiongemma.hf.loading import checkpoint_tensors
 from diffusiongemma.hf.processing import AutoProcessor
 from diffusiongemma.model.config import (
     FULL,
@@ -26,7 +32,7 @@ from diffusiongemma.training.data import (
     epoch_batches,
     read_chats,
 )
-from diffusiongemma.training.lora import LoRALinear, apply_lora, merge_lora
+from diffusiongemma.training.lora import LoRALinear, apply_lora, lora_merged
 from diffusiongemma.training.objective import (
     ObjectiveSettings,
     block_diffusion_loss,
@@ -97,11 +103,14 @@ def _recipe(start_model, data, output, **overrides) -> TrainingConfig:
 
 
 class Quiet:
+    def __init__(self):
+        self.messages = []
+
     def update(self, *args, **kwargs):
         pass
 
     def message(self, text):
-        pass
+        self.messages.append(text)
 
 
 def test_canvas_loss_matches_a_hand_computation():
@@ -196,6 +205,17 @@ def test_a_padded_training_batch_gives_each_row_its_generate_logits(start_model,
             torch.testing.assert_close(batched[row], alone[0], rtol=1e-5, atol=1e-5)
 
 
+def assert_generates(folder):
+    """`folder` is a complete model folder: it loads, with its processor, and generates."""
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    ids = processor.apply_chat_template([{"role": "user", "content": "What is 1 plus 2?"}], tokenize=True,
+                                        add_generation_prompt=True, return_tensors="pt")
+    out = model.generate(ids, max_new_tokens=CANVAS, max_denoising_steps=2)
+    assert out.sequences.shape == (1, ids.shape[1] + CANVAS)
+    return model
+
+
 def test_training_lowers_the_loss_and_evaluates(start_model, data, tmp_path):
     result = train(_recipe(start_model, data, tmp_path / "run", steps=40, batch_size=16, eval_every=20),
                    progress=Quiet())
@@ -207,35 +227,61 @@ def test_training_lowers_the_loss_and_evaluates(start_model, data, tmp_path):
     assert [first["step"], last["step"]] == [20, 40]
     assert 0 <= last["accuracy"] <= 1 and last["tokens"] > 0
     # The trained model is a complete checkpoint that generates.
-    final = tmp_path / "run" / "final"
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(final)
-    processor = AutoProcessor.from_pretrained(final)
-    ids = processor.apply_chat_template([{"role": "user", "content": "What is 1 plus 2?"}], tokenize=True,
-                                        add_generation_prompt=True, return_tensors="pt")
-    out = model.generate(ids, max_new_tokens=CANVAS, max_denoising_steps=4)
-    assert out.sequences.shape == (1, ids.shape[1] + CANVAS)
+    assert_generates(tmp_path / "run" / "final")
 
 
-def test_resume_continues_exactly(start_model, data, tmp_path):
+def test_resume_continues_exactly_from_a_checkpoint_that_is_a_model(start_model, data, tmp_path):
     whole = train(_recipe(start_model, data, tmp_path / "whole", steps=8, gradient_accumulation=2),
                   progress=Quiet())
     recipe = _recipe(start_model, data, tmp_path / "split", steps=8, gradient_accumulation=2, save_every=4)
     train(recipe, progress=Quiet())
+    checkpoint = tmp_path / "split" / "checkpoint-4"
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "chat_template.jinja", "training_state.pt"} <= set(os.listdir(checkpoint))
+    assert_generates(checkpoint)
     # Interrupted after step 4: only the step-4 checkpoint is left.
-    import shutil
     shutil.rmtree(tmp_path / "split" / "checkpoint-8")
-    resumed = train(recipe, resume=True, progress=Quiet())
+    progress = Quiet()
+    resumed = train(recipe, resume=True, progress=progress)
+    assert progress.messages[0] == f"resuming from {checkpoint} at step 4 of 8"
     assert resumed["history"] == whole["history"]
     assert resumed["evaluations"] == whole["evaluations"]
     assert [e["step"] for e in resumed["history"]] == list(range(1, 9))
 
 
-def test_resume_without_a_checkpoint_is_an_error(start_model, data, tmp_path):
+def test_resume_without_a_checkpoint_creates_nothing(start_model, data, tmp_path):
     with pytest.raises(ValueError, match="nothing to resume"):
         train(_recipe(start_model, data, tmp_path / "empty"), resume=True, progress=Quiet())
+    assert not (tmp_path / "empty").exists()
 
 
-def test_lora_trains_adapters_only_and_merges_into_plain_weights(start_model, data, tmp_path):
+def test_a_checkpoint_of_the_older_layout_is_refused_by_name(start_model, data, tmp_path):
+    # Before checkpoints were model folders they held only the training state, weights included.
+    (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
+    torch.save({"step": 3}, tmp_path / "run" / "checkpoint-3" / "training_state.pt")
+    with pytest.raises(ValueError, match=r"checkpoint-3 lacks training_state.pt or config.json: it was written by an "
+                                         r"older version"):
+        train(_recipe(start_model, data, tmp_path / "run"), resume=True, progress=Quiet())
+
+
+def test_an_earlier_run_is_replaced_only_when_asked(start_model, data, tmp_path):
+    train(_recipe(start_model, data, tmp_path / "run", steps=2, save_every=1), progress=Quiet())
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-1", "checkpoint-2", "final", "recipe.json"]
+    before = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"run holds an earlier run \(checkpoint-1, checkpoint-2, final\); continue "
+                                         r"it with --resume or replace it with --overwrite"):
+        train(_recipe(start_model, data, tmp_path / "run", steps=1, learning_rate=1e-2), progress=Quiet())
+    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == before
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(_recipe(start_model, data, tmp_path / "run"), resume=True, overwrite=True, progress=Quiet())
+    # Replaced, the old checkpoints go too: a later --resume must not pick up the old run's step 2.
+    train(_recipe(start_model, data, tmp_path / "run", steps=1, learning_rate=1e-2), overwrite=True,
+          progress=Quiet())
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-1", "final", "recipe.json"]
+    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() != before
+
+
+def test_lora_trains_adapters_only_and_merges_into_plain_weights(start_model):
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(start_model)
     ids = torch.tensor([[2, 40, 41, 42]])
     canvas = torch.tensor([[50] * CANVAS])
@@ -250,19 +296,132 @@ def test_lora_trains_adapters_only_and_merges_into_plain_weights(start_model, da
             if isinstance(module, LoRALinear):
                 module.lora_b.normal_()
     adapted = model(input_ids=ids, decoder_input_ids=canvas).logits
-    merge_lora(model)
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=canvas).logits, adapted, rtol=1e-4, atol=1e-4)
+    base_weight = model.model.backbone.layers[0].self_attn.q_proj.base.weight.clone()
+    with lora_merged(model):
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        merged = model(input_ids=ids, decoder_input_ids=canvas).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    # Afterwards the adapters are back, over the same base weights.
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == wrapped
+    assert torch.equal(model.model.backbone.layers[0].self_attn.q_proj.base.weight, base_weight)
+    assert torch.equal(model(input_ids=ids, decoder_input_ids=canvas).logits, adapted)
 
-    result = train(_recipe(start_model, data, tmp_path / "lora", steps=3, lora={"rank": 4, "alpha": 8}),
-                   progress=Quiet())
-    assert len(result["history"]) == 3
-    tuned = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "lora" / "final")
+
+@pytest.fixture(scope="module")
+def lora_run(start_model, data, tmp_path_factory):
+    """(recipe, result) of a LoRA run of 4 steps with a checkpoint every 2."""
+    recipe = _recipe(start_model, data, tmp_path_factory.mktemp("lora") / "run", steps=4, save_every=2,
+                     lora={"rank": 4, "alpha": 8})
+    return recipe, train(recipe, progress=Quiet())
+
+
+def lora_modules() -> set[str]:
+    """The reference's names of the layers LoRA adapts in the start model (2 layers, the second full)."""
+    names = {"model.decoder.self_conditioning." + p for p in ("gate_proj", "up_proj", "down_proj")}
+    for layer, attention in ((0, "qkvo"), (1, "qko")):
+        parts = [f"self_attn.{x}_proj" for x in attention] + [f"mlp.{x}_proj" for x in ("gate", "up", "down")]
+        for role in ("model.decoder.", "model.encoder.language_model."):
+            names |= {f"{role}layers.{layer}.{part}" for part in parts}
+    return names
+
+
+def test_a_lora_run_writes_the_merged_model_and_the_adapter_in_peft_layout(lora_run, start_model):
+    recipe, result = lora_run
+    assert len(result["history"]) == 4
+    final = Path(recipe.output) / "final"
+    tuned = assert_generates(final)
     base = DiffusionGemmaForBlockDiffusion.from_pretrained(start_model)
     # Embeddings are not adapted; the merged projections moved.
     assert torch.equal(tuned.model.backbone.embed_tokens.weight, base.model.backbone.embed_tokens.weight)
     layer, base_layer = tuned.model.backbone.layers[0], base.model.backbone.layers[0]
     assert not torch.equal(layer.self_attn.q_proj.weight, base_layer.self_attn.q_proj.weight)
+
+    adapter = final / "adapter"
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "r", "lora_alpha", "base_model_name_or_path", "bias")} == {
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": str(Path(start_model).resolve()),
+        "bias": "none"}
+    assert set(config["target_modules"]) == lora_modules()
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors.keys() == {f"base_model.model.{m}.lora_{x}.weight" for m in lora_modules() for x in "AB"}
+    q = "base_model.model.model.{}layers.0.self_attn.q_proj.lora_{}.weight"
+    assert tensors[q.format("decoder.", "A")].shape == (4, 32) and tensors[q.format("decoder.", "B")].shape == (32, 4)
+    # One adapter serves both roles, and it trained.
+    assert torch.equal(tensors[q.format("decoder.", "B")], tensors[q.format("encoder.language_model.", "B")])
+    assert tensors[q.format("decoder.", "B")].abs().sum() > 0
+
+    # The adapter on its base is the merged model, bit for bit.
+    on_base = DiffusionGemmaForBlockDiffusion.from_pretrained(start_model, adapter=adapter)
+    for (name, _, ours, _, _), (_, _, merged, _, _) in zip(checkpoint_tensors(on_base), checkpoint_tensors(tuned)):
+        assert torch.equal(ours, merged), name
+    ids, canvas = torch.tensor([[2, 40, 41, 42]]), torch.tensor([[50] * CANVAS])
+    with torch.no_grad():
+        assert torch.equal(on_base(input_ids=ids, decoder_input_ids=canvas).logits,
+                           tuned(input_ids=ids, decoder_input_ids=canvas).logits)
+
+
+def test_a_lora_run_resumes_exactly_from_its_checkpoint(lora_run, tmp_path):
+    recipe, result = lora_run
+    shutil.copytree(recipe.output, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert os.listdir(checkpoint / "adapter") and (checkpoint / "training_state.pt").is_file()
+    assert_generates(checkpoint)
+    resumed = train(TrainingConfig.from_dict({**asdict(recipe), "output": str(tmp_path / "run")}), resume=True,
+                    progress=Quiet())
+    assert resumed["history"] == result["history"] and resumed["evaluations"] == result["evaluations"]
+
+
+def _edit_adapter(folder, config=None, tensors=None):
+    if config is not None:
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps(config(json.loads(path.read_text()))))
+    if tensors is not None:
+        path = folder / "adapter_model.safetensors"
+        save_file(tensors(load_file(path)), path)
+
+
+Q_A = "base_model.model.model.{}layers.1.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize("config, tensors, message", [
+    (lambda c: {**c, "peft_type": "PREFIX_TUNING"}, None, r"`peft_type` is 'PREFIX_TUNING'; only LoRA adapters"),
+    (lambda c: {**c, "use_dora": True}, None, r"sets \['use_dora'\]; only plain LoRA adapters"),
+    (lambda c: {**c, "r": 8}, None, r"the adapter's model.decoder.layers.0.mlp.down_proj has lora_A \[4, 64\] and "
+                                    r"lora_B \[32, 4\]; rank 8 on this model needs \[8, 64\] and \[32, 8\]"),
+    (None, lambda t: {k: v for k, v in t.items() if k != Q_A.format("encoder.language_model.")},
+     r"holds only lora_B for model.encoder.language_model.layers.1.self_attn.q_proj"),
+    (None, lambda t: {k: v for k, v in t.items() if "encoder.language_model.layers.1.self_attn.q_proj" not in k},
+     r"changes model.decoder.layers.1.self_attn.q_proj but not model.encoder.language_model.layers.1.self_attn."
+     r"q_proj; one set of text layers serves the encoder and the decoder"),
+    (None, lambda t: {**t, Q_A.format("decoder."): t[Q_A.format("decoder.")] + 1},
+     r"gives model.decoder.layers.1.self_attn.q_proj and model.encoder.language_model.layers.1.self_attn.q_proj "
+     r"different weights"),
+    (None, lambda t: {**t, "base_model.model.model.decoder.layers.0.router.scale.lora_A.weight": torch.zeros(4, 32),
+                      "base_model.model.model.decoder.layers.0.router.scale.lora_B.weight": torch.zeros(32, 4)},
+     r"changes 1 modules that are no linear layers of this model \(names as in the reference\): "
+     r"model.decoder.layers.0.router.scale$"),
+    (None, lambda t: {**t, "base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_magnitude_vector":
+                      torch.zeros(32)},
+     r"holds 1 tensors that are no LoRA A or B of a linear layer: base_model.model.model.decoder.layers.0.self_attn."
+     r"q_proj.lora_magnitude_vector$"),
+], ids=["not_lora", "dora", "rank", "half_a_pair", "one_role", "roles_differ", "not_a_linear_layer", "dora_tensor"])
+def test_adapters_this_engine_cannot_apply_exactly_are_refused(lora_run, start_model, tmp_path, config, tensors,
+                                                               message):
+    recipe, _ = lora_run
+    folder = shutil.copytree(Path(recipe.output) / "final" / "adapter", tmp_path / "adapter")
+    _edit_adapter(folder, config, tensors)
+    with pytest.raises(ValueError, match=message):
+        DiffusionGemmaForBlockDiffusion.from_pretrained(start_model, adapter=folder)
+
+
+def test_an_adapter_folder_is_not_taken_for_a_model(lora_run):
+    recipe, _ = lora_run
+    adapter = Path(recipe.output) / "final" / "adapter"
+    with pytest.raises(ValueError, match=rf"{adapter} holds a LoRA adapter, not a model: load the base model it was "
+                                         rf"trained on with adapter="):
+        DiffusionGemmaForBlockDiffusion.from_pretrained(adapter)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_minimum(start_model, data, tmp_path):
@@ -278,8 +437,13 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum(start_model, data, tm
     ({"steps": 0}, "`steps` must be a positive integer"),
     ({"learning_rate": -1}, "`learning_rate` must be a number > 0"),
     ({"self_conditioning_p": 2}, "`self_conditioning_p` must be a probability"),
-    ({"colour": "blue"}, r"unknown training settings \['colour'\]"),
-    ({"lora": {"rank": 4, "dropout": 0.1}}, r"unknown `lora` settings \['dropout'\]"),
+    ({"colour": "blue"}, r"unknown training settings \['colour'\]; known: \["),
+    ({"lerning_rate": 1e-3}, r"unknown training settings \['lerning_rate'\] \(did you mean 'learning_rate'\?\); "
+                             r"known: \[.*'learning_rate'"),
+    ({"step": 5, "eval_dta": "x"}, r"\['eval_dta', 'step'\] \(did you mean 'eval_data' for 'eval_dta', 'steps' for "
+                                   r"'step'\?\)"),
+    ({"lora": {"rank": 4, "dropout": 0.1}}, r"unknown `lora` settings \['dropout'\]; known: rank, alpha"),
+    ({"lora": {"rnak": 4}}, r"unknown `lora` settings \['rnak'\] \(did you mean 'rank'\?\)"),
     ({"device": "tpu"}, "`device` must be auto, cpu, cuda"),
     ({"lora": 8}, "`lora` must be a mapping"),
     ({"adam_betas": 0.9}, "`adam_betas` must be two numbers"),
@@ -302,6 +466,14 @@ def test_recipe_paths_are_relative_to_the_recipe_and_required_keys_are_named(tmp
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ValueError, match="is not valid YAML"):
         TrainingConfig.from_yaml(tmp_path / "broken.yaml")
+
+
+@pytest.mark.parametrize("key", ["train_data", "eval_data"])
+def test_a_missing_data_file_is_named_with_its_recipe_key_before_anything_is_written(start_model, data, tmp_path, key):
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(ValueError, match=rf"^`{key}` names no file: {missing}$"):
+        train(_recipe(start_model, data, tmp_path / "out", **{key: str(missing)}), progress=Quiet())
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_chat_lines_are_refused_with_their_line_number(tmp_path):
@@ -328,6 +500,13 @@ def test_train_command(start_model, data, tmp_path):
     assert json.loads(done.stdout)["steps"] == 2
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "out" / "final" / "tokenizer.json").is_file()
+    command = [sys.executable, "-m", "diffusiongemma", "train", str(recipe)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "holds an earlier run (checkpoint-2, final)" in done.stderr
+    done = subprocess.run(command + ["--overwrite"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"resuming from {tmp_path / 'out' / 'checkpoint-2'} at step 2 of 2" in done.stderr
 
     recipe.write_text(f"model: {start_model}\ntrain_data: {data / 'train.jsonl'}\noutput: out\nsteps: -2\n")
     done = subprocess.run([sys.executable, "-m", "diffusiongemma", "train", str(recipe)], capture_output=True,

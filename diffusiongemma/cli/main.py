@@ -368,7 +368,7 @@ def cmd_serve(args) -> None:
 def cmd_train(args) -> None:
     from ..training.trainer import TrainingConfig, train
 
-    result = train(TrainingConfig.from_yaml(args.recipe), resume=args.resume)
+    result = train(TrainingConfig.from_yaml(args.recipe), resume=args.resume, overwrite=args.overwrite)
     final = result["evaluations"][-1] if result["evaluations"] else None
     print(json.dumps({"steps": len(result["history"]), "final_loss": result["history"][-1]["diffusion_loss"],
                       "evaluation": final}))
@@ -484,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", metavar="RECIPE.yaml", help="the training recipe")
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in the recipe's output folder")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run's checkpoints and final model in the output folder")
     train.set_defaults(run=cmd_train)
     return parser
 

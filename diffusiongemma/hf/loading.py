@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import struct
 from collections.abc import Iterator
 
 import torch
@@ -24,9 +23,6 @@ from ..model.config import DiffusionGemmaConfig, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                "float64": torch.float64}
 ENCODER_TEXT = "model.encoder.language_model."
@@ -34,43 +30,38 @@ DECODER = "model.decoder."
 VISION_TOWER = "model.encoder.vision_tower."
 EMBED_VISION = "model.encoder.embed_vision."
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PATTERNS = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
 
 
 class SafetensorsFile:
-    """Header of one safetensors file, with reads of single tensors into caller-provided memory."""
+    """The tensors of one safetensors file, as `safetensors.safe_open` reads and checks its header, with
+    reads of single tensors straight into caller-provided memory."""
 
     def __init__(self, path: str):
+        from safetensors import SafetensorError, safe_open
+
         self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise ValueError(f"{path} is not a safetensors file (too short)")
-            (header_size,) = struct.unpack("<Q", prefix)
-            if header_size > size - 8:
-                raise ValueError(f"{path} is truncated or corrupt: its header claims {header_size} bytes")
-            try:
-                header = json.loads(handle.read(header_size))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise ValueError(f"{path} is corrupt: its header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path} is corrupt: its header is not a JSON object")
-        header.pop("__metadata__", None)
-        self.data_start = 8 + header_size
         self.entries = {}
-        for name, entry in header.items():
-            try:
-                dtype = DTYPES[entry["dtype"]]
-                shape = tuple(entry["shape"])
-                begin, end = entry["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path} is corrupt: bad header entry for tensor {name!r}") from None
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if end - begin != nbytes:
-                raise ValueError(f"{path} is corrupt: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
-            if self.data_start + end > size:
-                raise ValueError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
-            self.entries[name] = (dtype, shape, begin)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                dtypes = {}
+                begin = 0
+                # safe_open has checked that the tensors lie back to back, in this order, and fill the data.
+                for name in handle.offset_keys():
+                    piece = handle.get_slice(name)
+                    kind, shape = piece.get_dtype(), tuple(piece.get_shape())
+                    if kind not in dtypes:
+                        dtypes[kind] = _torch_dtype(handle, name, kind, shape, path)
+                    self.entries[name] = (dtypes[kind], shape, begin)
+                    begin += math.prod(shape) * dtypes[kind].itemsize
+        except SafetensorError as error:
+            raise ValueError(f"{path} is corrupt or truncated: {error}") from None
+        with open(path, "rb") as handle:
+            self.data_start = 8 + int.from_bytes(handle.read(8), "little")
+        if self.data_start + begin != os.path.getsize(path):
+            raise ValueError(f"{path} holds tensors whose dtypes this loader cannot size")
 
     def read(self, name: str) -> torch.Tensor:
         """A fresh CPU tensor holding the stored values."""
@@ -92,6 +83,15 @@ class SafetensorsFile:
                     handle.readinto(memoryview(target.view(-1).view(torch.uint8).numpy()))
         else:
             target.copy_(self.read(name))
+
+
+def _torch_dtype(handle, name: str, kind: str, shape: tuple, path: str) -> torch.dtype:
+    """The torch dtype safetensors gives tensors of dtype `kind`, from an empty slice of `name` (or the
+    tensor itself when it has no dimension to slice, so one element)."""
+    try:
+        return (handle.get_slice(name)[:0] if shape else handle.get_tensor(name)).dtype
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{path}: tensor {name!r} has dtype {kind}, which PyTorch cannot hold") from None
 
 
 def resolve_folder(path_or_repo_id: str | os.PathLike, patterns: list[str] = HUB_PATTERNS, **hub_kwargs) -> str:
@@ -213,33 +213,73 @@ def _target_dtype(dtype, config: DiffusionGemmaConfig, stored: torch.dtype) -> t
 
 
 def _target_device(device) -> torch.device:
-    if device is None or device == "auto":
+    if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"  # as in `transformers`: a bare number is a GPU's index
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA was asked for, but no CUDA device is available")
     return device
+
+
+# `transformers`' device_map values that split a model or move parts of it off the accelerator.
+SPLITTING_MAPS = ("balanced", "balanced_low_0", "sequential")
+OFFLOADING = ("disk", "meta")
+
+
+def _one_device(device, device_map) -> torch.device:
+    """The device `device` or a `transformers`-style `device_map` names. A map may name one device only
+    (`"auto"`, `"cuda:0"`, `{"": 0}`, or every module on the same device): this engine does not split a model."""
+    if device_map is None:
+        return _target_device("cpu" if device is None else device)
+    if device is not None:
+        raise ValueError("pass `device` or `device_map`, not both")
+    places = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    if not places:
+        raise ValueError("`device_map` is an empty mapping; name a device, e.g. {'': 0} or 'auto'")
+    for place in places:
+        if place in SPLITTING_MAPS or place in OFFLOADING:
+            raise ValueError(f"device_map {device_map!r} spreads the model over several devices or offloads it; "
+                             "this engine runs a model on one device: use 'auto', 'cpu', 'cuda:N' or {'': N}")
+    devices = {_target_device(place) for place in places}
+    if len(devices) > 1:
+        raise ValueError(f"device_map {device_map!r} splits the model across {sorted(map(str, devices))}; this engine "
+                         "runs a model on one device: use 'auto', 'cpu', 'cuda:N' or {'': N}")
+    return devices.pop()
 
 
 HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 
 
 @torch.no_grad()
-def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs):
+def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map=None, torch_dtype=None,
+                    adapter=None, **hub_kwargs):
+    """See `DiffusionGemmaPreTrainedModel.from_pretrained`."""
     unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
     if unknown:
-        raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype` and `device` it takes "
-                         f"{list(HUB_ARGUMENTS)}")
+        raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype`, `device` (or `device_map`) "
+                         f"and `adapter` it takes {list(HUB_ARGUMENTS)}")
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError("pass `dtype` or its old name `torch_dtype`, not both")
+        dtype = torch_dtype
+    device = _one_device(device, device_map)
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
+        if os.path.exists(os.path.join(folder, ADAPTER_CONFIG)):
+            raise ValueError(f"{folder} holds a LoRA adapter, not a model: load the base model it was trained on "
+                             f"with adapter={folder!r}")
         raise FileNotFoundError(f"no config.json in {folder}")
     config = DiffusionGemmaConfig.from_json_file(config_path)
     located = _stored_tensors(folder)
     embed = next((n for n in (DECODER + "embed_tokens.weight", ENCODER_TEXT + "embed_tokens.weight",
                               "lm_head.weight") if n in located), None)
     dtype = _target_dtype(dtype, config, located[embed].dtype if embed else torch.float32)
-    device = _target_device(device)
 
     with torch.device("meta"):
         model = cls(config)
@@ -272,6 +312,10 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device="cpu", **hub_kwargs
                          f"{_listing(unexpected)}")
     core = model.model if hasattr(model, "model") else model
     core.backbone.reset_computed_buffers()
+    if adapter is not None:
+        from ..training.lora import merge_adapter
+
+        merge_adapter(model, resolve_folder(adapter, ADAPTER_PATTERNS))
 
     generation_path = os.path.join(folder, "generation_config.json")
     if hasattr(model, "generation_config") and os.path.exists(generation_path):
@@ -284,48 +328,23 @@ def _listing(names: list[str], shown: int = 8) -> str:
     return listed + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?B)\s*", size.upper())
-    if not match:
-        raise ValueError(f"`max_shard_size` must be bytes or a string like '5GB', got {size!r}")
-    return int(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)]
-
-
 def save_pretrained(model, folder, max_shard_size: int | str = "5GB") -> None:
     """Writes the reference's format; text weights shared by encoder and decoder are stored once."""
-    from safetensors.torch import save_file
+    from huggingface_hub import save_torch_state_dict
 
     os.makedirs(folder, exist_ok=True)
     core = model.model if hasattr(model, "model") else model
-    tensors = {name: tensor for name, _, tensor, _, _ in checkpoint_tensors(model)}
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    for stale in (WEIGHTS_NAME, INDEX_NAME):
-        if os.path.exists(os.path.join(folder, stale)):
-            os.remove(os.path.join(folder, stale))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for number, shard in enumerate(shards, start=1):
-            filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
-            weight_map.update({name: filename for name in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as handle:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2, sort_keys=True)
+    # One name per tensor, the decoder's for the shared text weights, as the reference stores them. Handed
+    # several names of one tensor, the hub would keep the alphabetically first: `lm_head.weight` for the
+    # embedding matrix, which the reference does not store.
+    tensors = {name: tensor.detach().to("cpu") for name, _, tensor, _, _ in checkpoint_tensors(model)}
+    try:
+        # One file, or shards and their index; the folder's earlier weight files are deleted first.
+        save_torch_state_dict(tensors, folder, max_shard_size=max_shard_size)
+    except ValueError as error:
+        # Given one name per tensor, the hub raises ValueError only for a size it cannot read.
+        raise ValueError(f"`max_shard_size` must be bytes or a string like '5GB', got {max_shard_size!r} "
+                         f"({error})") from None
 
     config = core.config.to_dict()
     config["dtype"] = str(core.backbone.embed_tokens.weight.dtype).removeprefix("torch.")

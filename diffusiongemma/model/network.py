@@ -131,8 +131,13 @@ class DiffusionGemmaPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, **kwargs):
-        """Loads a checkpoint folder or Hugging Face repo id (`dtype`, `device`, and hub arguments such as
-        `revision` or `cache_dir`)."""
+        """Loads a checkpoint folder or Hugging Face repo id.
+
+        `dtype` ("auto", the default: the checkpoint's; or a float dtype or its name; `torch_dtype` is its old
+        name); `device` ("cpu", the default; "auto": CUDA where there is one; "cuda:N") or instead
+        `transformers`' `device_map` where it names one device ("auto", "cuda:0", {"": 0}): the model is
+        never split; `adapter`: a folder or repo id with a LoRA adapter in PEFT's layout, folded into the
+        weights as they load; and hub arguments such as `revision` or `cache_dir`."""
         from ..hf.loading import load_pretrained
 
         if not issubclass(cls, (DiffusionGemmaModel, BlockDiffusionLM)):

@@ -4,15 +4,18 @@
 
 The loop is plain: AdamW with linear warm-up and cosine decay, gradient accumulation and clipping,
 bfloat16 autocast on CUDA, an evaluation on held-out chats (loss and denoising accuracy), checkpoints
-that resume exactly. Exactly means the same losses as an uninterrupted run: the weights and the
-optimizer state are saved bit for bit, the data order follows from the seed and the epoch, and each
-micro-batch's random draws come from a generator seeded by its own index.
+that resume exactly. Exactly means the same losses as an uninterrupted run: the weights (or, with LoRA,
+the adapters) and the optimizer state are saved bit for bit, the data order follows from the seed and
+the epoch, and each micro-batch's random draws come from a generator seeded by its own index. Every
+checkpoint is also a model folder like `final/`, to generate from.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -25,13 +28,14 @@ from ..hf.loading import resolve_folder
 from ..hf.modeling import DiffusionGemmaForBlockDiffusion
 from ..hf.processing import AutoProcessor
 from .data import canvas_examples, collate, epoch_batches, read_chats
-from .lora import apply_lora, merge_lora
+from .lora import apply_lora, load_adapter_weights, lora_merged, save_adapter
 from .objective import ObjectiveSettings, block_diffusion_loss, denoising_metrics
 
 # What a trained model folder needs besides its weights and config.
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "processor_config.json", "preprocessor_config.json")
 STATE_FILE = "training_state.pt"
+ADAPTER_FOLDER = "adapter"
 
 
 @dataclass
@@ -72,7 +76,8 @@ class TrainingConfig:
         if isinstance(self.lora, dict):
             unknown = sorted(set(self.lora) - {f.name for f in fields(LoRASettings)})
             if unknown:
-                raise ValueError(f"unknown `lora` settings {unknown}; known: rank, alpha")
+                raise ValueError(f"unknown `lora` settings {unknown}{_suggestions(unknown, ['rank', 'alpha'])}; "
+                                 "known: rank, alpha")
             self.lora = LoRASettings(**self.lora)
         elif self.lora is not None and not isinstance(self.lora, LoRASettings):
             raise ValueError(f"`lora` must be a mapping such as {{rank: 8, alpha: 16}}, got {self.lora!r}")
@@ -118,7 +123,8 @@ class TrainingConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown training settings {unknown}{_suggestions(unknown, known)}; "
+                             f"known: {sorted(known)}")
         missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING)
         if missing:
             raise ValueError(f"the training recipe lacks {missing}")
@@ -144,6 +150,19 @@ class TrainingConfig:
 
     def objective(self) -> ObjectiveSettings:
         return ObjectiveSettings(self.noise_eps, self.self_conditioning_p, self.encoder_loss_weight)
+
+
+def _suggestions(unknown: list, known) -> str:
+    """' (did you mean ...?)' with the known name closest to each unknown one that has a close one."""
+    # 0.7, not difflib's 0.6: at 0.6 `colour` would be taken for `lora`.
+    close = {name: difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7) for name in unknown
+             if isinstance(name, str)}
+    close = {name: match[0] for name, match in close.items() if match}
+    if not close:
+        return ""
+    if len(unknown) == 1:
+        return f" (did you mean {close[unknown[0]]!r}?)"
+    return " (did you mean " + ", ".join(f"{match!r} for {name!r}" for name, match in close.items()) + "?)"
 
 
 def _is_int(value) -> bool:
@@ -241,36 +260,92 @@ def evaluate(model, examples, batch_size: int, pad_token_id: int, seed: int = 0)
     return {"loss": total_loss / scored, "accuracy": correct / scored, "tokens": scored}
 
 
-def _latest_checkpoint(output: Path) -> Path | None:
-    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def _save_checkpoint(output: Path, step: int, model, optimizer, history: list[dict], evaluations: list[dict]):
-    folder = output / f"checkpoint-{step}"
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "history": history, "evaluations": evaluations}, folder / STATE_FILE)
+def _checkpoints(output: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    found = [p for p in output.glob("checkpoint-*") if CHECKPOINT.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name)[1]))
 
 
-def _export(model, source: Path, target: Path) -> None:
-    """Writes a loadable model folder: weights, config, generation config and the source's tokenizer files."""
-    model.save_pretrained(target)
-    model.generation_config.save_pretrained(target)
+def _earlier_run(output: Path) -> list[Path]:
+    return _checkpoints(output) + [p for p in (output / "final",) if p.exists()]
+
+
+def _check_start(config: TrainingConfig, output: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, if any. A start that cannot go on, or would mix two runs in one folder,
+    is refused here, before anything is loaded or written."""
+    if resume and overwrite:
+        raise ValueError("resuming a run and overwriting it exclude each other; choose one")
+    for key in ("train_data", "eval_data"):
+        path = getattr(config, key)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"`{key}` names no file: {path}")
+    if resume:
+        checkpoints = _checkpoints(output)
+        if not checkpoints:
+            raise ValueError(f"nothing to resume: {output} holds no checkpoint-STEP folder")
+        latest = checkpoints[-1]
+        if not (latest / STATE_FILE).is_file() or not (latest / "config.json").is_file():
+            raise ValueError(f"{latest} lacks {STATE_FILE} or config.json: it was written by an older version, "
+                             "whose checkpoints cannot be resumed")
+        return latest
+    earlier = _earlier_run(output)
+    if earlier and not overwrite:
+        raise ValueError(f"{output} holds an earlier run ({', '.join(p.name for p in earlier)}); continue it with "
+                         "--resume or replace it with --overwrite (resume=True or overwrite=True in Python)")
+    return None
+
+
+def _base_name(model: str) -> str:
+    """What an adapter names as its base: a local folder by its absolute path, a Hub id as it is."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def _write_model(model, config: TrainingConfig, source: Path, target: Path) -> None:
+    """A folder to load and generate from: weights, config, generation config and the source's tokenizer and
+    processor files. With LoRA the weights have the adapters folded in, and `adapter/` holds the adapters
+    alone in PEFT's layout."""
+    with lora_merged(model):
+        model.save_pretrained(target)
     for name in COMPANION_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, target / name)
+    if config.lora is not None:
+        save_adapter(model, target / ADAPTER_FOLDER, config.lora.rank, config.lora.alpha, _base_name(config.model))
 
 
-def train(config: TrainingConfig, resume: bool = False, progress: Progress | None = None) -> dict:
-    """Runs the recipe; returns the per-step history (loss, learning rate) and the evaluations."""
+def _save_checkpoint(folder: Path, write_model, step: int, optimizer, history: list[dict], evaluations: list[dict]):
+    """A model folder (`write_model`) plus the optimizer state and the logs that resuming needs. It is
+    written under another name and renamed when complete, so an interrupted save leaves no checkpoint."""
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    write_model(partial)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "history": history, "evaluations": evaluations},
+               partial / STATE_FILE)
+    partial.rename(folder)
+
+
+def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
+          progress: Progress | None = None) -> dict:
+    """Runs the recipe; returns the per-step history (loss, learning rate) and the evaluations. `resume`
+    continues from the output folder's newest checkpoint; an output folder that holds an earlier run is
+    otherwise refused, unless `overwrite` (which deletes that run's checkpoints and final model)."""
+    output = Path(config.output)
+    checkpoint = _check_start(config, output, resume, overwrite)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = _device(config)
     source = Path(resolve_folder(config.model))
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(source, dtype=torch.float32, device=device)
+    # A full fine-tune resumes from the checkpoint's weights; LoRA from the base and the checkpoint's adapters.
+    start = checkpoint if checkpoint is not None and config.lora is None else source
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(start, dtype=torch.float32, device=device)
     if config.lora is not None:
         apply_lora(model, config.lora.rank, config.lora.alpha)
+        if checkpoint is not None:
+            load_adapter_weights(model, checkpoint / ADAPTER_FOLDER)
     model.train()
     processor = AutoProcessor.from_pretrained(source)
     pad = processor.tokenizer.pad_token_id
@@ -279,21 +354,23 @@ def train(config: TrainingConfig, resume: bool = False, progress: Progress | Non
     held_out = (canvas_examples(read_chats(config.eval_data), processor, canvas, positions)
                 if config.eval_data else None)
     optimizer = _optimizer(model, config)
-    output = Path(config.output)
+    progress = progress or Progress(config.steps)
+
+    step, history, evaluations = 0, [], []
+    if checkpoint is not None:
+        state = torch.load(checkpoint / STATE_FILE, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, evaluations = state["step"], state["history"], state["evaluations"]
+        progress.message(f"resuming from {checkpoint} at step {step} of {config.steps}")
+    elif overwrite:
+        for earlier in _earlier_run(output):
+            shutil.rmtree(earlier)
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
-    step, history, evaluations = 0, [], []
-    if resume:
-        checkpoint = _latest_checkpoint(output)
-        if checkpoint is None:
-            raise ValueError(f"nothing to resume: {output} holds no checkpoint-STEP folder")
-        state = torch.load(checkpoint / STATE_FILE, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, evaluations = state["step"], state["history"], state["evaluations"]
+    def write_model(target: Path) -> None:
+        _write_model(model, config, source, target)
 
-    progress = progress or Progress(config.steps)
     per_epoch = -(-len(examples) // config.batch_size)
     objective = config.objective()
     first_step = step
@@ -327,15 +404,15 @@ def train(config: TrainingConfig, resume: bool = False, progress: Progress | Non
             evaluations.append({"step": step, **evaluate(model, held_out, config.batch_size, pad)})
             progress.message(f"eval at step {step}: {json.dumps(evaluations[-1])}")
         if config.save_every and step % config.save_every == 0 and step < config.steps:
-            _save_checkpoint(output, step, model, optimizer, history, evaluations)
+            _save_checkpoint(output / f"checkpoint-{step}", write_model, step, optimizer, history, evaluations)
 
-    _save_checkpoint(output, step, model, optimizer, history, evaluations)
+    # A run resumed at its last step trained nothing, and its checkpoint is there already.
+    if step > first_step:
+        _save_checkpoint(output / f"checkpoint-{step}", write_model, step, optimizer, history, evaluations)
     if held_out:
         evaluations.append({"step": step, **evaluate(model, held_out, config.batch_size, pad)})
         progress.message(f"eval at step {step}: {json.dumps(evaluations[-1])}")
-    if config.lora is not None:
-        merge_lora(model)
-    _export(model.eval(), source, output / "final")
+    write_model(output / "final")
     result = {"history": history, "evaluations": evaluations}
     (output / "final" / "training_log.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
