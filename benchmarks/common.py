@@ -4,6 +4,8 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
+import time
 
 import torch
 
@@ -21,6 +23,11 @@ def hardware() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def progress(message: str) -> None:
+    """A timestamped line on stderr: a run takes minutes, and its tables come only at the end."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def record(title: str, table: str, keep: bool = True) -> None:

@@ -3,7 +3,8 @@
 Times our generate part by part (the decoder's layers, its self-conditioning input, the LM head, the
 sampler, the encoder) by wrapping those calls, in the default and in the fast-sampling mode; medians over
 alternating runs, in milliseconds per denoising step. The wrapped calls wait for their results, so the
-parts add up to a little more than an unwrapped step.
+parts add up to a little more than an unwrapped step. What runs, and each run's times, are reported on
+stderr as it goes.
 
     .venv/bin/python benchmarks/cpu_step_parts.py [--runs 5] [--threads 2]
 """
@@ -21,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import record  # noqa: E402
+from common import progress, record  # noqa: E402
 from cpu_vs_reference import SETTINGS, make_checkpoint  # noqa: E402
 
 from diffusiongemma import DiffusionGemmaForBlockDiffusion  # noqa: E402
@@ -59,6 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    progress(f"making the small config's random checkpoint and loading it (threads: {args.threads})")
     with tempfile.TemporaryDirectory() as folder:
         make_checkpoint(folder)
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype="float32")
@@ -68,7 +70,12 @@ def main() -> None:
     wrap(model, totals)
     modes = {"default": False, "fast sampling": True}
     samples = {mode: {} for mode in modes}
-    model.generate(prompt, **SETTINGS)  # warm-up
+    progress("warm-up: one generate")
+    start = time.perf_counter()
+    model.generate(prompt, **SETTINGS)
+    warm_up = time.perf_counter() - start
+    progress(f"warm-up took {warm_up:.0f} s; runs to go: {args.runs} of {len(modes)} modes each, about "
+             f"{args.runs * len(modes) * warm_up / 60:.1f} min")
     for run in range(args.runs):
         for mode, fast in modes.items():
             totals.clear()
@@ -78,6 +85,8 @@ def main() -> None:
             totals["whole step"] = time.perf_counter() - start
             for name, seconds in totals.items():
                 samples[mode].setdefault(name, []).append(1000 * seconds / steps)
+        progress(f"run {run + 1}/{args.runs}: " + ", ".join(
+            f"{mode} {samples[mode]['whole step'][-1] * steps / 1000:.1f} s" for mode in modes))
 
     names = ["whole step", *PARTS]
     rows = ["| part | " + " | ".join(f"{mode} (ms / step)" for mode in modes) + " |",

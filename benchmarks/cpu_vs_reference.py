@@ -2,7 +2,8 @@
 
 Random weights made with transformers and loaded by both; prompt 200, 256 new tokens, 16 fixed denoising
 steps, float32. Runs alternate between the two engines in one process; medians are reported, and the
-tokens must be identical in the default mode. `--fast-sampling` also times the opt-in sampler.
+tokens must be identical in the default mode. `--fast-sampling` also times the opt-in sampler. What runs,
+and each run's times, are reported on stderr as it goes.
 
     .venv/bin/python benchmarks/cpu_vs_reference.py [--runs 5] [--threads 2]
 """
@@ -20,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import record  # noqa: E402
+from common import progress, record  # noqa: E402
 
 from diffusiongemma import DiffusionGemmaForBlockDiffusion  # noqa: E402
 
@@ -62,6 +63,8 @@ def main() -> None:
 
     from transformers import DiffusionGemmaForBlockDiffusion as Reference
 
+    progress(f"making the small config's random checkpoint and loading it into both engines "
+             f"(threads: {args.threads})")
     with tempfile.TemporaryDirectory() as folder:
         make_checkpoint(folder)
         reference = Reference.from_pretrained(folder, dtype=torch.float32).eval()
@@ -69,8 +72,12 @@ def main() -> None:
     prompt = torch.randint(3, 16000, (1, 200), generator=torch.Generator().manual_seed(0))
 
     times = {"reference": [], "ours": [], "ours, fast sampling": []}
-    timed_generate(ours, prompt, 0)  # warm-up
-    timed_generate(reference, prompt, 0)
+    progress("warm-up: one generate of each engine")
+    ours_seconds, _ = timed_generate(ours, prompt, 0)
+    reference_seconds, _ = timed_generate(reference, prompt, 0)
+    per_run = reference_seconds + ours_seconds * (2 if args.fast_sampling else 1)
+    progress(f"warm-up took {reference_seconds + ours_seconds:.0f} s; runs to go: {args.runs}, about "
+             f"{args.runs * per_run / 60:.1f} min")
     for run in range(args.runs):
         seconds, expected = timed_generate(reference, prompt, run)
         times["reference"].append(seconds)
@@ -81,6 +88,8 @@ def main() -> None:
         if args.fast_sampling:
             seconds, _ = timed_generate(ours, prompt, run, fast_sampling=True)
             times["ours, fast sampling"].append(seconds)
+        progress(f"run {run + 1}/{args.runs}: " + ", ".join(f"{name} {values[-1]:.1f} s"
+                                                               for name, values in times.items() if values))
 
     steps = SETTINGS["max_denoising_steps"] * SETTINGS["max_new_tokens"] // 64
     base = statistics.median(times["reference"])

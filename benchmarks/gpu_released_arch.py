@@ -11,7 +11,7 @@ sampler's), a canvas's commit captured and replayed, a replayed pass with the RM
 (the engine's Triton kernel, the reference's composite, torch's `F.rms_norm`) and with the experts' products
 computed two ways (the engine's Triton kernel, torch's `F.grouped_mm`), and the kernels a step spends its
 device time in. A part that fails records its error and the others still run. `--tiny` runs the same
-script on a small config (any device) to check it.
+script on a small config (any device) to check it; without it, a machine without CUDA is refused.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record] [--without-triton]
 """
@@ -279,6 +279,9 @@ def main() -> None:
     parser.add_argument("--without-triton", action="store_true",
                         help="torch's operations in place of the fused Triton kernels (norms, experts, sampler)")
     args = parser.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("gpu_released_arch.py: error: no CUDA device here, and the released architecture needs "
+                         "a GPU (48 GB of weights); --tiny runs the same script on a small config, on any device")
     if args.without_triton:
         fused.usable = lambda device: False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

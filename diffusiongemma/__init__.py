@@ -1,61 +1,38 @@
-"""diffusiongemma: a standalone engine for DiffusionGemma block-diffusion language models."""
+"""diffusiongemma: a standalone engine for DiffusionGemma block-diffusion language models.
 
-from .engine.generate import (
-    DiffusionGemmaGenerationConfig,
-    DiffusionGemmaGenerationOutput,
-)
-from .engine.sampler import (
-    EntropyBoundSampler,
-    EntropyBoundSamplerConfig,
-    LinearTemperatureScheduleLogitsProcessor,
-    StableAndConfidentStoppingCriteria,
-)
-from .hf.image_processing import ImageProcessor
-from .hf.modeling import DiffusionGemmaForBlockDiffusion
-from .hf.processing import AutoProcessor, DiffusionGemmaProcessor
-from .hf.streamers import (
-    BaseStreamer,
-    DiffusionIteratorStreamer,
-    StreamEvent,
-    TextDiffusionStreamer,
-    TextIteratorStreamer,
-    TextStreamer,
-)
-from .hf.tokenizer import DiffusionGemmaTokenizer
-from .model.cache import KVCache
-from .model.config import DiffusionGemmaConfig, DiffusionGemmaTextConfig
-from .model.network import (
-    DiffusionGemmaDecoderModel,
-    DiffusionGemmaEncoderModel,
-    DiffusionGemmaEncoderTextModel,
-    DiffusionGemmaModel,
-    DiffusionGemmaPreTrainedModel,
-)
+The public names load on first use (PEP 562): `diffusiongemma --help` and the demo model's path must not
+wait for torch to import.
+"""
 
-__all__ = [
-    "AutoProcessor",
-    "BaseStreamer",
-    "DiffusionGemmaProcessor",
-    "DiffusionGemmaTokenizer",
-    "DiffusionIteratorStreamer",
-    "ImageProcessor",
-    "StreamEvent",
-    "TextDiffusionStreamer",
-    "TextIteratorStreamer",
-    "TextStreamer",
-    "DiffusionGemmaConfig",
-    "DiffusionGemmaDecoderModel",
-    "DiffusionGemmaEncoderModel",
-    "DiffusionGemmaEncoderTextModel",
-    "DiffusionGemmaForBlockDiffusion",
-    "DiffusionGemmaGenerationConfig",
-    "DiffusionGemmaGenerationOutput",
-    "DiffusionGemmaModel",
-    "DiffusionGemmaPreTrainedModel",
-    "DiffusionGemmaTextConfig",
-    "EntropyBoundSampler",
-    "EntropyBoundSamplerConfig",
-    "KVCache",
-    "LinearTemperatureScheduleLogitsProcessor",
-    "StableAndConfidentStoppingCriteria",
-]
+import importlib
+
+_EXPORTS = {
+    ".engine.generate": ("DiffusionGemmaGenerationConfig", "DiffusionGemmaGenerationOutput"),
+    ".engine.sampler": ("EntropyBoundSampler", "EntropyBoundSamplerConfig", "LinearTemperatureScheduleLogitsProcessor",
+                        "StableAndConfidentStoppingCriteria"),
+    ".hf.image_processing": ("ImageProcessor",),
+    ".hf.modeling": ("DiffusionGemmaForBlockDiffusion",),
+    ".hf.processing": ("AutoProcessor", "DiffusionGemmaProcessor"),
+    ".hf.streamers": ("BaseStreamer", "DiffusionIteratorStreamer", "StreamEvent", "TextDiffusionStreamer",
+                      "TextIteratorStreamer", "TextStreamer"),
+    ".hf.tokenizer": ("DiffusionGemmaTokenizer",),
+    ".model.cache": ("KVCache",),
+    ".model.config": ("DiffusionGemmaConfig", "DiffusionGemmaTextConfig"),
+    ".model.network": ("DiffusionGemmaDecoderModel", "DiffusionGemmaEncoderModel", "DiffusionGemmaEncoderTextModel",
+                       "DiffusionGemmaModel", "DiffusionGemmaPreTrainedModel"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

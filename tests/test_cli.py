@@ -2,15 +2,20 @@
 that `init-random` wrote. Only the many user-mistake cases call `main` in this process, to save a process
 start each; two of them also run as processes."""
 
+import fcntl
 import io
 import json
 import math
 import os
+import pty
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusiongemma.cli.main import main
+from diffusiongemma.cli.main import PRESET_NAMES, main
+from diffusiongemma.hf.presets import PRESETS
 from diffusiongemma.hf.processing import AutoProcessor
 
 CANVAS = 16  # the tiny preset's canvas length
@@ -28,18 +34,19 @@ PROMPT = "Why is the sky blue?"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # Short answers: at most 3 canvases of at most 3 steps.
 SHORT = ["--max-new-tokens", 40, "--max-denoising-steps", 3]
+SYSTEM = "Answer in one sentence."
 TURN = re.compile(r"^turn (\d+): encoded (\d+) new tokens after (\d+) cached; generated (\d+) tokens in (\d+) canvases")
 
 
-def run(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffusiongemma", *map(str, args)], input=stdin, env=ENV,
+def run(*args, stdin: str | None = None, env: dict = ENV) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffusiongemma", *map(str, args)], input=stdin, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-def run_all(commands: dict) -> dict:
+def run_all(commands: dict, env: dict = ENV) -> dict:
     """Runs {name: (args, stdin)} a few at a time; returns {name: completed process}."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(run, *args, stdin=stdin) for name, (args, stdin) in commands.items()}
+        futures = {name: pool.submit(run, *args, stdin=stdin, env=env) for name, (args, stdin) in commands.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -61,9 +68,10 @@ def processor(checkpoint):
     return AutoProcessor.from_pretrained(checkpoint)
 
 
-def template_ids(processor, message: str, images=()) -> list[int]:
+def template_ids(processor, message: str, images=(), system: str | None = None) -> list[int]:
     content = [*({"type": "image", "image": str(image)} for image in images), {"type": "text", "text": message}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+    conversation = [{"role": "system", "content": system}] if system else []
+    return processor.apply_chat_template([*conversation, {"role": "user", "content": content}], tokenize=True,
                                          add_generation_prompt=True)[0]
 
 
@@ -149,6 +157,13 @@ def json_runs(checkpoint, images, tmp_path_factory):
         "one image": (["generate", checkpoint, PROMPT, *flags, "--seed", 7, "--image", images[0]], None),
         "two images": (["generate", checkpoint, PROMPT, *flags, "--seed", 7, "--image", images[0],
                         "--image", images[1]], None),
+        # The tiny preset's schedule runs from t_max 0.8 to t_min 0.4: halved, and given outright (on the same
+        # device, named otherwise).
+        "half temperature": (["generate", checkpoint, PROMPT, *flags, "--seed", 7, "--temperature", 0.5,
+                              "--device", "cpu:0"], None),
+        "halved schedule": (["generate", checkpoint, PROMPT, *flags, "--seed", 7, "--t-min", 0.2, "--t-max", 0.4],
+                            None),
+        "system prompt": (["generate", checkpoint, PROMPT, *flags, "--seed", 7, "--system-prompt", SYSTEM], None),
     })
     return {name: ok(result) for name, result in results.items()}
 
@@ -173,8 +188,10 @@ def test_generate_json_numbers_agree(json_runs, processor):
     assert len(ids) == 3 * CANVAS or ids[-1] in eos
     # Each denoising step is one decoder pass; padding does not count as generated.
     non_pad = sum(token != tokenizer.pad_token_id for token in ids)
-    assert non_pad / out["tokens_per_forward"] == pytest.approx(sum(steps))
-    assert out["tokens_per_second"] == pytest.approx(len(ids) / out["seconds"])
+    assert out["tokens_per_forward"] == round(non_pad / sum(steps), 2)
+    # Rounded to the millisecond and to hundredths: the rate was computed before the seconds were rounded.
+    assert out["seconds"] == round(out["seconds"], 3) and out["tokens_per_second"] == round(out["tokens_per_second"], 2)
+    assert out["tokens_per_second"] == pytest.approx(len(ids) / out["seconds"], rel=0.01)
     assert out["text"] == processor.decode(ids, skip_special_tokens=True)
 
 
@@ -199,6 +216,18 @@ def test_generate_with_images(json_runs, processor, images):
 def test_generate_flags_reach_the_sampler(json_runs):
     assert set(record(json_runs["one step"])["steps_per_canvas"]) == {1}
     assert set(record(json_runs["raw from stdin, all steps"])["steps_per_canvas"]) == {3}
+
+
+def test_temperature_scales_the_schedule(json_runs):
+    halved, scaled, plain = (record(json_runs[name])["token_ids"] for name in
+                             ("half temperature", "halved schedule", "seed 7"))
+    assert halved == scaled and halved != plain
+
+
+def test_system_prompt_goes_before_the_message(json_runs, processor):
+    out = record(json_runs["system prompt"])
+    assert out["prompt_tokens"] == len(template_ids(processor, PROMPT, system=SYSTEM))
+    assert out["token_ids"] != record(json_runs["seed 7"])["token_ids"], "the model reads it"
 
 
 def test_unset_flags_keep_the_checkpoint_settings(json_runs):
@@ -249,6 +278,22 @@ def test_chat_sends_the_images_with_the_first_message(checkpoint, processor, ima
     assert (cached3, encoded3) == (0, encoded1), "after /reset the image comes with the first message again"
 
 
+def test_chat_help_unknown_commands_and_system_prompt(checkpoint, processor):
+    conversation = "Hello there\n/help\n/bogus\nTell me more\n/reset\nAgain\n"
+    result = run("chat", checkpoint, "--system-prompt", SYSTEM, *SHORT, "--seed", 1, "-v", stdin=conversation)
+    assert result.returncode == 1, "a skipped line is a mistake the exit status reports"
+    lines = result.stderr.splitlines()
+    assert lines[1] == "/reset starts a new conversation, /help lists these commands, /exit quits"
+    assert lines[2] == ("diffusiongemma: error: unknown command /bogus, skipped: /reset starts a new conversation, "
+                        "/help lists these commands, /exit quits")
+    turns = [tuple(map(int, TURN.match(line).groups())) for line in lines[:1] + lines[3:]]
+    assert [t[0] for t in turns] == [1, 2, 3], "the messages after the unknown command are answered"
+    (_, encoded1, _, _, _), (_, _, cached2, _, _), (_, encoded3, cached3, _, _) = turns
+    # The system message comes with the first message of each conversation, and only then.
+    assert encoded1 == len(template_ids(processor, "Hello there", system=SYSTEM)) and cached2 >= encoded1
+    assert (cached3, encoded3) == (0, len(template_ids(processor, "Again", system=SYSTEM)))
+
+
 def _info(result) -> dict[str, str]:
     return dict(re.split(r":\s+", line.strip(), maxsplit=1) for line in ok(result).stdout.splitlines())
 
@@ -280,11 +325,13 @@ def info_runs(checkpoint, text_only) -> dict[str, dict[str, str]]:
     # The console script, where installed, is what `pip install` puts on PATH: it must run the same `main`.
     script = shutil.which("diffusiongemma", path=os.path.dirname(sys.executable))
     vision_args = ["info", str(checkpoint), "--dtype", "float32"]
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         text = pool.submit(run, "info", text_only)
         vision = (pool.submit(subprocess.run, [script, *vision_args], env=ENV, capture_output=True, text=True,
                               timeout=300) if script else pool.submit(run, *vision_args))
-        return {"text": _info(text.result()), "vision": _info(vision.result())}
+        as_json = pool.submit(run, *vision_args, "--json")
+        return {"text": _info(text.result()), "vision": _info(vision.result()),
+                "json": json.loads(ok(as_json.result()).stdout)}
 
 
 def test_info_describes_the_architecture(info_runs):
@@ -309,6 +356,20 @@ def test_info_counts_parameters_like_the_reference(info_runs, checkpoint, text_o
     assert shown["weights in float32"] == f"{_number(shown['parameters']) * 4 / 2**20:.2f} MiB"
 
 
+def test_info_json_holds_the_table_s_figures(info_runs):
+    shown, facts = info_runs["vision"], info_runs["json"]
+    parameters = facts["parameters"]
+    assert [parameters[key] for key in ("total", "text", "vision", "active_per_token")] == [
+        _number(shown[key]) for key in ("parameters", "text", "vision", "active per token")]
+    assert facts["weights"] == {"dtype": "float32", "bytes": parameters["total"] * 4}
+    assert facts["layers"] == {"total": 4, "sliding": 3, "full": 1}
+    assert facts["attention"] == {"query_heads": 4, "sliding": {"key_value_heads": [2], "head_dim": 16},
+                                  "full": {"key_value_heads": [1], "head_dim": 32}}
+    assert facts["experts"] == {"count": 8, "top_k": 2, "intermediate_size": 32}
+    assert facts["vision_tower"] == {"layers": 1, "hidden_size": 32, "patch_size": 4}
+    assert (facts["canvas_length"], facts["vocab_size"], facts["max_position_embeddings"]) == (16, 512, 2048)
+
+
 @pytest.fixture(scope="module")
 def mistakes(checkpoint, images, text_only, tmp_path_factory) -> dict[str, list]:
     base = tmp_path_factory.mktemp("mistakes")
@@ -329,6 +390,14 @@ def mistakes(checkpoint, images, text_only, tmp_path_factory) -> dict[str, list]
         "cuda without cuda": ["generate", checkpoint, "hi", "--device", "cuda"],
         "prompt too long": ["generate", checkpoint, "hello world " * 1500],
         "unknown chat command": ["chat", checkpoint, "--max-denoising-steps", 1],
+        "temperature 0": ["chat", checkpoint, "--temperature", 0],
+        "negative temperature": ["generate", checkpoint, "hi", "--temperature", -1],
+        "system prompt for a raw prompt": ["generate", checkpoint, "hi", "--raw", "--system-prompt", SYSTEM],
+        "unknown device": ["generate", checkpoint, "hi", "--device", "gpu"],
+        "second GPU of one": ["chat", checkpoint, "--device", "cuda:1"],
+        "device torch was built without": ["generate", checkpoint, "hi", "--device", "ipu"],
+        "meta device": ["generate", checkpoint, "hi", "--device", "meta"],
+        "Hub id not in the cache": ["info", "nobody/no-such-checkpoint"],
         "unknown preset": ["init-random", base / "new", "--preset", "huge"],
         "output not empty": ["init-random", checkpoint],
         "not a number": ["generate", checkpoint, "hi", "--max-new-tokens", "many"],
@@ -353,7 +422,16 @@ ERRORS = {
     "conflicting stopping flags": (1, "--no-adaptive-stopping cannot be combined"),
     "cuda without cuda": (1, "no CUDA device is available"),
     "prompt too long": (1, "but the model has only 2048 positions"),
-    "unknown chat command": (1, "unknown command /bogus: /reset starts a new conversation, /exit quits"),
+    "unknown chat command": (1, "unknown command /bogus, skipped: /reset starts a new conversation, /help lists"),
+    "temperature 0": (2, "argument --temperature: must be > 0: generate and chat sample every token"),
+    "negative temperature": (2, "argument --temperature: must be a number > 0, got '-1'"),
+    "system prompt for a raw prompt": (1, "--raw cannot be combined with --system-prompt"),
+    "unknown device": (1, "--device gpu: not a device torch knows"),
+    "second GPU of one": (1, "--device cuda:1: this machine has 1 CUDA device(s), cuda:0 to cuda:0"),
+    "device torch was built without": (1, "--device ipu is not available here"),
+    "meta device": (1, "--device meta holds shapes but no values"),
+    "Hub id not in the cache": (1, "nobody/no-such-checkpoint is neither a local folder nor in the Hugging Face "
+                                   "cache"),
     "unknown preset": (2, "argument --preset: invalid choice: 'huge'"),
     "output not empty": (1, "already exists and is not an empty folder"),
     "not a number": (2, "argument --max-new-tokens: invalid int value: 'many'"),
@@ -379,6 +457,9 @@ def test_user_mistakes_end_in_one_line(mistakes, case, capsys, monkeypatch):
     """Through `main` in this process: the same code a process runs, without paying for a start per case."""
     if case == "cuda without cuda":
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if case == "second GPU of one":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(sys, "stdin", io.StringIO("/bogus\n"))
     try:
         status = main([str(arg) for arg in mistakes[case]])
@@ -393,3 +474,67 @@ def test_user_mistakes_end_in_one_line_in_a_process(mistakes):
     results = run_all({case: (mistakes[case], "/bogus\n") for case in cases})
     for case, result in results.items():
         _check_one_line_error(case, result.returncode, result.stdout, result.stderr)
+
+
+def test_every_command_fails_fast_and_in_one_line_without_a_network(tmp_path):
+    """No network (a Hub that refuses connections) and an empty cache: no retries, no Hub log lines."""
+    env = {**{k: v for k, v in ENV.items() if k != "HF_HUB_OFFLINE"}, "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path)}
+    hub_id = "google/diffusiongemma-26B-A4B-it"
+    results = run_all({"info": (["info", hub_id], None), "generate": (["generate", hub_id, "hi"], None),
+                       "chat": (["chat", hub_id], "hi\n"), "serve": (["serve", hub_id, "--port", 9], None)}, env=env)
+    for name, result in results.items():
+        assert result.returncode == 1 and result.stdout == "", name
+        assert result.stderr == (f"diffusiongemma: error: {hub_id} is neither a local folder nor in the Hugging "
+                                 "Face cache, and it could not be downloaded (offline mode or no network)\n"), name
+
+
+def test_help_version_and_argument_errors_do_not_import_torch():
+    code = """
+import sys
+from diffusiongemma.cli import main
+for argv in (["--help"], ["generate", "--help"], ["--version"], ["generate", "--max-new-tokens", "many", "hi"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print("torch" in sys.modules, file=sys.stderr)
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.stderr.splitlines()[-1] == "False"
+
+
+def test_version_and_usage(capsys):
+    for argv in (["--version"], ["generate", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"diffusiongemma {metadata.version('diffusiongemma')}"
+    assert lines[1] == "usage: diffusiongemma generate [options] [MODEL] PROMPT"
+
+
+def test_preset_names_are_the_presets():
+    assert PRESET_NAMES == tuple(PRESETS)
+
+
+def test_loading_shows_a_progress_bar_on_a_terminal(checkpoint):
+    leader, follower = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, and a bar cut to that width is empty.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    command = [sys.executable, "-m", "diffusiongemma", "generate", str(checkpoint), PROMPT, *map(str, SHORT), "--json"]
+    with subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=follower, text=True) as process:
+        os.close(follower)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # every writer closed the terminal
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        out = process.stdout.read()
+    os.close(leader)
+    assert process.returncode == 0
+    assert b"loading weights" in terminal
+    assert json.loads(out)["token_ids"], "stdout holds the answer alone"

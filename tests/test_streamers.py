@@ -51,8 +51,15 @@ def _generation_calls(tokenizer) -> list[tuple[str, torch.Tensor | None]]:
     return calls + [("end", None)]
 
 
-def _run(streamer, calls) -> str:
-    out = io.StringIO()
+class Terminal(io.StringIO):
+    """stdout as a terminal: where the diffusion streamer shows its drafts."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _run(streamer, calls, terminal: bool = True) -> str:
+    out = Terminal() if terminal else io.StringIO()
     with contextlib.redirect_stdout(out):
         for method, value in calls:
             if method == "put_draft":
@@ -113,6 +120,19 @@ def test_drafts_are_erased_and_committed_text_stays(tokenizers):
     assert _screen(drafting) == ours.decode(calls[1][1], skip_special_tokens=True)[0]
     first_canvas = ours.decode(calls[4][1][0])
     assert _screen(drafting + _run(streamer, calls[2:5])) == first_canvas[: first_canvas.rfind(" ") + 1]
+
+
+@pytest.mark.parametrize("skip_prompt", [False, True])
+def test_diffusion_streamer_writes_no_drafts_into_a_pipe(tokenizers, monkeypatch, skip_prompt):
+    ours, _ = tokenizers
+    pauses = []
+    monkeypatch.setattr(streamers.time, "sleep", pauses.append)
+    calls = _generation_calls(ours)
+    kwargs = {"skip_prompt": skip_prompt, "skip_special_tokens": True}
+    piped = _run(TextDiffusionStreamer(ours, sleep_time=0.25, **kwargs), calls, terminal=False)
+    commits = [call for call in calls if call[0] != "put_draft"]
+    assert piped == _run(TextStreamer(ours, **kwargs), commits, terminal=False)
+    assert "\x1b" not in piped and pauses == [], "nothing to watch, so no pauses either"
 
 
 def test_sleep_time_pauses_after_each_draft(tokenizers, monkeypatch):

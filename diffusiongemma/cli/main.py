@@ -1,40 +1,50 @@
 """The `diffusiongemma` command: generate, chat, info, init-random, train and serve.
 
-A user's mistake ends in one line on stderr and a non-zero exit status; a traceback means a bug.
+A user's mistake ends in one line on stderr and a non-zero exit status; a traceback means a bug. torch and
+the engine are imported only once a command runs, so that `--help`, `--version` and a mistyped argument
+answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-
-import jinja2
-import torch
+from importlib import metadata
+from typing import TYPE_CHECKING
 
 from ..demo import DEMO_MODEL
-from ..engine.generate import DiffusionGemmaGenerationConfig
-from ..engine.sampler import EntropyBoundSamplerConfig
-from ..hf.image_processing import load_image
-from ..hf.loading import INDEX_NAME, WEIGHTS_NAME, resolve_folder
-from ..hf.modeling import DiffusionGemmaForBlockDiffusion
-from ..hf.presets import PRESETS, write_random_checkpoint
-from ..hf.processing import AutoProcessor, DiffusionGemmaProcessor
-from ..hf.streamers import StepCounter, TextDiffusionStreamer, TextStreamer
-from ..model.cache import KVCache
-from ..model.config import FULL, SLIDING, DiffusionGemmaConfig
-from ..model.vision import VisionConfig, VisionEmbedder, VisionTower
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..hf.modeling import DiffusionGemmaForBlockDiffusion
+    from ..hf.processing import DiffusionGemmaProcessor
+    from ..model.cache import KVCache
+    from ..model.config import DiffusionGemmaConfig
+    from ..model.vision import VisionConfig
 
 PROG = "diffusiongemma"
-USER_ERRORS = (ValueError, OSError, NotImplementedError, jinja2.TemplateError, torch.OutOfMemoryError)
 GENERATION_FLAGS = ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
                     "confidence_threshold")
+# The names of `hf.presets.PRESETS`, which cannot be imported without torch; a test keeps the two equal.
+PRESET_NAMES = ("tiny", "small")
+CHAT_COMMANDS = "/reset starts a new conversation, /help lists these commands, /exit quits"
 # Stands in for an earlier answer when rendering what the chat template writes after one.
 ANSWER_MARKER = "ANSWER-MARKER-4d9c"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import jinja2
+    import torch
+
+    return ValueError, OSError, NotImplementedError, jinja2.TemplateError, torch.OutOfMemoryError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,9 +52,69 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _version() -> str:
+    try:
+        return metadata.version(PROG)
+    except metadata.PackageNotFoundError:
+        return "(not installed; run from a source tree)"
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0: generate and chat sample every token and have no greedy "
+                                         "mode (only `serve` takes a temperature of 0)")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _resolve(model: str, patterns: list[str] | None = None) -> str:
+    """The local folder of MODEL: a folder as it is, a Hub id fetched or found in the cache (only the files
+    matching `patterns`, by default a checkpoint's)."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    from ..hf.loading import HUB_PATTERNS, resolve_folder
+
+    # Without a network the Hub client would log every retry before the one error that says it all.
+    hub_logging.set_verbosity_error()
+    return resolve_folder(model, patterns or HUB_PATTERNS)
+
+
+def _device(name: str) -> str:
+    """--device checked before anything loads: a device string torch reads, naming a device this machine has."""
+    import torch
+
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA was asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "meta":
+        raise ValueError("--device meta holds shapes but no values: name a device that computes")
+    try:
+        torch.empty(0, device=device)
+    # Each backend that is missing fails in its own way (an assertion, a missing module, a missing kernel).
+    except Exception as error:
+        raise ValueError(f"--device {name} is not available here: {str(error).splitlines()[0]}") from None
+    return name
+
+
 def _checkpoint_folder(model: str) -> str:
     """The local folder of a checkpoint (fetched first for a Hub id), refused unless it is complete."""
-    folder = resolve_folder(model)
+    from ..hf.loading import INDEX_NAME, WEIGHTS_NAME
+
+    folder = _resolve(model)
     present = set(os.listdir(folder))
     missing = [name for name in ("config.json", "tokenizer.json") if name not in present]
     if not present & {WEIGHTS_NAME, INDEX_NAME}:
@@ -56,22 +126,19 @@ def _checkpoint_folder(model: str) -> str:
 
 def _config_file(model: str) -> str:
     """config.json alone: `info` must not download the weights of a Hub checkpoint."""
-    if os.path.isdir(model):
-        path = os.path.join(model, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in {model}")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(model, "config.json")
-    except (OSError, ValueError):
-        raise FileNotFoundError(f"{model} is neither a local folder nor a Hugging Face Hub checkpoint "
-                                "whose config.json could be fetched or found in the cache") from None
+    folder = _resolve(model, ["config.json"])
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {folder}")
+    return path
 
 
 def _generation_overrides(args, folder: str) -> dict:
-    """The generation parameters the user set, checked against the checkpoint's own before the weights load."""
+    """The generation parameters the user set, checked against the checkpoint's own before the weights load.
+    --temperature scales both ends of the schedule that results, as the server's `temperature` does."""
+    from ..engine.generate import DiffusionGemmaGenerationConfig
+    from ..engine.sampler import EntropyBoundSamplerConfig
+
     if args.no_adaptive_stopping and (args.stability_threshold is not None or args.confidence_threshold is not None):
         raise ValueError("--no-adaptive-stopping cannot be combined with --stability-threshold or "
                          "--confidence-threshold")
@@ -84,10 +151,17 @@ def _generation_overrides(args, folder: str) -> dict:
     checkpoint = (DiffusionGemmaGenerationConfig.from_pretrained(path) if os.path.isfile(path)
                   else DiffusionGemmaGenerationConfig())
     checkpoint.update(**overrides)
+    if args.temperature is not None:
+        # What `generate` falls back to for what neither the user nor the checkpoint set.
+        checkpoint.update(defaults_only=True, **checkpoint.defaults())
+        overrides.update(t_min=checkpoint.t_min * args.temperature, t_max=checkpoint.t_max * args.temperature)
     return overrides
 
 
 def _load(args) -> tuple[str, DiffusionGemmaProcessor, dict]:
+    from ..hf.processing import AutoProcessor
+
+    _device(args.device)
     folder = _checkpoint_folder(args.model)
     return folder, AutoProcessor.from_pretrained(folder), _generation_overrides(args, folder)
 
@@ -95,6 +169,9 @@ def _load(args) -> tuple[str, DiffusionGemmaProcessor, dict]:
 def _images(args, folder: str) -> list:
     """The --image files, read before the weights load so that a bad one fails fast, and once for a chat
     that attaches them to the first message of every conversation."""
+    from ..hf.image_processing import load_image
+    from ..model.config import DiffusionGemmaConfig
+
     if not args.image:
         return []
     if DiffusionGemmaConfig.from_json_file(os.path.join(folder, "config.json")).vision_config is None:
@@ -103,8 +180,36 @@ def _images(args, folder: str) -> list:
     return [load_image(source) for source in args.image]
 
 
+@contextlib.contextmanager
+def _loading_bar():
+    """A `progress` callback for loading the weights that draws a bar on stderr, where stderr is a terminal
+    (elsewhere None: a log file gets no bar)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc="loading weights", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+              file=sys.stderr) as bar:
+        def progress(loaded: int, total: int) -> None:
+            bar.total = total
+            bar.update(loaded - bar.n)
+
+        yield progress
+
+
 def _load_model(folder: str, args) -> DiffusionGemmaForBlockDiffusion:
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=args.dtype, device=args.device)
+    import torch
+
+    from ..hf.modeling import DiffusionGemmaForBlockDiffusion
+
+    device = None if args.device == "auto" else torch.device(args.device)
+    if device is not None and device.type == "cuda" and device.index is not None:
+        # Code that asks torch for "the" CUDA device or stream must find the one the weights are on.
+        torch.cuda.set_device(device)
+    with _loading_bar() as progress:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=args.dtype, device=args.device,
+                                                                progress=progress)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     return model
@@ -142,6 +247,8 @@ def _cut_after_eos(ids: list[int], eos: set[int]) -> list[int]:
 
 def _run_turn(model, inputs: dict[str, torch.Tensor], cache: KVCache | None, display, overrides: dict) -> Turn:
     """`inputs`: what `generate` takes besides the settings, `input_ids` [1, tokens] first among them."""
+    from ..hf.streamers import StepCounter
+
     counter = StepCounter(display)
     cached = 0
     if cache is not None:
@@ -164,19 +271,26 @@ def _run_turn(model, inputs: dict[str, torch.Tensor], cache: KVCache | None, dis
 
 
 def _display(tokenizer, drafts: bool):
+    from ..hf.streamers import TextDiffusionStreamer, TextStreamer
+
     kind = TextDiffusionStreamer if drafts else TextStreamer
     return kind(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def _ids(ids: list[int]) -> dict[str, torch.Tensor]:
+    import torch
+
     return {"input_ids": torch.tensor([ids])}
 
 
-def _first_turn(processor: DiffusionGemmaProcessor, message: str, images: list) -> dict[str, torch.Tensor]:
+def _first_turn(processor: DiffusionGemmaProcessor, message: str, images: list,
+                system: str | None) -> dict[str, torch.Tensor]:
     """The processor's whole output: with images, their pixels and where their soft tokens go too."""
     content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": message}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True, return_dict=True,
-                                         return_tensors="pt", add_generation_prompt=True)
+    conversation = [] if system is None else [{"role": "system", "content": system}]
+    conversation.append({"role": "user", "content": content})
+    return processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt",
+                                         add_generation_prompt=True)
 
 
 def _next_turn(processor: DiffusionGemmaProcessor, answer: list[int], message: str) -> list[int]:
@@ -197,6 +311,8 @@ def _next_turn(processor: DiffusionGemmaProcessor, answer: list[int], message: s
 
 
 def _check_fits(length: int, folder: str) -> None:
+    from ..model.config import DiffusionGemmaConfig
+
     config = DiffusionGemmaConfig.from_json_file(os.path.join(folder, "config.json"))
     limit = config.text_config.max_position_embeddings
     if length >= limit:
@@ -210,14 +326,18 @@ def cmd_generate(args) -> None:
     args.model, args.prompt = ([str(DEMO_MODEL)] + args.model_and_prompt)[-2:]
     if args.raw and args.image:
         raise ValueError("--raw cannot be combined with --image: a raw prompt has no place for images")
+    if args.raw and args.system_prompt is not None:
+        raise ValueError("--raw cannot be combined with --system-prompt: a raw prompt has no chat template")
     folder, processor, overrides = _load(args)
     images = _images(args, folder)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    inputs = _ids(processor.tokenizer.encode(text)) if args.raw else _first_turn(processor, text, images)
+    inputs = (_ids(processor.tokenizer.encode(text)) if args.raw
+              else _first_turn(processor, text, images, args.system_prompt))
     prompt_tokens = inputs["input_ids"].shape[1]
     _check_fits(prompt_tokens, folder)
     model = _load_model(folder, args)
-    display = None if args.json else _display(processor.tokenizer, sys.stdout.isatty() and not args.no_drafts)
+    # The streamer itself shows drafts only where stdout is a terminal.
+    display = None if args.json else _display(processor.tokenizer, not args.no_drafts)
     turn = _run_turn(model, inputs, None, display, overrides)
     if args.verbose:
         print(turn.summary(), file=sys.stderr)
@@ -226,10 +346,10 @@ def cmd_generate(args) -> None:
             "text": processor.decode(turn.answer, skip_special_tokens=True),
             "prompt_tokens": prompt_tokens,
             "token_ids": turn.answer,
-            "tokens_per_forward": turn.tokens_per_forward,
+            "tokens_per_forward": round(turn.tokens_per_forward, 2),
             "steps_per_canvas": turn.steps,
-            "seconds": turn.seconds,
-            "tokens_per_second": turn.tokens_per_second,
+            "seconds": round(turn.seconds, 3),
+            "tokens_per_second": round(turn.tokens_per_second, 2),
         }, ensure_ascii=False))
 
 
@@ -245,30 +365,36 @@ def _lines(interactive: bool):
             return
 
 
-def cmd_chat(args) -> None:
+def cmd_chat(args) -> int:
+    """Exits with 1 after a piped conversation in which a line was skipped as an unknown command."""
     folder, processor, overrides = _load(args)
     images = _images(args, folder)
     model = _load_model(folder, args)
     interactive = sys.stdin.isatty()
-    display = _display(processor.tokenizer, interactive and sys.stdout.isatty() and not args.no_drafts)
+    display = _display(processor.tokenizer, interactive and not args.no_drafts)
     if interactive:
-        print("/reset starts a new conversation, /exit quits", file=sys.stderr)
-    cache, answer, number = None, [], 0
+        print(CHAT_COMMANDS, file=sys.stderr)
+    cache, answer, number, skipped = None, [], 0, False
     for line in _lines(interactive):
         command = line.strip()
         if not command:
             continue
         if command == "/exit":
             break
+        if command == "/help":
+            print(CHAT_COMMANDS, file=sys.stderr)
+            continue
         if command == "/reset":
             cache, answer = None, []
             if interactive:
                 print("(new conversation)", file=sys.stderr)
             continue
+        if command.startswith("/") and " " not in command:
+            _report(ValueError(f"unknown command {command}, skipped: {CHAT_COMMANDS}"))
+            skipped = True
+            continue
         try:
-            if command.startswith("/") and " " not in command:
-                raise ValueError(f"unknown command {command}: /reset starts a new conversation, /exit quits")
-            inputs = (_first_turn(processor, line, images) if cache is None
+            inputs = (_first_turn(processor, line, images, args.system_prompt) if cache is None
                       else _ids(_next_turn(processor, answer, line)))
             turn = _run_turn(model, inputs, cache, display, overrides)
         except ValueError as error:
@@ -279,11 +405,17 @@ def cmd_chat(args) -> None:
         cache, answer, number = turn.cache, turn.uncached, number + 1
         if args.verbose:
             print(f"turn {number}: {turn.summary()}", file=sys.stderr)
+    return 1 if skipped and not interactive else 0
 
 
 def _parameter_counts(config: DiffusionGemmaConfig, vision: VisionConfig | None) -> tuple[int, int, int]:
     """(text total, text active per token, vision) from the config alone: modules built on the meta device
     have shapes but no memory. Shared modules count once, so the tied embedding does too."""
+    import torch
+
+    from ..hf.modeling import DiffusionGemmaForBlockDiffusion
+    from ..model.vision import VisionEmbedder, VisionTower
+
     text = config.text_config
     with torch.device("meta"):
         text_model = DiffusionGemmaForBlockDiffusion(dataclasses.replace(config, vision_config=None))
@@ -312,43 +444,81 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def cmd_info(args) -> None:
-    config = DiffusionGemmaConfig.from_json_file(_config_file(args.model))
+def _describe(config: DiffusionGemmaConfig, dtype_name: str) -> dict:
+    """What `info` shows, as `info --json` prints it; the table is made from this."""
+    import torch
+
+    from ..model.config import FULL, SLIDING
+    from ..model.vision import VisionConfig
+
     text = config.text_config
-    shapes = text.attention_shapes
-    attention = [f"{text.num_attention_heads} query heads"]
+    attention = {"query_heads": text.num_attention_heads}
     for layer_type, label in ((SLIDING, "sliding"), (FULL, "full")):
-        of_type = [s for s in shapes if s.layer_type == layer_type]
-        if of_type:
-            kv = "/".join(str(n) for n in sorted({s.num_key_value_heads for s in of_type}))
-            attention.append(f"{label} layers: KV heads {kv}, head dim {of_type[0].head_dim}")
+        of_type = [s for s in text.attention_shapes if s.layer_type == layer_type]
+        attention[label] = {"key_value_heads": sorted({s.num_key_value_heads for s in of_type}),
+                            "head_dim": of_type[0].head_dim} if of_type else None
     vision = VisionConfig.from_dict(config.vision_config) if config.vision_config is not None else None
     total, active, vision_total = _parameter_counts(config, vision)
-    dtype = getattr(torch, args.dtype)
+    return {
+        "layers": {"total": text.num_hidden_layers, "sliding": text.layer_types.count(SLIDING),
+                   "full": text.layer_types.count(FULL)},
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "attention": attention,
+        "experts": {"count": text.num_experts, "top_k": text.top_k_experts,
+                    "intermediate_size": text.moe_intermediate_size},
+        "canvas_length": config.canvas_length,
+        "vocab_size": text.vocab_size,
+        "sliding_window": text.sliding_window,
+        "max_position_embeddings": text.max_position_embeddings,
+        "vision_tower": {"layers": vision.num_hidden_layers, "hidden_size": vision.hidden_size,
+                         "patch_size": vision.patch_size} if vision else None,
+        "parameters": {"total": total + vision_total, "text": total, "vision": vision_total,
+                       "active_per_token": active},
+        "weights": {"dtype": dtype_name, "bytes": (total + vision_total) * getattr(torch, dtype_name).itemsize},
+    }
+
+
+def cmd_info(args) -> None:
+    from ..model.config import DiffusionGemmaConfig
+
+    facts = _describe(DiffusionGemmaConfig.from_json_file(_config_file(args.model)), args.dtype)
+    if args.json:
+        print(json.dumps(facts))
+        return
+    layers, experts, vision, parameters = facts["layers"], facts["experts"], facts["vision_tower"], facts["parameters"]
+    attention = [f"{facts['attention']['query_heads']} query heads"]
+    for label in ("sliding", "full"):
+        shape = facts["attention"][label]
+        if shape:
+            kv = "/".join(map(str, shape["key_value_heads"]))
+            attention.append(f"{label} layers: KV heads {kv}, head dim {shape['head_dim']}")
     rows = [
-        ("layers", f"{text.num_hidden_layers} ({text.layer_types.count(SLIDING)} sliding, "
-                   f"{text.layer_types.count(FULL)} full)"),
-        ("hidden size", f"{text.hidden_size} (dense MLP {text.intermediate_size})"),
+        ("layers", f"{layers['total']} ({layers['sliding']} sliding, {layers['full']} full)"),
+        ("hidden size", f"{facts['hidden_size']} (dense MLP {facts['intermediate_size']})"),
         ("attention", "; ".join(attention)),
-        ("experts", f"{text.num_experts}, top-{text.top_k_experts} per token "
-                    f"(expert MLP {text.moe_intermediate_size})"),
-        ("canvas length", config.canvas_length),
-        ("vocabulary", text.vocab_size),
-        ("sliding window", text.sliding_window),
-        ("max positions", text.max_position_embeddings),
-        ("vision tower", f"{_plural(vision.num_hidden_layers, 'layer')}, hidden {vision.hidden_size}, "
-                         f"patch {vision.patch_size}" if vision else "none"),
-        ("parameters", f"{_count(total + vision_total)} total"),
-        ("  text", _count(total)),
-        ("  vision", _count(vision_total)),
-        ("  active per token", f"{_count(active)} (top-{text.top_k_experts} of {text.num_experts} experts)"),
-        (f"weights in {args.dtype}", _bytes((total + vision_total) * dtype.itemsize)),
+        ("experts", f"{experts['count']}, top-{experts['top_k']} per token "
+                    f"(expert MLP {experts['intermediate_size']})"),
+        ("canvas length", facts["canvas_length"]),
+        ("vocabulary", facts["vocab_size"]),
+        ("sliding window", facts["sliding_window"]),
+        ("max positions", facts["max_position_embeddings"]),
+        ("vision tower", f"{_plural(vision['layers'], 'layer')}, hidden {vision['hidden_size']}, "
+                         f"patch {vision['patch_size']}" if vision else "none"),
+        ("parameters", f"{_count(parameters['total'])} total"),
+        ("  text", _count(parameters["text"])),
+        ("  vision", _count(parameters["vision"])),
+        ("  active per token", f"{_count(parameters['active_per_token'])} "
+                               f"(top-{experts['top_k']} of {experts['count']} experts)"),
+        (f"weights in {args.dtype}", _bytes(facts["weights"]["bytes"])),
     ]
     for name, value in rows:
         print(f"{name + ':':<22}{value}")
 
 
 def cmd_init_random(args) -> None:
+    from ..hf.presets import write_random_checkpoint
+
     write_random_checkpoint(args.out, args.preset, args.seed)
     print(f"wrote a random-weights '{args.preset}' checkpoint to {args.out}; it writes gibberish and exists to "
           "try the commands offline")
@@ -406,6 +576,9 @@ def _generation_options() -> argparse.ArgumentParser:
                        help="entropy summed over the tokens accepted in one step; higher accepts more per step")
     group.add_argument("--t-min", type=float, metavar="T", help="sampling temperature at the last step")
     group.add_argument("--t-max", type=float, metavar="T", help="sampling temperature at the first step")
+    group.add_argument("--temperature", type=_temperature, metavar="X",
+                       help="scales both ends of the temperature schedule (--t-min and --t-max, or the "
+                            "checkpoint's); lower is more predictable; must be > 0")
     group.add_argument("--stability-threshold", type=int, metavar="N",
                        help="a canvas may stop early once its argmax has not changed for N steps ...")
     group.add_argument("--confidence-threshold", type=float, metavar="X",
@@ -413,13 +586,17 @@ def _generation_options() -> argparse.ArgumentParser:
     group.add_argument("--no-adaptive-stopping", action="store_true",
                        help="give every canvas all its denoising steps")
     group.add_argument("--seed", type=int, metavar="N", help="seed of the sampler, for repeatable output")
+    group.add_argument("--system-prompt", metavar="TEXT",
+                       help="a system message for the chat template, sent with the first message (of each "
+                            "conversation, in chat)")
     run = options.add_argument_group("running")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto: CUDA when available (default)")
+    run.add_argument("--device", default="auto", metavar="DEVICE",
+                     help="a torch device: cpu, cuda, cuda:1, mps, ...; auto: CUDA when available (default)")
     run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                      help="dtype of the weights; auto: the checkpoint's (default)")
     run.add_argument("--no-drafts", action="store_true",
-                     help="on a terminal, show committed text only, not each step's draft")
+                     help="on a terminal, show committed text only, not each step's draft (a pipe never gets "
+                          "drafts)")
     run.add_argument("--verbose", "-v", action="store_true",
                      help="after each answer, print on stderr how many tokens were encoded and generated, and how fast")
     return options
@@ -427,10 +604,12 @@ def _generation_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Run DiffusionGemma block-diffusion language models.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     generation = _generation_options()
 
     generate = commands.add_parser("generate", parents=[generation], help="answer one prompt",
+                                   usage="%(prog)s [options] [MODEL] PROMPT",
                                    description="Answer one prompt, streaming the text as canvases are committed.")
     generate.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT",
                           help="checkpoint folder or Hugging Face Hub id (default: the demo model that ships with "
@@ -440,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(needs a checkpoint with a vision tower)")
     generate.add_argument("--raw", action="store_true",
                           help="tokenize PROMPT as it is (after the tokenizer's BOS), without the chat template "
-                               "(and without images)")
+                               "(and without images or a system prompt)")
     generate.add_argument("--json", action="store_true",
                           help="print one JSON object: text, token ids, tokens per forward, steps per canvas, "
                                "seconds and tokens per second")
@@ -449,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", parents=[generation], help="talk with a model, turn after turn",
                                description="Multi-turn chat; each turn reuses the key/value cache of the earlier "
                                            "ones. Reads one message per line; /reset starts a new conversation, "
-                                           "/exit quits. From a pipe, only the answers are printed.")
+                                           "/help lists the commands, /exit quits. From a pipe, only the answers "
+                                           "are printed, and a line that is an unknown command is reported on "
+                                           "stderr and skipped (the exit status is then 1).")
     chat.add_argument("model", metavar="MODEL", nargs="?", default=str(DEMO_MODEL),
                       help="checkpoint folder or Hugging Face Hub id (default: the demo model that ships with the "
                            "package)")
@@ -465,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
     info.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
                       help="dtype for the memory estimate (default: bfloat16)")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     info.set_defaults(run=cmd_info)
 
     init = commands.add_parser("init-random", help="write a random-weights checkpoint, to try the commands offline",
@@ -472,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "a small tokenizer, a chat template and an image processor config. Its "
                                            "output is gibberish; it exists to try the commands.")
     init.add_argument("out", metavar="OUT", help="folder to create (must not exist, or be empty)")
-    init.add_argument("--preset", choices=tuple(PRESETS), default="tiny", help="model size (default: tiny)")
+    init.add_argument("--preset", choices=PRESET_NAMES, default="tiny", help="model size (default: tiny)")
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     init.set_defaults(run=cmd_init_random)
     _add_serve_command(commands)
@@ -498,15 +680,16 @@ def _report(error: BaseException) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except BrokenPipeError:
         # The reader left (`| head`): say nothing, and keep the interpreter's final flush from failing too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except USER_ERRORS as error:
-        _report(error)
-        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    return 0
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
+        _report(error)
+        return 1

@@ -257,8 +257,9 @@ HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_do
 
 @torch.no_grad()
 def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map=None, torch_dtype=None,
-                    adapter=None, **hub_kwargs):
-    """See `DiffusionGemmaPreTrainedModel.from_pretrained`."""
+                    adapter=None, progress=None, **hub_kwargs):
+    """See `DiffusionGemmaPreTrainedModel.from_pretrained`. `progress`, when given, is called as
+    progress(bytes loaded, bytes in all) after each tensor is read."""
     unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
     if unknown:
         raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype`, `device` (or `device_map`) "
@@ -287,7 +288,9 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
     model.eval()
 
     used, missing = set(), []
-    for name, aliases, tensor, module, attr in checkpoint_tensors(model):
+    tensors = list(checkpoint_tensors(model))
+    total, loaded = sum(tensor.nbytes for _, _, tensor, _, _ in tensors), 0
+    for name, aliases, tensor, module, attr in tensors:
         stored = [n for n in [name, *aliases] if n in located]
         if not stored:
             missing.append(name)
@@ -303,6 +306,9 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
             if not torch.equal(located[copy].read().to(tensor.device, tensor.dtype), tensor):
                 raise ValueError(f"the checkpoint stores different values under {stored[0]!r} and {copy!r}; "
                                  "this engine shares one copy between the encoder and the decoder")
+        if progress is not None:
+            loaded += tensor.nbytes
+            progress(loaded, total)
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} tensors: {_listing(missing)}")
 

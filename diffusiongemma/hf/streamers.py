@@ -98,7 +98,9 @@ class TextDiffusionStreamer(TextStreamer):
 
     Each draft overwrites the previous one in place (ANSI save/restore cursor), and committed text
     replaces the draft. Terminals that ignore those codes (some multiplexers) leave drafts on screen.
-    `sleep_time` pauses after every draft so the denoising can be watched.
+    `sleep_time` pauses after every draft so the denoising can be watched. Drafts are shown only while
+    stdout is a terminal: into a pipe or a file this streamer writes what `TextStreamer` writes, not
+    escape codes and text that is about to be erased.
     """
 
     def __init__(self, tokenizer, skip_prompt: bool = False, sleep_time: float | None = None, **decode_kwargs):
@@ -107,8 +109,11 @@ class TextDiffusionStreamer(TextStreamer):
         self._has_draft = False
 
     def put_draft(self, value, **kwargs) -> None:
+        ids = _single_row(value, type(self).__name__)
+        if not sys.stdout.isatty():
+            return
         self._clear_draft()
-        text = self.tokenizer.decode(_single_row(value, type(self).__name__), **self.decode_kwargs)
+        text = self.tokenizer.decode(ids, **self.decode_kwargs)
         _write(SAVE_CURSOR)
         _write(f"{YELLOW}{text}{RESET}")
         self._has_draft = True
