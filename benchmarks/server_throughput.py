@@ -29,7 +29,7 @@ from common import record  # noqa: E402
 
 from diffusiongemma.hf.presets import write_random_checkpoint  # noqa: E402
 
-MODEL = "random"  # the server answers whatever model name a request gives
+MODEL = "random"  # the name the server is started to answer to (--served-model-name)
 STARTUP_SECONDS = 120
 
 
@@ -49,8 +49,8 @@ def metrics(url: str) -> dict[str, float]:
 
 
 def start_server(folder: str, port: int, max_batch: int, requests: int, threads: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "diffusiongemma", "serve", folder, "--port", str(port),
-               "--max-batch", str(max_batch), "--max-queue", str(requests)]
+    command = [sys.executable, "-m", "diffusiongemma", "serve", folder, "--port", str(port), "--served-model-name",
+               MODEL, "--max-batch", str(max_batch), "--max-queue", str(requests)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + STARTUP_SECONDS
