@@ -52,6 +52,8 @@ def metrics(url: str) -> dict[str, float]:
 def start_server(folder: str, port: int, max_batch: int, requests: int, threads: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "diffusiongemma", "serve", folder, "--port", str(port),
                "--max-batch", str(max_batch), "--max-queue", str(requests)]
+
+
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + STARTUP_SECONDS

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,7 +21,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma.engine.runner import RequestsRunner
@@ -28,13 +28,16 @@ from diffusiongemma.hf.presets import write_random_checkpoint
 from diffusiongemma.kernels.experts import grouped_linear, row_independent
 from diffusiongemma.model.cache import KVCache
 from diffusiongemma.serving import scheduler as engine
-from diffusiongemma.serving.server import create_app
+from diffusiongemma.serving import server as server_module
+from diffusiongemma.serving.server import create_app, http_server
 
 API_KEY = "test-key"
 MODEL = "tiny-random"
 # Few steps and short answers keep each request to a few dozen milliseconds on one CPU core.
 FAST = {"max_denoising_steps": 4}
 WAIT_SECONDS = 20
+# A canvas that never settles: many steps, and a confidence no random model reaches.
+ENDLESS = {"max_tokens": 16, "max_denoising_steps": 100000, "confidence_threshold": 1e-12}
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +59,13 @@ def tiny(checkpoint):
 
 
 @contextlib.contextmanager
-def running(app):
-    """Serves `app` from a thread; yields its base URL and stops it, worker included, on the way out."""
+def running(app, **settings):
+    """Serves `app` from a thread, with `http_server`'s `settings`; yields its base URL and stops it, worker
+    included, on the way out."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = http_server(app, log_level="warning", **settings)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -81,7 +85,8 @@ def running(app):
 @pytest.fixture(scope="module")
 def server(tiny):
     model, processor = tiny
-    app = create_app(model, processor, MODEL, max_batch=4, max_queue=32, max_prompt_tokens=200, api_key=API_KEY)
+    app = create_app(model, processor, MODEL, max_batch=4, max_queue=32, max_prompt_tokens=200, api_key=API_KEY,
+                     max_denoising_steps_limit=ENDLESS["max_denoising_steps"])
     with running(app) as url:
         yield url, app
 
@@ -117,6 +122,18 @@ def metric(url, name):
         if line.startswith(f"diffusiongemma_{name} "):
             return float(line.split()[-1])
     raise AssertionError(f"no metric {name}")
+
+
+@contextlib.contextmanager
+def server_log():
+    """Yields the list the server's log records go to while the block runs."""
+    records, handler, logger = [], logging.Handler(), logging.getLogger(server_module.__name__)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def wait_for(condition, what):
@@ -357,14 +374,15 @@ def test_bad_completion_requests(server, body, param):
 @pytest.mark.parametrize("content, message", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "t_min": NaN}', "not valid JSON"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_denoising_steps": 4,
+    (b'{"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "t_min": NaN}', "not valid JSON"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_denoising_steps": 4,
                  "stability_threshold": 10 ** 9}).encode(), "stability_threshold"),
-    (json.dumps({"messages": []}).encode(), "messages"),
-    (json.dumps({"messages": [{"content": "no role"}]}).encode(), "role"),
-    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    (json.dumps({"model": MODEL, "messages": []}).encode(), "messages"),
+    (json.dumps({"model": MODEL, "messages": [{"content": "no role"}]}).encode(), "role"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                            "image_url": {"url": "x"}}]}]})
      .encode(), "images are not supported"),
-    (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), "chat template"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}).encode(), "chat template"),
 ])
 def test_bad_chat_requests(server, content, message):
     url, _ = server
@@ -382,13 +400,10 @@ def test_openai_client_sees_400(server):
     assert caught.value.body["param"] == "entropy_bound"
 
 
-# A canvas that never settles: many steps, and a confidence no random model reaches.
-ENDLESS = {"max_tokens": 16, "max_denoising_steps": 100000, "confidence_threshold": 1e-12}
-
-
 def test_full_queue_gets_429_and_disconnects_cancel(tiny):
     model, processor = tiny
-    app = create_app(model, processor, MODEL, max_batch=1, max_queue=1)
+    app = create_app(model, processor, MODEL, max_batch=1, max_queue=1,
+                     max_denoising_steps_limit=ENDLESS["max_denoising_steps"])
     with running(app) as url, httpx.Client(base_url=url, timeout=WAIT_SECONDS) as http:
         request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, **ENDLESS}
         with contextlib.ExitStack() as streams:
@@ -449,12 +464,18 @@ def test_failing_request_does_not_stop_the_others(server, monkeypatch):
         await api.close()
         return results
 
-    good, bad = asyncio.run(both())
-    assert isinstance(bad, openai.InternalServerError) and "injected fault" in bad.message
+    with server_log() as logged:
+        good, bad = asyncio.run(both())
+    # The client learns the request's id, and the log the engine's words.
+    assert isinstance(bad, openai.InternalServerError) and "injected fault" not in bad.message
+    assert bad.response.headers["x-request-id"] in bad.message
     assert good.choices[0].finish_reason in ("stop", "length")
-    with pytest.raises(openai.APIError, match="injected fault"):
+    with pytest.raises(openai.APIError, match="the server failed to answer") as caught:
         list(client(url).completions.create(model=MODEL, prompt="broken", max_tokens=8, seed=666, stream=True,
                                             extra_body=FAST))
+    assert "injected fault" not in caught.value.message
+    assert any("injected fault" in record.getMessage() and bad.response.headers["x-request-id"] in record.getMessage()
+               for record in logged)
     assert metric(url, 'requests_finished_total{outcome="error"}') == errors_before + 2
     assert httpx.get(f"{url}/health").status_code == 200
     assert app.state.scheduler.alive
@@ -478,12 +499,14 @@ def test_serve_command(checkpoint):
 
         wait_for(healthy, "`diffusiongemma serve` to come up")
         api = client(url, key="k")
-        assert [m.id for m in api.models.list().data] == [checkpoint]
-        answer = api.chat.completions.create(model=checkpoint, messages=[{"role": "user", "content": "hi"}],
+        # Served under the folder's name, not its path.
+        name = os.path.basename(checkpoint)
+        assert [m.id for m in api.models.list().data] == [name]
+        answer = api.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=16, extra_body=FAST)
-        assert answer.choices[0].finish_reason in ("stop", "length")
+        assert answer.choices[0].finish_reason in ("stop", "length") and answer.model == name
         with pytest.raises(openai.BadRequestError):
-            api.completions.create(model=checkpoint, prompt="word " * 150)
+            api.completions.create(model=name, prompt="word " * 150)
     finally:
         process.terminate()
         try:
@@ -494,3 +517,7 @@ def test_serve_command(checkpoint):
                 process.wait(WAIT_SECONDS)
     # uvicorn shuts down in order, then ends with the signal it got.
     assert process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log
+    start = next(line for line in log.splitlines() if "serving" in line)
+    for part in (f"as '{name}'", "on cpu in float32", "442,336 parameters", "at most 2 requests side by side",
+                 "4 waiting", "100 prompt tokens", "192 denoising steps", "API key required", f"listening on {url}"):
+        assert part in start, start

@@ -526,13 +526,17 @@ def cmd_init_random(args) -> None:
 
 def cmd_serve(args) -> None:
     try:
-        from ..serving.server import serve
+        from ..serving.server import serve, served_name
     except ImportError as error:
         raise SystemExit(f"{PROG}: error: `serve` needs fastapi and uvicorn: pip install 'diffusiongemma[serve]' "
                          f"({error})") from None
-    serve(_checkpoint_folder(args.model), model_name=args.model, host=args.host, port=args.port,
-          max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
-          api_key=args.api_key, device=args.device, dtype=args.dtype)
+    serve(_checkpoint_folder(args.model), model_name=args.served_model_name or served_name(args.model),
+          host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          max_prompt_tokens=args.max_prompt_tokens, api_key=args.api_key, device=args.device, dtype=args.dtype,
+          max_body_bytes=args.max_body_bytes, max_denoising_steps_limit=args.max_denoising_steps_limit,
+          trust_request_chat_template=args.trust_request_chat_template, read_timeout=args.read_timeout,
+          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
 
 
 def cmd_train(args) -> None:
@@ -559,7 +563,29 @@ def _add_serve_command(commands) -> None:
                        help="requests that may wait for a place in the batch; more get 429 (default: 64)")
     serve.add_argument("--max-prompt-tokens", type=int, metavar="N",
                        help="longer prompts get 400 (default: the model's positions)")
-    serve.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on the /v1/ endpoints")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model's name in the API (default: the checkpoint folder's name, or the Hub id)")
+    serve.add_argument("--api-key", metavar="KEY", default=os.environ.get("DIFFUSIONGEMMA_API_KEY") or None,
+                       help="require 'Authorization: Bearer KEY' on the /v1/ and tokenizer endpoints "
+                            "(default: $DIFFUSIONGEMMA_API_KEY, which keeps the key out of the process list)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, metavar="N",
+                       help="larger request bodies get 413 (default: 4 MiB)")
+    serve.add_argument("--max-denoising-steps-limit", type=int, metavar="N",
+                       help="requests asking more denoising steps per canvas get 400 (default: 4 times the "
+                            "checkpoint's)")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="honour a request's own `chat_template`, which then runs on the server")
+    serve.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="a request's head, and then its body, must arrive within this time (default: 30)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="an idle connection closes after this time (default: 5)")
+    serve.add_argument("--max-connections", type=int, default=512, metavar="N",
+                       help="connections open at once; more are closed at once (default: 512)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM or Ctrl-C, answers in flight get this long, then end with an error "
+                            "saying why (default: 30)")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                       help="the server's log, on stderr (default: info)")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: CUDA when available (default)")
     serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",

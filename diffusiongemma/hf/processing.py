@@ -90,6 +90,24 @@ def _checked_message(message) -> dict:
     return {**message, "content": [_checked_part(part) for part in content]}
 
 
+def _open_final_message(text: str, messages: list[dict]) -> str:
+    """`text`, a rendered conversation, cut right after the text of its final message."""
+    content = messages[-1].get("content", "")
+    pieces = [content] if isinstance(content, str) else [part["text"] for part in content if part["type"] == "text"]
+    final = pieces[-1] if pieces else ""
+    if not final.strip():
+        raise ValueError("continue_final_message needs a final message that ends in text to continue")
+    # Templates commonly trim a message; the last place its trimmed text appears is the final message's.
+    start = text.rfind(final.strip())
+    if start < 0:
+        raise ValueError("continue_final_message: the chat template does not write the final message's text as "
+                         "it is, so there is no place to continue it from")
+    # Where the template kept the message's trailing whitespace, so does the continuation.
+    kept = final.lstrip()
+    end = start + len(kept) if text.startswith(kept, start) else start + len(final.strip())
+    return text[:end]
+
+
 def _image_sources(messages: list[dict]) -> list:
     """The images of checked messages, in prompt order."""
     parts = [part for message in messages if isinstance(message.get("content"), list) for part in message["content"]]
@@ -141,6 +159,7 @@ class DiffusionGemmaProcessor:
         padding: bool | str = True,
         chat_template: str | None = None,
         max_soft_tokens: int | None = None,
+        continue_final_message: bool = False,
         **template_kwargs,
     ):
         """Render one conversation (a list of messages) or a batch of them with the chat template.
@@ -150,6 +169,8 @@ class DiffusionGemmaProcessor:
         processor does), left-padded unless `padding=False`, each image token expanded to the image's soft
         tokens; with `return_dict`, everything `__call__` returns. Image parts are `{"type": "image", key: source}`
         with `key` one of `IMAGE_SOURCE_KEYS`, or OpenAI's `{"type": "image_url", "image_url": {"url": source}}`.
+        `continue_final_message` ends the text right after the final message's text, leaving out what the
+        template writes to close that message, so that generation continues it (say, a partly written answer).
         Extra keyword arguments become template variables.
         """
         template = chat_template or self.chat_template
@@ -168,7 +189,12 @@ class DiffusionGemmaProcessor:
             **template_kwargs,
             "add_generation_prompt": add_generation_prompt,
         }
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other: the first "
+                             "continues the final message, the second starts a new one")
         texts = [_compile(template).render(messages=messages, **variables) for messages in conversations]
+        if continue_final_message:
+            texts = [_open_final_message(text, messages) for text, messages in zip(texts, conversations)]
         if not tokenize:
             return texts if batched else texts[0]
         # Like the reference, add BOS only when the template did not write one itself.

@@ -67,12 +67,13 @@ class Draft:
 @dataclass
 class Finished:
     """`text` is the whole answer; `finish_reason` is "stop" (end of sequence or a stop string) or
-    "length"."""
+    "length"; `stop` is the stop string the text ended before, if one did."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    stop: str | None = None
 
 
 @dataclass
@@ -206,17 +207,18 @@ class _Running:
         settings = self.request.settings
         kept = self.text.tokens[:settings.max_tokens]
         text = self.text.text(settings.max_tokens)
-        stops = [i for i in (text.find(s) for s in settings.stop) if i >= 0]
-        reason = None
-        if stops:
-            reason, text = "stop", text[:min(stops)]
+        found = [(at, stop) for stop in settings.stop if (at := text.find(stop)) >= 0]
+        reason = stop = None
+        if found:
+            at, stop = min(found)
+            reason, text = "stop", text[:at]
         elif any(token in self.eos for token in kept):
             reason = "stop"
         elif len(self.text.tokens) >= settings.max_tokens:
             reason = "length"
         if reason is not None:
             self._send(text[len(self.sent):])
-            return Finished(text, reason, len(self.request.prompt_ids), len(kept))
+            return Finished(text, reason, len(self.request.prompt_ids), len(kept), stop)
         # Whatever could begin a stop string waits too.
         safe = self.text.settled(settings.max_tokens)
         hold = max((len(s) - 1 for s in settings.stop), default=0)
@@ -313,6 +315,15 @@ class Scheduler:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
             self.waiting.append(request)
             self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Cancels `request`; one still waiting leaves the queue at once, so that its place is free."""
+        request.cancel()
+        with self._wake:
+            if request not in self.waiting:
+                return  # the worker drops it (running) or never sees it again (done)
+            self.waiting.remove(request)
+        self._count("cancelled")
 
     def _admit(self) -> bool:
         """Moves waiting requests into the batch; False once the scheduler is stopping."""

@@ -1,17 +1,50 @@
 """An OpenAI-compatible HTTP server over the continuous-batching scheduler (`diffusiongemma serve`).
 
-Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health` and
-`GET /metrics` (Prometheus text). With `api_key` set, the `/v1/` endpoints want `Authorization: Bearer
-KEY`; health and metrics stay open for probes and scrapers.
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /tokenize`,
+`POST /detokenize`, `GET`/`HEAD /health`, `GET /version` and `GET /metrics` (Prometheus text). With an API
+key, the `/v1/` endpoints and the tokenizer's want `Authorization: Bearer KEY` (the scheme in any case);
+health, version and metrics stay open for probes and scrapers.
 
-Request fields: `messages` (text parts only) or `prompt` (a string, a one-string list, or token ids),
-`max_tokens` or `max_completion_tokens` (left out: the checkpoint's length, within the room the prompt
-leaves), `temperature` (0 to 2; scales both ends of the denoising temperature schedule, see
-`scheduler.Settings`), `seed`, `stop` (a string or up to four), `n` (1 only), `stream`, `stream_options`
-(`include_usage`, and the extension `include_drafts`), and DiffusionGemma's own `max_denoising_steps`,
-`entropy_bound`, `t_min`, `t_max`, `stability_threshold` and `confidence_threshold`. Unknown fields are
-ignored, as OpenAI clients send many; options that would change the answer and are not implemented
-(`logprobs`, `echo`, `best_of`, `suffix`, `tools`, `logit_bias`, `top_p` below 1) are refused.
+Request fields of the completion endpoints. Every field is honoured, accepted where it changes nothing, or
+refused with a 400 that names it (`fields.py` holds the tables); a null counts as left out.
+
+Honoured:
+- `model`: required, and the served name (`/v1/models`); another gets 404 `model_not_found`.
+- `messages` (chat; text parts only) or `prompt` (completions: a string, a one-string list, or token ids).
+- `max_completion_tokens` or `max_tokens` (both only if equal; left out: the checkpoint's length, within
+  the room the prompt leaves), `temperature` (0 to 2; scales both ends of the denoising temperature
+  schedule, see `scheduler.Settings`), `seed`, `stop` (a string or up to four),
+  `include_stop_str_in_output` (the answer keeps the stop string it ended before), `stream`,
+  `stream_options` (`include_usage`, `include_obfuscation: false`, and the extension `include_drafts`),
+  `response_format` (`{"type": "text"}` only; JSON formats are refused).
+- chat only: `add_generation_prompt` (default true), `continue_final_message` (default false: the answer
+  continues the final message, which the template then leaves open) and `chat_template`, the last only
+  on a server started with `trust_request_chat_template`, because a template runs on the server and
+  can loop or allocate without bound.
+- DiffusionGemma's own: `max_denoising_steps` (at most the server's limit), `entropy_bound`, `t_min`,
+  `t_max`, `stability_threshold`, `confidence_threshold`.
+
+Accepted at the values that leave a missing feature off (clients send some by default), refused at any
+other: `n` 1, `top_p` 1, `presence_penalty` and `frequency_penalty` 0, `repetition_penalty` 1, `top_k` 0
+or -1, `min_p` 0, `min_tokens` 0, `ignore_eos` false, `stop_token_ids` [], `logit_bias` {}; chat:
+`logprobs` false, `top_logprobs` 0, `tools` [], `functions` [], `tool_choice` and `function_call` "none"
+or "auto", `parallel_tool_calls` (either), `modalities` ["text"], `store` false, `service_tier` "auto" or
+"default"; completions: `best_of` 1, `echo` false, `suffix` "".
+Accepted and ignored, as they change no answer: `user`, `metadata`, `safety_identifier`,
+`prompt_cache_key`. Refused: everything else (`audio`, `prediction`, `reasoning_effort`, ...). In a
+message, fields besides `role` and `content` are refused unless empty.
+
+`/tokenize` takes `prompt` (a string; `add_special_tokens`, default true) or `messages` (with the chat
+fields above) and answers `{"count", "max_model_len", "tokens"}`; `/detokenize` takes `tokens` and answers
+`{"prompt"}`. Both take `model` optionally.
+
+Limits: a body over `max_body_bytes` gets 413 (from its Content-Length, before it is read, or as soon as
+more arrives), one slower than `read_timeout` 408. A prompt whose text is longer than `max_prompt_tokens`
+times the vocabulary's longest piece cannot fit and gets 400 before it is tokenized; tokenizing (which lets
+go of the GIL) and rendering the chat template run in worker threads, off the event loop; a prompt over
+`max_prompt_tokens` gets 400 `context_length_exceeded`. The answer must fit the model's positions, the
+steps per canvas `max_denoising_steps_limit`, and the denoising temperatures (`temperature` times the
+schedule's, at its first and last steps) `TEMPERATURE_RANGE`. `http_server` adds the connection limits.
 
 `finish_reason` is "stop" for an end-of-sequence token or a stop string (the text ends before it) and
 "length" otherwise; the answer never runs past `max_tokens`, though the model denoises whole canvases.
@@ -21,7 +54,9 @@ ignored, as OpenAI clients send many; options that would change the answer and a
 A streamed answer arrives one committed canvas at a time. With `include_drafts`, every denoising step
 also sends the canvas's current argmax text as a chunk whose choice has no content but a `draft`
 field (in `delta` for chat, beside `text` for completions), which standard clients ignore. A stream
-that fails after it started ends with an `{"error": ...}` event.
+that fails after it started ends with an `{"error": ...}` event. An error inside the engine reaches the
+client as its request id (also the `x-request-id` header and the answer's `id`); the detail goes to
+the server's log.
 """
 
 from __future__ import annotations
@@ -29,12 +64,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
+import hashlib
+import hmac
 import json
-import re
+import logging
+import os
 import time
 import uuid
+from importlib import metadata
 
 import jinja2
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import (
     JSONResponse,
@@ -43,8 +84,24 @@ from fastapi.responses import (
     StreamingResponse,
 )
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import scheduler as engine
+from .fields import (
+    ApiError,
+    bad_value,
+    chat_messages,
+    check_fields,
+    check_values,
+    flag,
+    is_int,
+    max_tokens,
+    message_characters,
+    response_format,
+    stop_strings,
+    stream_options,
+)
 from .scheduler import (
     Delta,
     Draft,
@@ -55,32 +112,22 @@ from .scheduler import (
     resolve_settings,
 )
 
+logger = logging.getLogger(__name__)
+
 # How often a non-streaming request looks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
-MAX_STOP_STRINGS = 4
-# Generation parameters whose request field has another name.
-API_NAMES = {"max_new_tokens": "max_tokens", "sampler_config": "entropy_bound"}
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias")
-
-
-class ApiError(Exception):
-    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def _bad_value(error: ValueError) -> ApiError:
-    # The package's messages name the parameter in backquotes; OpenAI's body has a field for it, under
-    # the name the request used.
-    name = re.search(r"`(\w+)`", str(error))
-    param = name.group(1) if name else None
-    return ApiError(400, str(error), param=API_NAMES.get(param, param))
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+# Denoising temperatures below this overflow the logits (NaN in the sampler, infinity in a half-precision
+# self-conditioning signal); above it they flatten any distribution into noise.
+TEMPERATURE_RANGE = (0.01, 100.0)
+# The default limit on steps per canvas, in multiples of the checkpoint's own.
+STEPS_LIMIT_FACTOR = 4
+# A request's head (request line and headers) larger than this gets 400.
+MAX_HEAD_BYTES = 16 * 2**10
+# After the drain has ended every answer, how long the last events get to go out before uvicorn gives up.
+SHUTDOWN_GRACE_SECONDS = 5
+# Put in an answer's events when the server stops before the answer is done.
+SHUTTING_DOWN = object()
 
 
 def _refuse_constant(name: str):
@@ -88,84 +135,37 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def served_name(source: str) -> str:
+    """The name a checkpoint is served as by default: a local folder's own name (its path means nothing to
+    clients, and may tell them more than they need), or the Hub id as given."""
+    return os.path.basename(os.path.abspath(source)) if os.path.isdir(source) else source
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _internal_error(request_id: str) -> ApiError:
+    return ApiError(500, f"the server failed to answer this request; its id, {request_id}, finds the detail in "
+                         "the server's log", kind="server_error")
 
 
-def _positive_int(body: dict, name: str) -> int | None:
-    value = body.get(name)
-    if value is not None and (not _is_int(value) or value < 1):
-        raise ApiError(400, f"`{name}` must be a positive integer, got {value!r}", param=name)
-    return value
+def _shutdown_error() -> ApiError:
+    return ApiError(503, "the server is shutting down and stopped this answer before it was done",
+                    code="server_shutting_down", kind="server_error")
 
 
-def _stop_strings(value) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, f"`stop` must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
-                       param="stop")
-    return tuple(stops)
-
-
-def _stream_options(body: dict) -> tuple[bool, bool, bool]:
-    """(stream, include_usage, include_drafts)."""
-    stream, options = body.get("stream", False), body.get("stream_options")
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"`stream` must be a boolean, got {stream!r}", param="stream")
-    if options is None:
-        return stream, False, False
-    if not isinstance(options, dict):
-        raise ApiError(400, "`stream_options` must be an object", param="stream_options")
-    if not stream:
-        raise ApiError(400, "`stream_options` is only allowed with `stream: true`", param="stream_options")
-    flags = []
-    for name in ("include_usage", "include_drafts"):
-        value = options.get(name, False)
-        if not isinstance(value, bool):
-            raise ApiError(400, f"`stream_options.{name}` must be a boolean, got {value!r}", param="stream_options")
-        flags.append(value)
-    return stream, *flags
-
-
-def _check_supported(body: dict) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise ApiError(400, f"only `n` = 1 is supported, got {n!r}", param="n")
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != 1:
-        raise ApiError(400, "`best_of` is not supported", param="best_of")
-    top_p = body.get("top_p")
-    if top_p is not None and top_p != 1:
-        raise ApiError(400, "`top_p` is not supported (the denoising sampler has its own acceptance rule)",
-                       param="top_p")
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, [], {}, 0):
-            raise ApiError(400, f"`{name}` is not supported by this server", param=name)
-
-
-def _chat_messages(value) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise ApiError(400, "`messages` must be a non-empty list of messages", param="messages")
-    for message in value:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, "each message must be an object with a string `role`", param="messages")
-        content = message.get("content")
-        parts = content if isinstance(content, list) else []
-        if not (content is None or isinstance(content, str) or isinstance(content, list)) or any(
-                not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str)
-                for part in parts):
-            raise ApiError(400, "message content must be a string or a list of {'type': 'text', 'text': str} "
-                                "parts; images are not supported by this server", param="messages")
-    return value
+def _check_temperatures(settings: engine.Settings, body: dict) -> None:
+    """Refuses settings whose denoising temperatures leave TEMPERATURE_RANGE, naming a field the request set."""
+    scale = settings.temperature or 1.0  # 0 takes the argmax, with the schedule left as it is
+    steps = settings.max_denoising_steps
+    lowest = scale * (settings.t_min + (settings.t_max - settings.t_min) / steps)
+    highest = scale * settings.t_max
+    low, high = TEMPERATURE_RANGE
+    if low <= lowest and highest <= high:
+        return
+    suspects = ("t_min", "temperature", "t_max", "max_denoising_steps") if lowest < low else ("t_max", "temperature")
+    param = next((name for name in suspects if body.get(name) is not None), None)
+    raise ApiError(400, f"the denoising temperatures would run from {highest:.3g} down to {lowest:.3g}: "
+                        f"`temperature` times the schedule from `t_max` to `t_min` (over `max_denoising_steps`) "
+                        f"must stay within {low} to {high}, where sampling is defined (for the most likely tokens, "
+                        "send `temperature` 0)", param=param)
 
 
 class _Counters:
@@ -189,10 +189,10 @@ def _prometheus(scheduler: Scheduler, counters: _Counters) -> str:
         generated, forwards, prompt = metrics.generated_tokens, metrics.decoder_forwards, metrics.prompt_tokens
         passes, step_batch = metrics.batched_steps, metrics.step_batch_size
         buckets, canvases, steps = list(metrics.step_buckets), metrics.canvases, metrics.steps
-    add("requests_received_total", "counter", "Requests received, by endpoint.",
-        [(f'{{endpoint="{k}"}}', v) for k, v in sorted(counters.received.items())])
-    add("requests_rejected_total", "counter", "Requests refused before they were queued, by HTTP status.",
-        [(f'{{status="{k}"}}', v) for k, v in sorted(counters.rejected.items())])
+    add("requests_received_total", "counter", "Completion requests received, by endpoint; each is rejected, "
+        "finished, running or queued.", [(f'{{endpoint="{k}"}}', v) for k, v in sorted(counters.received.items())])
+    add("requests_rejected_total", "counter", "Completion requests answered with an error before they were queued, "
+        "by HTTP status.", [(f'{{status="{k}"}}', v) for k, v in sorted(counters.rejected.items())])
     add("requests_finished_total", "counter", "Requests that left the scheduler, by outcome.",
         [(f'{{outcome="{k}"}}', finished.get(k, 0)) for k in ("stop", "length", "cancelled", "error")])
     add("queue_depth", "gauge", "Requests waiting for a batch slot.", [("", scheduler.queue_depth)])
@@ -214,16 +214,40 @@ def _prometheus(scheduler: Scheduler, counters: _Counters) -> str:
 
 
 def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue: int = 64,
-               max_prompt_tokens: int | None = None, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the scheduler's worker thread."""
+               max_prompt_tokens: int | None = None, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_denoising_steps_limit: int | None = None,
+               trust_request_chat_template: bool = False, read_timeout: float = 30.0) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the scheduler's worker thread. `app.state.limits`
+    holds the limits in force, `app.state.drain(timeout)` ends the answers in flight (see `http_server`).
+
+    `max_prompt_tokens` defaults to the model's positions less one, `max_denoising_steps_limit` to
+    STEPS_LIMIT_FACTOR times the checkpoint's steps per canvas."""
     positions = model.config.text_config.max_position_embeddings
     max_prompt_tokens = positions - 1 if max_prompt_tokens is None else max_prompt_tokens
-    if not _is_int(max_prompt_tokens) or max_prompt_tokens < 1:
-        raise ValueError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
-    scheduler = Scheduler(model, processor.tokenizer, max_batch=max_batch, max_queue=max_queue)
+    checkpoint_steps = resolve_settings(model, 1).max_denoising_steps
+    if max_denoising_steps_limit is None:
+        max_denoising_steps_limit = STEPS_LIMIT_FACTOR * checkpoint_steps
+    for name, value, least in (("max_prompt_tokens", max_prompt_tokens, 1), ("max_body_bytes", max_body_bytes, 1),
+                               ("max_denoising_steps_limit", max_denoising_steps_limit, checkpoint_steps)):
+        if not is_int(value) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"the served model name must be a non-empty string, got {model_name!r}")
+    tokenizer = processor.tokenizer
+    # No token covers more characters than the vocabulary's longest piece, so a longer text cannot fit.
+    max_prompt_chars = max_prompt_tokens * max(len(piece or "") for piece in
+                                                tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     counters = _Counters()
     vocab_size = model.config.text_config.vocab_size
     created = int(time.time())
+    # Hashes of equal length compare in constant time whatever the key's length.
+    key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
+    try:
+        version = metadata.version("diffusiongemma")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        version = "unknown"
+    in_flight: dict[engine.Request, asyncio.Queue] = {}  # requests queued or running, with their events
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -235,76 +259,142 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
 
     app = FastAPI(title="diffusiongemma", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
+    app.state.limits = {"max_batch": max_batch, "max_queue": max_queue, "max_prompt_tokens": max_prompt_tokens,
+                        "max_body_bytes": max_body_bytes, "max_denoising_steps_limit": max_denoising_steps_limit}
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        counters.rejected[str(error.status)] += 1
-        return JSONResponse(error.body(), status_code=error.status)
+        # A body refused before it was read whole leaves the rest of it on the connection, which therefore
+        # cannot carry another request.
+        headers = {"Connection": "close"} if error.status in (408, 413) else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(), status_code=error.status_code,
+                            headers=error.headers)
 
     def authorize(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        if key_digest is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if not (hmac.compare_digest(given, key_digest) and scheme.lower() == "bearer"):
             raise ApiError(401, "missing or incorrect API key", code="invalid_api_key")
 
-    async def read_body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body(), parse_constant=_refuse_constant)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+    def check_model(value, required: bool) -> None:
+        if value is None:
+            if required:
+                raise ApiError(400, f"`model` is required; this server serves {model_name!r}", param="model")
+            return
+        if value != model_name:
+            raise ApiError(404, f"the model {value!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
 
-    def completion_prompt(value) -> list[int]:
+    async def read_body(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > max_body_bytes:
+            raise ApiError(413, f"the request body is {declared} bytes; this server takes at most {max_body_bytes}",
+                           code="request_too_large")
+        body = bytearray()
+        try:
+            async with asyncio.timeout(read_timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > max_body_bytes:
+                        raise ApiError(413, f"the request body is over {max_body_bytes} bytes, the most this server "
+                                            "takes", code="request_too_large")
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {read_timeout} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:
+            raise ApiError(499, "the client left before it sent the whole request") from None
+        try:
+            parsed = json.loads(bytes(body), parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        check_values(parsed)
+        return parsed
+
+    def too_long(param: str, what: str) -> ApiError:
+        return ApiError(400, f"the prompt is {what}; this server takes at most {max_prompt_tokens} tokens",
+                        param=param, code="context_length_exceeded")
+
+    async def chat_prompt(body: dict, bounded: bool = True) -> list[int]:
+        messages = chat_messages(body.get("messages"))
+        template = body.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ApiError(400, "`chat_template` must be a string", param="chat_template")
+        if template is not None and not trust_request_chat_template:
+            raise ApiError(400, "`chat_template` is refused: a template runs on the server, and this one was not "
+                                "started to trust the requests' (--trust-request-chat-template)",
+                           param="chat_template")
+        continued = flag(body, "continue_final_message", False)
+        opened = flag(body, "add_generation_prompt", not continued)
+        if continued and opened:
+            raise ApiError(400, "`continue_final_message` continues the final message and `add_generation_prompt` "
+                                "starts a new one: set only one", param="continue_final_message")
+        characters = message_characters(messages)
+        if bounded and characters > max_prompt_chars:
+            raise too_long("messages", f"{characters} characters long")
+        try:
+            ids = await asyncio.to_thread(processor.apply_chat_template, messages, add_generation_prompt=opened,
+                                          continue_final_message=continued, chat_template=template, tokenize=True,
+                                          padding=False)
+        except (ValueError, jinja2.TemplateError) as error:
+            raise ApiError(400, f"the messages do not fit the chat template: {error}", param="messages") from None
+        return ids[0]
+
+    async def text_ids(text: str, add_special_tokens: bool = True) -> list[int]:
+        # The tokenizer's call lets go of the GIL while it works: a long text leaves the event loop running.
+        encoded = await asyncio.to_thread(tokenizer, text, add_special_tokens=add_special_tokens)
+        return encoded["input_ids"]
+
+    async def completion_prompt(value) -> list[int]:
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
             value = value[0]
         if isinstance(value, str):
-            return processor.tokenizer.encode(value)
-        if isinstance(value, list) and value and all(_is_int(t) and 0 <= t < vocab_size for t in value):
+            if len(value) > max_prompt_chars:
+                raise too_long("prompt", f"{len(value)} characters long")
+            return await text_ids(value)
+        if isinstance(value, list) and value and all(is_int(t) and 0 <= t < vocab_size for t in value):
             return value
         raise ApiError(400, "`prompt` must be a string, a list of one string, or a non-empty list of token ids "
                             f"below {vocab_size}", param="prompt")
 
-    def chat_prompt(messages: list[dict]) -> list[int]:
-        try:
-            ids = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_tensors="pt")
-        except (ValueError, jinja2.TemplateError) as error:
-            raise ApiError(400, f"the messages do not fit the chat template: {error}", param="messages") from None
-        return ids[0].tolist()
-
-    async def generate(request: Request, chat: bool):
-        endpoint = "chat" if chat else "completions"
-        counters.received[endpoint] += 1
+    async def admit(request: Request, chat: bool):
+        """Checks a request and queues it; returns (job, events, streaming, include_usage, include_stop)."""
         authorize(request)
         body = await read_body(request)
-        _check_supported(body)
-        stream, include_usage, include_drafts = _stream_options(body)
-        max_tokens = _positive_int(body, "max_completion_tokens") if chat else None
-        if max_tokens is None:
-            max_tokens = _positive_int(body, "max_tokens")
+        check_fields(body, "chat" if chat else "completions")
+        check_model(body.get("model"), required=True)
+        stream, include_usage, include_drafts = stream_options(body)
+        response_format(body)
+        include_stop = flag(body, "include_stop_str_in_output", False)
+        length = max_tokens(body)
         seed = body.get("seed")
-        if seed is not None and not (_is_int(seed) and -2**63 <= seed < 2**64):
+        if seed is not None and not (is_int(seed) and -2**63 <= seed < 2**64):
             raise ApiError(400, f"`seed` must be a 64-bit integer, got {seed!r}", param="seed")
         temperature = body.get("temperature")
-        if chat:
-            prompt_ids = chat_prompt(_chat_messages(body.get("messages")))
-        else:
-            prompt_ids = completion_prompt(body.get("prompt"))
+        stops = stop_strings(body.get("stop"))
+        prompt_ids = await (chat_prompt(body) if chat else completion_prompt(body.get("prompt")))
         if len(prompt_ids) > max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens long; this server takes at most "
-                                f"{max_prompt_tokens}", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
+            raise too_long("messages" if chat else "prompt", f"{len(prompt_ids)} tokens long")
         try:
-            settings = resolve_settings(model, len(prompt_ids), max_tokens=max_tokens,
-                                        temperature=1.0 if temperature is None else temperature,
-                                        stop=_stop_strings(body.get("stop")), seed=seed,
+            settings = resolve_settings(model, len(prompt_ids), max_tokens=length,
+                                        temperature=1.0 if temperature is None else temperature, stop=stops, seed=seed,
                                         **{name: body.get(name) for name in engine.TUNABLE})
         except ValueError as error:
-            raise _bad_value(error) from None
+            refusal = bad_value(error)
+            if refusal.param == "max_tokens" and body.get("max_tokens") is None:
+                refusal.param = "max_completion_tokens"  # the name this request used
+            raise refusal from None
+        if settings.max_denoising_steps > max_denoising_steps_limit:
+            raise ApiError(400, f"`max_denoising_steps` ({settings.max_denoising_steps}) must not exceed this "
+                                f"server's limit, {max_denoising_steps_limit}", param="max_denoising_steps")
+        _check_temperatures(settings, body)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -323,10 +413,41 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
                            kind="rate_limit_error") from None
         except RuntimeError as error:  # the server is shutting down
             raise ApiError(503, str(error), kind="server_error") from None
+        in_flight[job] = events
+        return job, events, stream, include_usage, include_stop
+
+    async def generate(request: Request, chat: bool):
+        counters.received["chat" if chat else "completions"] += 1
         shape = _Shape(chat, model_name)
+        try:
+            job, events, stream, include_usage, include_stop = await admit(request, chat)
+        except ApiError as error:
+            counters.rejected[str(error.status)] += 1
+            raise
+        except Exception:
+            counters.rejected["500"] += 1
+            logger.exception("request %s failed before it was queued", shape.id)
+            raise _internal_error(shape.id) from None
+
+        def release() -> None:
+            scheduler.cancel(job)
+            in_flight.pop(job, None)
+
+        shape.include_stop = include_stop
         if stream:
-            return _JobStream(job, _sse(events, shape, include_usage))
-        return await _answer(request, job, events, shape)
+            return _JobStream(_sse(events, shape, include_usage), release, shape.id)
+        return await _answer(request, events, shape, release)
+
+    async def drain(timeout: float) -> None:
+        """Gives the answers in flight `timeout` seconds to finish, then ends each with word of the shutdown."""
+        deadline = time.monotonic() + timeout
+        while in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for job, events in list(in_flight.items()):
+            scheduler.cancel(job)
+            events.put_nowait(SHUTTING_DOWN)
+
+    app.state.drain = drain
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -336,17 +457,54 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
     async def completions(request: Request):
         return await generate(request, chat=False)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        authorize(request)
+        body = await read_body(request)
+        check_fields(body, "tokenize")
+        check_model(body.get("model"), required=False)
+        if (body.get("prompt") is None) == (body.get("messages") is None):
+            raise ApiError(400, "send either `prompt` or `messages`", param="prompt")
+        if body.get("messages") is not None:
+            if body.get("add_special_tokens") is not None:
+                raise ApiError(400, "`add_special_tokens` goes with `prompt`; with `messages` the chat template "
+                                    "decides", param="add_special_tokens")
+            ids = await chat_prompt(body, bounded=False)
+        else:
+            if not isinstance(body["prompt"], str):
+                raise ApiError(400, "`prompt` must be a string", param="prompt")
+            for name in ("chat_template", "add_generation_prompt", "continue_final_message"):
+                if body.get(name) is not None:
+                    raise ApiError(400, f"`{name}` goes with `messages`", param=name)
+            ids = await text_ids(body["prompt"], flag(body, "add_special_tokens", True))
+        return {"count": len(ids), "max_model_len": positions, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        authorize(request)
+        body = await read_body(request)
+        check_fields(body, "detokenize")
+        check_model(body.get("model"), required=False)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < vocab_size for t in ids):
+            raise ApiError(400, f"`tokens` must be a list of token ids below {vocab_size}", param="tokens")
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "diffusiongemma"}]}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not scheduler.alive:
             return JSONResponse({"status": "scheduler stopped"}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/version")
+    async def version_endpoint():
+        return {"version": version}
 
     @app.get("/metrics")
     async def metrics():
@@ -362,10 +520,15 @@ class _Shape:
         self.chat, self.model_name = chat, model_name
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.include_stop = False
 
     def _object(self, kind: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name,
                 "choices": choices, **extra}
+
+    def tail(self, outcome: Finished) -> str:
+        """What follows the answer's text: the stop string it ended before, where the request keeps it."""
+        return outcome.stop if self.include_stop and outcome.stop is not None else ""
 
     @staticmethod
     def usage(outcome: Finished) -> dict:
@@ -373,10 +536,11 @@ class _Shape:
                 "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
 
     def whole(self, outcome: Finished) -> dict:
+        text = outcome.text + self.tail(outcome)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
-            choice = {"index": 0, "text": outcome.text}
+            choice = {"index": 0, "text": text}
         choice.update(finish_reason=outcome.finish_reason, logprobs=None)
         return self._object("chat.completion" if self.chat else "text_completion", [choice],
                             usage=self.usage(outcome))
@@ -406,6 +570,14 @@ def _event(data) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def _failure(event, request_id: str) -> ApiError:
+    """The error a client gets for an answer that ended without finishing; an engine's own words stay in the log."""
+    if event is SHUTTING_DOWN:
+        return _shutdown_error()
+    logger.error("request %s failed in the engine: %s", request_id, event.message)
+    return _internal_error(request_id)
+
+
 async def _sse(events: asyncio.Queue, shape: _Shape, include_usage: bool):
     usage = {"usage": None} if include_usage else {}
     if shape.chat:
@@ -417,32 +589,36 @@ async def _sse(events: asyncio.Queue, shape: _Shape, include_usage: bool):
         elif isinstance(event, Delta):
             yield _event(shape.chunk(text=event.text, **usage))
         elif isinstance(event, Finished):
+            if shape.tail(event):
+                yield _event(shape.chunk(text=shape.tail(event), **usage))
             yield _event(shape.chunk(text="" if shape.chat else None, finish_reason=event.finish_reason, **usage))
             if include_usage:
                 yield _event(shape.usage_chunk(event))
             break
         else:
-            yield _event(ApiError(500, event.message, kind="server_error").body())
+            yield _event(_failure(event, shape.id).body())
             break
     yield _event("[DONE]")
 
 
 class _JobStream(StreamingResponse):
-    """Server-sent events of one request, cancelled however the response ends: a client that leaves
+    """Server-sent events of one request, released however the response ends: a client that leaves
     may do so before the event generator ever starts, so the generator's own cleanup is not enough."""
 
-    def __init__(self, job: engine.Request, content):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.job = job
+    def __init__(self, content, release, request_id: str):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "x-request-id": request_id})
+        self.release = release
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel()
+            self.release()
 
 
-async def _answer(request: Request, job: engine.Request, events: asyncio.Queue, shape: _Shape) -> Response:
+async def _answer(request: Request, events: asyncio.Queue, shape: _Shape, release) -> Response:
+    headers = {"x-request-id": shape.id}
     try:
         while True:
             try:
@@ -452,24 +628,137 @@ async def _answer(request: Request, job: engine.Request, events: asyncio.Queue, 
                     return Response(status_code=499)
                 continue
             if isinstance(event, Finished):
-                return JSONResponse(shape.whole(event))
-            if isinstance(event, Failed):
-                return JSONResponse(ApiError(500, event.message, kind="server_error").body(), status_code=500)
+                return JSONResponse(shape.whole(event), headers=headers)
+            if isinstance(event, Failed) or event is SHUTTING_DOWN:
+                error = _failure(event, shape.id)
+                return JSONResponse(error.body(), status_code=error.status, headers=headers)
     finally:
-        job.cancel()
+        release()
+
+
+class _Config(uvicorn.Config):
+    """uvicorn's settings with the two limits `_Protocol` adds."""
+
+    def __init__(self, app, read_timeout: float, max_connections: int, **settings):
+        super().__init__(app, http=_Protocol, **settings)
+        self.read_timeout, self.max_connections = read_timeout, max_connections
+        self.at_connection_limit = False  # so that reaching it is logged once, not per refused connection
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two limits it lacks. A client must send each request's head within
+    `read_timeout` seconds of connecting or of the previous answer, so that a connection that stalls
+    halfway through a head is closed (uvicorn's keep-alive timeout ends once any byte arrives). And at most
+    `max_connections` are open: one more is closed at once, so that idle connections cannot use up the
+    process's files."""
+
+    config: _Config
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.head_timer = None
+        if len(self.connections) > self.config.max_connections:
+            if not self.config.at_connection_limit:
+                logger.warning("%d connections are open, the most allowed; closing new ones until some end",
+                               self.config.max_connections)
+            self.config.at_connection_limit = True
+            transport.close()
+            return
+        self.config.at_connection_limit = False
+        self._await_head()
+
+    def _await_head(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(self.config.read_timeout, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self.head_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # no request is being answered: its head is late
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_head()
+
+    def connection_lost(self, exc) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that, told to stop, gives the answers in flight `shutdown_timeout` seconds and then
+    ends them with word why (`app.state.drain`), instead of waiting for them however long they take."""
+
+    def __init__(self, config: _Config, shutdown_timeout: float):
+        super().__init__(config)
+        self.shutdown_timeout = shutdown_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        draining = asyncio.create_task(self.config.app.state.drain(self.shutdown_timeout))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            draining.cancel()
+
+
+def _log_config(level: str) -> dict:
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["diffusiongemma"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def http_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, read_timeout: float = 30.0,
+                keep_alive_timeout: float = 5.0, max_connections: int = 512, shutdown_timeout: float = 30.0,
+                log_level: str = "info") -> uvicorn.Server:
+    """A uvicorn server for `create_app`'s app (`.run()` serves until SIGINT or SIGTERM).
+
+    Besides the app's limits: a request's head must arrive within `read_timeout` seconds and hold at most
+    MAX_HEAD_BYTES; an idle connection closes after `keep_alive_timeout` seconds; at most `max_connections`
+    are open at once. Told to stop, it stops listening and gives the answers in flight `shutdown_timeout`
+    seconds, then ends each: a stream with an error event, a whole answer with 503."""
+    for name, value in (("read_timeout", read_timeout), ("keep_alive_timeout", keep_alive_timeout),
+                        ("shutdown_timeout", shutdown_timeout)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    if not is_int(max_connections) or max_connections < 1:
+        raise ValueError(f"max_connections must be a positive integer, got {max_connections!r}")
+    config = _Config(app, read_timeout, max_connections, host=host, port=port, lifespan="on",
+                     timeout_keep_alive=keep_alive_timeout, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                     timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_GRACE_SECONDS,
+                     log_level=log_level, log_config=_log_config(log_level))
+    return _Server(config, shutdown_timeout)
 
 
 def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 8, max_queue: int = 64, max_prompt_tokens: int | None = None, api_key: str | None = None,
-          device: str = "auto", dtype: str = "auto") -> None:
-    """Loads the checkpoint and serves it, as `model_name` (default: `model_path`), until interrupted."""
-    import uvicorn
-
+          device: str = "auto", dtype: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_denoising_steps_limit: int | None = None, trust_request_chat_template: bool = False,
+          read_timeout: float = 30.0, keep_alive_timeout: float = 5.0, max_connections: int = 512,
+          shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Loads the checkpoint and serves it, as `model_name` (default: `served_name(model_path)`), until
+    interrupted."""
     from ..hf.modeling import DiffusionGemmaForBlockDiffusion
     from ..hf.processing import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=dtype, device=device).eval()
-    app = create_app(model, processor, model_name or model_path, max_batch=max_batch, max_queue=max_queue,
-                     max_prompt_tokens=max_prompt_tokens, api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    name = model_name or served_name(model_path)
+    app = create_app(model, processor, name, max_batch=max_batch, max_queue=max_queue,
+                     max_prompt_tokens=max_prompt_tokens, api_key=api_key, max_body_bytes=max_body_bytes,
+                     max_denoising_steps_limit=max_denoising_steps_limit,
+                     trust_request_chat_template=trust_request_chat_template, read_timeout=read_timeout)
+    server = http_server(app, host, port, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
+                         max_connections=max_connections, shutdown_timeout=shutdown_timeout, log_level=log_level)
+    limits = app.state.limits
+    weights = next(model.parameters())
+    logger.info("serving %s as %r on %s in %s, %s parameters; at most %d requests side by side and %d waiting, "
+                "%d prompt tokens, %d bytes a body, %d denoising steps a canvas, %d connections; API key %s; "
+                "listening on http://%s:%d", model_path, name, weights.device,
+                str(weights.dtype).removeprefix("torch."), f"{sum(p.numel() for p in model.parameters()):,}",
+                limits["max_batch"], limits["max_queue"],
+                limits["max_prompt_tokens"], limits["max_body_bytes"], limits["max_denoising_steps_limit"],
+                max_connections, "required" if api_key is not None else "off", host, port)
+    server.run()

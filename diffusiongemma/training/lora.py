@@ -23,7 +23,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..hf.loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER, ENCODER_TEXT, _listing
+from ..hf.loading import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DECODER,
+    ENCODER_TEXT,
+    _listing,
+)
 from ..model.config import read_json
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,0 +1,256 @@
+"""The request fields of the server's endpoints: each is honoured, accepted where it changes nothing, or
+refused with an OpenAI-style 400 that names it, so that nothing a client sends is dropped without a word.
+
+The full list, per endpoint, is in `server.py`'s docstring; the tables here are what enforces it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .scheduler import TUNABLE
+
+MAX_STOP_STRINGS = 4
+# Generation parameters whose request field has another name.
+API_NAMES = {"max_new_tokens": "max_tokens", "sampler_config": "entropy_bound"}
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+NUMBER = (is_number, "a number")
+INTEGER = (is_int, "an integer")
+BOOLEAN = (lambda value: isinstance(value, bool), "a boolean")
+STRING = (lambda value: isinstance(value, str), "a string")
+LIST = (lambda value: isinstance(value, list), "a list")
+OBJECT = (lambda value: isinstance(value, dict), "an object")
+CHOICE = (lambda value: isinstance(value, (str, dict)), "a string or an object")
+
+_COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop", "stream", "stream_options",
+           "response_format", "include_stop_str_in_output", *TUNABLE)
+# What each endpoint acts on; the code that reads a field checks its value.
+HONOURED = {
+    "chat": {*_COMMON, "messages", "chat_template", "add_generation_prompt", "continue_final_message"},
+    "completions": {*_COMMON, "prompt"},
+    "tokenize": {"model", "prompt", "add_special_tokens", "messages", "chat_template", "add_generation_prompt",
+                 "continue_final_message"},
+    "detokenize": {"model", "tokens"},
+}
+
+# Fields of features the engine does not have, accepted at the values that leave them off (clients and
+# libraries send some of these by default). Any other value is refused.
+_SAMPLING_NO_OPS = {
+    "n": (INTEGER, (1,)),
+    "top_p": (NUMBER, (1,)),
+    "presence_penalty": (NUMBER, (0,)),
+    "frequency_penalty": (NUMBER, (0,)),
+    "repetition_penalty": (NUMBER, (1,)),
+    "top_k": (INTEGER, (0, -1)),
+    "min_p": (NUMBER, (0,)),
+    "min_tokens": (INTEGER, (0,)),
+    "ignore_eos": (BOOLEAN, (False,)),
+    "stop_token_ids": (LIST, ([],)),
+    "logit_bias": (OBJECT, ({},)),
+}
+NO_OPS = {
+    "chat": {**_SAMPLING_NO_OPS,
+             "logprobs": (BOOLEAN, (False,)),
+             "top_logprobs": (INTEGER, (0,)),
+             "tools": (LIST, ([],)),
+             "functions": (LIST, ([],)),
+             # With no tools there is nothing to call, so these choices change nothing.
+             "tool_choice": (CHOICE, ("none", "auto")),
+             "function_call": (CHOICE, ("none", "auto")),
+             "parallel_tool_calls": (BOOLEAN, (True, False)),
+             "modalities": (LIST, (["text"],)),
+             "store": (BOOLEAN, (False,)),
+             "service_tier": (STRING, ("auto", "default"))},
+    "completions": {**_SAMPLING_NO_OPS,
+                    "best_of": (INTEGER, (1,)),
+                    "echo": (BOOLEAN, (False,)),
+                    "suffix": (STRING, ("",))},
+    "tokenize": {},
+    "detokenize": {},
+}
+# Fields that say who asks or ask for bookkeeping this server does not keep; they never change the answer.
+IGNORED = {"user": STRING, "metadata": OBJECT, "safety_identifier": STRING, "prompt_cache_key": STRING}
+IGNORED_BY = {"chat": IGNORED, "completions": IGNORED, "tokenize": {}, "detokenize": {}}
+STREAM_OPTIONS = ("include_usage", "include_drafts", "include_obfuscation")
+
+
+def check_values(body: dict) -> None:
+    """Refuses, naming the top-level field, text that is not Unicode (a lone surrogate, which JSON's
+    escapes can carry and the tokenizer cannot read) and numbers too large for a float (JSON reads
+    1e400 as infinity)."""
+    pending = list(body.items())
+    while pending:
+        name, value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"`{name}` holds a lone surrogate (\\ud800 to \\udfff), which is not text",
+                               param=name) from None
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ApiError(400, f"`{name}` holds a number too large for a float", param=name)
+        elif isinstance(value, dict):
+            pending.extend((name, item) for item in value.values())
+            pending.extend((name, key) for key in value)
+        elif isinstance(value, list):
+            pending.extend((name, item) for item in value)
+
+
+def check_fields(body: dict, endpoint: str) -> None:
+    """Refuses fields the endpoint neither honours nor accepts, and no-op fields at a value that would do
+    something. A null counts as left out, as in OpenAI's API, except for a field nobody knows."""
+    honoured, no_ops, ignored = HONOURED[endpoint], NO_OPS[endpoint], IGNORED_BY[endpoint]
+    for name, value in body.items():
+        if name in honoured:
+            continue
+        if name in ignored:
+            valid, kind = ignored[name]
+            if value is not None and not valid(value):
+                raise ApiError(400, f"`{name}` must be {kind}, got {value!r}", param=name)
+            continue
+        if name not in no_ops:
+            raise ApiError(400, f"`{name}` is not a field this server knows or supports", param=name)
+        (valid, kind), defaults = no_ops[name]
+        if value is None:
+            continue
+        if not valid(value):
+            raise ApiError(400, f"`{name}` must be {kind}, got {value!r}", param=name)
+        if value not in defaults:
+            accepted = " or ".join(repr(default) for default in defaults)
+            raise ApiError(400, f"`{name}` = {value!r} is not supported by this server (it accepts only {accepted}, "
+                                "which changes nothing)", param=name)
+
+
+def positive_int(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and (not is_int(value) or value < 1):
+        raise ApiError(400, f"`{name}` must be a positive integer, got {value!r}", param=name)
+    return value
+
+
+def flag(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"`{name}` must be a boolean, got {value!r}", param=name)
+    return value
+
+
+def max_tokens(body: dict) -> int | None:
+    """`max_completion_tokens` (OpenAI's newer name) or `max_tokens`; both may be given if they agree."""
+    newer, older = positive_int(body, "max_completion_tokens"), positive_int(body, "max_tokens")
+    if newer is not None and older is not None and newer != older:
+        raise ApiError(400, f"`max_tokens` ({older}) and `max_completion_tokens` ({newer}) disagree; send one",
+                       param="max_tokens")
+    return older if newer is None else newer
+
+
+def stop_strings(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f"`stop` must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                       param="stop")
+    return tuple(stops)
+
+
+def stream_options(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, include_drafts)."""
+    stream, options = flag(body, "stream", False), body.get("stream_options")
+    if options is None:
+        return stream, False, False
+    if not isinstance(options, dict):
+        raise ApiError(400, "`stream_options` must be an object", param="stream_options")
+    if not stream:
+        raise ApiError(400, "`stream_options` is only allowed with `stream: true`", param="stream_options")
+    unknown = sorted(set(options) - set(STREAM_OPTIONS))
+    if unknown:
+        raise ApiError(400, f"`stream_options.{unknown[0]}` is not an option this server knows",
+                       param="stream_options")
+    flags = {}
+    for name in STREAM_OPTIONS:
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(400, f"`stream_options.{name}` must be a boolean, got {value!r}", param="stream_options")
+        flags[name] = bool(value)
+    if flags["include_obfuscation"]:
+        # This server pads nothing; saying yes would pretend it does.
+        raise ApiError(400, "`stream_options.include_obfuscation` is not supported by this server",
+                       param="stream_options")
+    return stream, flags["include_usage"], flags["include_drafts"]
+
+
+def response_format(body: dict) -> None:
+    value = body.get("response_format")
+    if value is not None and value != {"type": "text"}:
+        raise ApiError(400, "only `response_format` {\"type\": \"text\"} is supported: this server cannot "
+                            "constrain the answer to JSON", param="response_format")
+
+
+# A message's own fields; the others, when set, would be dropped by the chat template.
+MESSAGE_FIELDS = ("role", "content")
+
+
+def chat_messages(value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "`messages` must be a non-empty list of messages", param="messages")
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, "each message must be an object with a string `role`", param="messages")
+        extra = sorted(name for name, field in message.items()
+                       if name not in MESSAGE_FIELDS and field not in (None, [], {}))
+        if extra:
+            raise ApiError(400, f"`messages[{index}].{extra[0]}` is not supported by this server", param="messages")
+        content = message.get("content")
+        parts = content if isinstance(content, list) else []
+        if not (content is None or isinstance(content, (str, list))) or any(
+                not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str)
+                or set(part) != {"type", "text"} for part in parts):
+            raise ApiError(400, "message content must be a string or a list of {'type': 'text', 'text': str} "
+                                "parts; images are not supported by this server", param="messages")
+    return value
+
+
+def message_characters(messages: list[dict]) -> int:
+    """Characters of the messages' text, all of which the rendered prompt holds."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part["text"]) for part in content)
+    return total
+
+
+def bad_value(error: ValueError) -> ApiError:
+    """A 400 from a ValueError of the package, whose messages name the parameter in backquotes; OpenAI's
+    body has a field for it, under the name the request used."""
+    name = re.search(r"`(\w+)`", str(error))
+    name = name.group(1) if name else None
+    return ApiError(400, str(error), param=API_NAMES.get(name, name))
