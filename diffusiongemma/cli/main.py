@@ -20,6 +20,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from ..demo import DEMO_MODEL
+from ..engine.text import cut_at_end, eos_ids
 
 if TYPE_CHECKING:
     import torch
@@ -240,11 +241,6 @@ class Turn:
                 f"{self.tokens_per_second:.1f} tokens/s")
 
 
-def _cut_after_eos(ids: list[int], eos: set[int]) -> list[int]:
-    end = next((i for i, token in enumerate(ids) if token in eos), None)
-    return ids if end is None else ids[:end + 1]
-
-
 def _run_turn(model, inputs: dict[str, torch.Tensor], cache: KVCache | None, display, overrides: dict) -> Turn:
     """`inputs`: what `generate` takes besides the settings, `input_ids` [1, tokens] first among them."""
     from ..hf.streamers import StepCounter
@@ -260,13 +256,12 @@ def _run_turn(model, inputs: dict[str, torch.Tensor], cache: KVCache | None, dis
     start = time.perf_counter()
     out = model.generate(**inputs, past_key_values=cache, streamer=counter, **overrides)
     seconds = time.perf_counter() - start
-    eos = model.generation_config.eos_token_id
-    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    eos = eos_ids(model.generation_config.eos_token_id)
     generated = out.sequences[0, prompt_length:].tolist()
     # The last canvas is never encoded (no later canvas needed it); a follow-up turn encodes it.
     last_canvas = generated[-model.config.canvas_length:]
-    return Turn(encoded=prompt_length, cached=cached, answer=_cut_after_eos(generated, eos),
-                uncached=_cut_after_eos(last_canvas, eos), steps=counter.steps,
+    return Turn(encoded=prompt_length, cached=cached, answer=cut_at_end(generated, eos),
+                uncached=cut_at_end(last_canvas, eos), steps=counter.steps,
                 tokens_per_forward=out.tokens_per_forward[0].item(), seconds=seconds, cache=out.past_key_values)
 
 

@@ -30,19 +30,22 @@ class IncrementalDetokenizer:
     ends in one may still change when the next tokens come; `settled()` leaves it out until it is followed
     by an ordinary token."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, **decode_kwargs):
         self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
+        self.decode_kwargs = decode_kwargs
         self.special_ids = set(getattr(tokenizer, "all_special_ids", ()))
         self.tokens: list[int] = []
 
     def add(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
 
+    def clear(self) -> None:
+        self.tokens = []
+
     def text(self, limit: int | None = None) -> str:
         """The text of all tokens, or of the first `limit`."""
         tokens = self.tokens if limit is None else self.tokens[:limit]
-        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(tokens, **self.decode_kwargs)
 
     def settled(self, limit: int | None = None) -> str:
         """The text that later tokens cannot change, of all tokens or of the first `limit`."""
@@ -50,7 +53,7 @@ class IncrementalDetokenizer:
         end = len(tokens)
         while end and self._open_ended(tokens[end - 1]):
             end -= 1
-        return self.tokenizer.decode(tokens[:end], skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(tokens[:end], **self.decode_kwargs)
 
     def _open_ended(self, token: int) -> bool:
         piece = self.tokenizer.convert_ids_to_tokens(token) or ""

@@ -10,6 +10,8 @@ import time
 from queue import Empty, Queue
 from typing import NamedTuple
 
+from ..engine.text import IncrementalDetokenizer
+
 SAVE_CURSOR = "\0337"
 RESTORE_CURSOR_AND_CLEAR = "\0338\033[J"
 YELLOW, RESET = "\033[33m", "\033[0m"
@@ -59,7 +61,8 @@ class TextStreamer(BaseStreamer):
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
         self.decode_kwargs = decode_kwargs
-        self.pending_ids: list[int] = []
+        # The tokens of the current line: decoding them whole keeps characters split across tokens intact.
+        self.pending = IncrementalDetokenizer(tokenizer, **decode_kwargs)
         self.printed_chars = 0
         self.expecting_prompt = True
 
@@ -68,11 +71,12 @@ class TextStreamer(BaseStreamer):
         if self.skip_prompt and self.expecting_prompt:
             self.expecting_prompt = False
             return
-        self.pending_ids += ids
-        text = self.tokenizer.decode(self.pending_ids, **self.decode_kwargs)
+        self.pending.add(ids)
+        text = self.pending.text()
         if text.endswith("\n"):
             printable = text[self.printed_chars :]
-            self.pending_ids, self.printed_chars = [], 0
+            self.pending.clear()
+            self.printed_chars = 0
         elif text and _is_cjk(text[-1]):
             printable = text[self.printed_chars :]
             self.printed_chars += len(printable)
@@ -83,9 +87,10 @@ class TextStreamer(BaseStreamer):
 
     def end(self) -> None:
         printable = ""
-        if self.pending_ids:
-            printable = self.tokenizer.decode(self.pending_ids, **self.decode_kwargs)[self.printed_chars :]
-            self.pending_ids, self.printed_chars = [], 0
+        if self.pending.tokens:
+            printable = self.pending.text()[self.printed_chars :]
+            self.pending.clear()
+            self.printed_chars = 0
         self.expecting_prompt = True
         self.on_finalized_text(printable, stream_end=True)
 
@@ -181,7 +186,7 @@ class DiffusionIteratorStreamer(TextIteratorStreamer):
     """
 
     def put_draft(self, value, **kwargs) -> None:
-        ids = self.pending_ids + _single_row(value, type(self).__name__)
+        ids = self.pending.tokens + _single_row(value, type(self).__name__)
         self.queue.put(StreamEvent("draft", self.tokenizer.decode(ids, **self.decode_kwargs)[self.printed_chars :]))
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

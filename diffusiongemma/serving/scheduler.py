@@ -179,7 +179,7 @@ class _Running:
         self.cache = runner.new_cache()
         self.uncached = torch.tensor([request.prompt_ids], device=device)
         self.denoising = False
-        self.text = IncrementalDetokenizer(tokenizer)
+        self.text = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.sent = ""
 
     def encode_chunk(self, runner: RequestsRunner, chunk: int) -> int:
