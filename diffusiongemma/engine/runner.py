@@ -29,6 +29,7 @@ from ..kernels.experts import row_independent
 from ..model.cache import KVCache, RequestCaches
 from .graphs import GraphedPasses
 from .sampler import MultinomialWords, draw_multinomial_words
+from .step import RowScores
 
 
 @functools.cache
@@ -130,11 +131,15 @@ class RequestsRunner:
         with row_independent():
             self.model.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions)
 
-    def decode(self, caches: list[KVCache], current: torch.Tensor, self_conditioning_logits: list) -> torch.Tensor:
-        """Scores [requests, canvas, vocab] for each request's canvas over its own cache; a request on the
-        first step of its canvas gives None as its self-conditioning logits."""
+    def decode(self, caches: list[KVCache], current: torch.Tensor, self_conditioning_logits: list):
+        """Scores [requests, canvas, vocab] for each request's canvas over its own cache (on the CPU as
+        `RowScores`, made a request at a time); a request on the first step of its canvas gives None as its
+        self-conditioning logits."""
         positions = torch.stack([torch.arange(c.get_seq_length(), c.get_seq_length() + self.canvas_length,
                                               dtype=torch.int32, device=current.device) for c in caches])
         with row_independent():
-            return self.model.decoder_scores(RequestCaches(caches), None, positions, current, self_conditioning_logits,
-                                             soft_capped=self.soft_capped)
+            hidden = self.model.model.decoder(decoder_input_ids=current, past_key_values=RequestCaches(caches),
+                                              self_conditioning_logits=self_conditioning_logits,
+                                              decoder_position_ids=positions).last_hidden_state
+        head = self.model.logits if self.soft_capped else self.model.lm_head
+        return RowScores(hidden, head) if current.device.type == "cpu" else head(hidden)

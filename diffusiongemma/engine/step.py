@@ -23,6 +23,22 @@ from .sampler import (
 from .state import Denoising
 
 
+class RowScores:
+    """The decoder's scores, made a group's rows at a time from its last hidden states: on the CPU one
+    request's [canvas, vocabulary] block stays in cache while the sampler reads it, and a batch's does not,
+    so a batch's vocabulary-sized work runs group by group."""
+
+    def __init__(self, hidden: torch.Tensor, head):
+        self.hidden, self.head = hidden, head
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def rows(self, first: int, last: int) -> torch.Tensor:
+        return self.head(self.hidden[first:last])
+
+
 def _selects_without_asking(device: torch.device) -> bool:
     """Whether stopped rows are kept by selects on every step, without first asking the device whether any
     row stopped: on an accelerator the selects cost less than the wait, on the CPU it is the reverse."""
@@ -82,6 +98,8 @@ def _vocabulary_work(groups: list[Denoising], scores: torch.Tensor, dtype: torch
         # no vocabulary-sized select or copy.
         keeps = group.stop is not None and group.self_conditioning_logits is not None
         kept = group.finished[:, None] if single and keeps and group.self_conditioning_logits is processed else None
+        if processed is None:
+            processed = torch.empty(scores.shape, dtype=dtype, device=device)
         draws = [(g.generator, g.rows * g.canvas_length) for g in groups]
         denoised, argmax, entropy = fused.denoise(scores, cap, temperature, plan.sampling, draws, processed, kept)
         return denoised, argmax, entropy, processed
@@ -96,12 +114,12 @@ def _vocabulary_work(groups: list[Denoising], scores: torch.Tensor, dtype: torch
     return denoised, torch.argmax(logits, dim=-1), token_entropy(logits), logits
 
 
-def denoise_step(groups: list[Denoising], scores: torch.Tensor, dtype: torch.dtype, cap: float | None,
+def denoise_step(groups: list[Denoising], scores: torch.Tensor | RowScores, dtype: torch.dtype, cap: float | None,
                  input_ids: torch.Tensor | None = None, words: list[MultinomialWords | None] | None = None,
                  into: torch.Tensor | None = None) -> None:
     """One step for every row of `groups`, whose rows follow one another in `scores` [rows, canvas, vocab]:
     soft-capped float32 logits, or, where the groups' plan is `fused`, the LM head's scores, which the
-    kernel soft-caps at `cap` itself. `dtype`: the self-conditioning input's. `input_ids`: what the caller's
+    kernel soft-caps at `cap` itself; given as `RowScores`, they are made and used one group at a time. `dtype`: the self-conditioning input's. `input_ids`: what the caller's
     logits processors see. `words`: per group, its multinomial words when drawn ahead. `into`: where the
     fused kernel writes the self-conditioning input (a CUDA graph's buffer; one group only). Groups are
     updated in place; each group's step counter moves on by one."""
@@ -111,23 +129,28 @@ def denoise_step(groups: list[Denoising], scores: torch.Tensor, dtype: torch.dty
     spans = _spans(groups)
     # Rows that stopped keep their logits: with adaptive stopping, from a canvas's second step on.
     keeps = [g.stop is not None and g.self_conditioning_logits is not None for g in groups]
-    processed = torch.empty(scores.shape, dtype=dtype, device=device) if plan.fused and into is None else None
-    # Runs of consecutive groups that sample alike share the vocabulary-sized work.
+    processed = None
+    if plan.fused and into is None and isinstance(scores, torch.Tensor):
+        processed = torch.empty(scores.shape, dtype=dtype, device=device)
+    # Runs of consecutive groups that sample alike share the vocabulary-sized work; scores made a group at a
+    # time are used a group at a time.
     runs = []
     for index, group in enumerate(groups):
-        if runs and groups[runs[-1][0]].plan.sampling == group.plan.sampling:
+        if runs and isinstance(scores, torch.Tensor) and groups[runs[-1][0]].plan.sampling == group.plan.sampling:
             runs[-1][1] = index + 1
         else:
             runs.append([index, index + 1])
-    if len(runs) == 1:
+    if len(runs) == 1 and isinstance(scores, torch.Tensor):
         denoised, argmax, entropy, logits = _vocabulary_work(groups, scores, dtype, cap, input_ids, words, into,
                                                              processed)
     else:
         parts = []
         for first, last in runs:
             a, b = spans[first][0], spans[last - 1][1]
-            parts.append(_vocabulary_work(groups[first:last], scores[a:b], dtype, cap, None, words[first:last],
-                                          None, None if processed is None else processed[a:b]))
+            rows = scores[a:b] if isinstance(scores, torch.Tensor) else scores.rows(a, b)
+            parts.append(_vocabulary_work(groups[first:last], rows, dtype, cap, input_ids if single else None,
+                                          words[first:last], into if single else None,
+                                          None if processed is None else processed[a:b]))
         denoised, argmax, entropy = (torch.cat([part[i] for part in parts]) for i in range(3))
         logits = processed if processed is not None else torch.cat([part[3] for part in parts])
 

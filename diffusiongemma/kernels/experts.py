@@ -5,7 +5,7 @@
   fixed and never sum across rows, so each row's bits are its own whatever else is in the call;
 - `F.grouped_mm` elsewhere, the reference's operation and bits. Its kernel depends on how many rows each
   expert gets, so a row's bits can depend on the other rows in the call;
-- inside `row_independent()`, fixed tiles of `ROW_TILE` rows instead, each one product of the same shape,
+- inside `row_independent()`, fixed tiles of `ROW_TILE` rows instead, each a product of the same shape,
   so that a row's bits do not depend on the other rows: what the server needs for a request to get the
   same answer alone or in any batch. The tiles' products sum in other pieces than `F.grouped_mm`'s, so the
   last bits differ from the reference's.
@@ -63,9 +63,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
 
 def _tiled(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """`grouped_linear` in tiles: each expert's rows are copied into tiles of `ROW_TILE` rows (the last
-    padded with zeros) and each tile is one product. Every product has the same shape and its inputs start
-    at the same alignment, so the library takes the same path for every tile."""
+    padded with zeros), and an expert's tiles are one batched product of [ROW_TILE, in] matrices, each
+    computed alone (measured on the CPU at the engine's shapes: an entry's bits do not change with the
+    number of tiles, as a matrix product's change with its number of rows)."""
     rows, inner = x.shape
+    width = weight.shape[1]
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).long()
     tiles = (counts + ROW_TILE - 1) // ROW_TILE
     padded_starts = (torch.cumsum(tiles, 0) - tiles) * ROW_TILE
@@ -74,12 +76,12 @@ def _tiled(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.T
     slots = torch.arange(rows, device=x.device) - starts[expert_of_row] + padded_starts[expert_of_row]
     padded = x.new_zeros(int(tiles.sum()) * ROW_TILE, inner)
     padded.index_copy_(0, slots, x)
-    out = x.new_empty(padded.shape[0], weight.shape[1])
-    tile = 0
+    out = x.new_empty(padded.shape[0], width)
+    first = 0
     for expert, count in enumerate(tiles.tolist()):
-        transposed = weight[expert].t()
-        for _ in range(count):
-            rows_of_tile = slice(tile * ROW_TILE, (tile + 1) * ROW_TILE)
-            torch.mm(padded[rows_of_tile], transposed, out=out[rows_of_tile])
-            tile += 1
+        if count:
+            span = slice(first * ROW_TILE, (first + count) * ROW_TILE)
+            torch.bmm(padded[span].view(count, ROW_TILE, inner), weight[expert].t().expand(count, inner, width),
+                      out=out[span].view(count, ROW_TILE, width))
+            first += count
     return out.index_select(0, slots)
