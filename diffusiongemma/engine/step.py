@@ -23,10 +23,15 @@ from .sampler import (
 from .state import Denoising
 
 
+# Float32 logits of the rows whose vocabulary-sized work runs together when scores come as `RowScores`.
+ROW_BLOCK_BYTES = 4 << 20
+
+
 class RowScores:
-    """The decoder's scores, made a group's rows at a time from its last hidden states: on the CPU one
-    request's [canvas, vocabulary] block stays in cache while the sampler reads it, and a batch's does not,
-    so a batch's vocabulary-sized work runs group by group."""
+    """The decoder's scores, made a few groups' rows at a time from its last hidden states: on the CPU a
+    block of about `ROW_BLOCK_BYTES` of logits stays in cache while the sampler's operations read it again
+    and again, and a large batch's does not. Each of those operations works on each row alone, so the
+    blocks do not change a row's numbers."""
 
     def __init__(self, hidden: torch.Tensor, head):
         self.hidden, self.head = hidden, head
@@ -49,6 +54,10 @@ def _apply_processors(processors, input_ids, scores, cur_step):
     for processor, with_step in processors:
         scores = processor(input_ids, scores, cur_step=cur_step) if with_step else processor(input_ids, scores)
     return scores
+
+
+def _logits_bytes(groups: list[Denoising]) -> int:
+    return sum(g.rows * g.canvas_length * g.vocab_size * 4 for g in groups)
 
 
 def _spans(groups: list[Denoising]) -> list[tuple[int, int]]:
@@ -136,7 +145,8 @@ def denoise_step(groups: list[Denoising], scores: torch.Tensor | RowScores, dtyp
     # time are used a group at a time.
     runs = []
     for index, group in enumerate(groups):
-        if runs and isinstance(scores, torch.Tensor) and groups[runs[-1][0]].plan.sampling == group.plan.sampling:
+        if runs and groups[runs[-1][0]].plan.sampling == group.plan.sampling and (
+                isinstance(scores, torch.Tensor) or _logits_bytes(groups[runs[-1][0]:index + 1]) <= ROW_BLOCK_BYTES):
             runs[-1][1] = index + 1
         else:
             runs.append([index, index + 1])
