@@ -203,6 +203,21 @@ def _with_step(processor) -> bool:
     return len(inspect.signature(processor.__call__).parameters) > 2
 
 
+IMAGE_INPUTS = ("pixel_values", "image_position_ids", "mm_token_type_ids")
+
+
+def _encode(runner, tokens, attention_mask, positions, chunk: int | None, images: dict) -> None:
+    """Encodes `tokens` (after the cached ones, all covered by `attention_mask`) in one pass, or `chunk`
+    tokens at a time as the server encodes a prompt."""
+    if chunk is None:
+        runner.encode(tokens, attention_mask, positions, **images)
+        return
+    seen = attention_mask.shape[1] - tokens.shape[1]
+    for start in range(0, tokens.shape[1], chunk):
+        end = min(start + chunk, tokens.shape[1])
+        runner.encode(tokens[:, start:end], attention_mask[:, :seen + end], positions[:, start:end])
+
+
 class MaxLengthCriteria:
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -342,18 +357,10 @@ class GenerationMixin:
             with row_independent() if config.batch_invariant else contextlib.nullcontext():
                 new_tokens = input_ids
                 for _ in range(canvases):
-                    images = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")
-                              if k in model_kwargs}
-                    if prefill_chunk is None:
-                        runner.encode(new_tokens, attention_mask, encoder_positions, **images)
-                    else:
-                        # The prompt in pieces, as the server encodes it; committed canvases stay whole.
-                        seen = attention_mask.shape[1] - new_tokens.shape[1]
-                        for start in range(0, new_tokens.shape[1], prefill_chunk):
-                            end = min(start + prefill_chunk, new_tokens.shape[1])
-                            runner.encode(new_tokens[:, start:end], attention_mask[:, :seen + end],
-                                          encoder_positions[:, start:end])
-                        prefill_chunk = None
+                    images = {k: model_kwargs.pop(k) for k in IMAGE_INPUTS if k in model_kwargs}
+                    _encode(runner, new_tokens, attention_mask, encoder_positions, prefill_chunk, images)
+                    # Committed canvases are encoded whole.
+                    prefill_chunk = None
                     cur_len = runner.cache.get_seq_length()
                     decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32,
                                                      device=device)[None]

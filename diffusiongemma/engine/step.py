@@ -4,9 +4,10 @@ Given the decoder's scores for every row of every group, one step: divides the l
 temperature (n counts down from N to 1), samples every position, takes the argmax and the entropies,
 accepts the lowest-entropy positions within each group's entropy bound, puts fresh noise everywhere else,
 judges each group's adaptive stopping, and keeps the processed logits as the next step's self-conditioning
-input. What is vocabulary-sized runs once over all rows; what draws random numbers runs per group, from
-its own generator and in the reference's order (the samples, then the renoising), so that a group gets
-the same numbers whatever other groups share its batch.
+input. What is vocabulary-sized runs once over all rows that sample alike (or, for `RowScores`, over blocks
+of them that stay in the CPU's cache); what draws random numbers runs per group, from its own generator and
+in the reference's order (the samples, then the renoising), so that a group gets the same numbers whatever
+other groups share its batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from .sampler import (
     token_entropy,
 )
 from .state import Denoising
-
 
 # Float32 logits of the rows whose vocabulary-sized work runs together when scores come as `RowScores`.
 ROW_BLOCK_BYTES = 4 << 20
@@ -128,8 +128,8 @@ def denoise_step(groups: list[Denoising], scores: torch.Tensor | RowScores, dtyp
                  into: torch.Tensor | None = None) -> None:
     """One step for every row of `groups`, whose rows follow one another in `scores` [rows, canvas, vocab]:
     soft-capped float32 logits, or, where the groups' plan is `fused`, the LM head's scores, which the
-    kernel soft-caps at `cap` itself; given as `RowScores`, they are made and used one group at a time. `dtype`: the self-conditioning input's. `input_ids`: what the caller's
-    logits processors see. `words`: per group, its multinomial words when drawn ahead. `into`: where the
+    kernel soft-caps at `cap` itself; given as `RowScores`, they are made and used a block of rows at a
+    time. `dtype`: the self-conditioning input's. `input_ids`: what the caller's logits processors see. `words`: per group, its multinomial words when drawn ahead. `into`: where the
     fused kernel writes the self-conditioning input (a CUDA graph's buffer; one group only). Groups are
     updated in place; each group's step counter moves on by one."""
     plan, device = groups[0].plan, scores.device
