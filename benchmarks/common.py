@@ -3,6 +3,7 @@
 import datetime
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -38,3 +39,31 @@ def record(title: str, table: str, keep: bool = True) -> None:
     if keep:
         with open(RESULTS, "a", encoding="utf-8") as handle:
             handle.write(entry)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(folder: str, port: int, threads: int, options: list[str], startup_seconds: float = 120):
+    """`diffusiongemma serve FOLDER` on 127.0.0.1:PORT with `options`, once its /health answers."""
+    import httpx
+
+    command = [sys.executable, "-m", "diffusiongemma", "serve", folder, "--port", str(port), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + startup_seconds
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: {process.stderr.read().decode()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit("the server did not come up")
+        time.sleep(0.2)

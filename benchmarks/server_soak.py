@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,8 @@ import psutil
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import record  # noqa: E402
+import common  # noqa: E402
+from common import free_port, record  # noqa: E402
 
 from diffusiongemma.hf.presets import write_random_checkpoint  # noqa: E402
 
@@ -50,7 +50,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 64 * 1024
 MAX_PROMPT_TOKENS = 256
 READ_TIMEOUT = 2.0
-STARTUP_SECONDS = 120
 # The most one request may take before it counts as lost: far more than any answer here needs.
 ATTEMPT_SECONDS = 60.0
 SMALL = {"max_tokens": 32, "max_denoising_steps": 8}
@@ -67,32 +66,11 @@ MALFORMED = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_server(folder: str, port: int, threads: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "diffusiongemma", "serve", folder, "--port", str(port), "--served-model-name",
-               MODEL, "--api-key", KEY, "--max-batch", "4", "--max-queue", "8", "--max-body-bytes", str(MAX_BODY),
-               "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--read-timeout", str(READ_TIMEOUT),
-               "--max-connections", "64", "--shutdown-timeout", "5", "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited: {process.stderr.read().decode()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit("the server did not come up")
-        time.sleep(0.2)
+    return common.start_server(folder, port, threads, [
+        "--served-model-name", MODEL, "--api-key", KEY, "--max-batch", "4", "--max-queue", "8", "--max-body-bytes",
+        str(MAX_BODY), "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--read-timeout", str(READ_TIMEOUT),
+        "--max-connections", "64", "--shutdown-timeout", "5", "--log-level", "warning"])
 
 
 def refusal(response: httpx.Response, status: int) -> str:

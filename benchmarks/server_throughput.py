@@ -13,7 +13,6 @@ same in both phases (a seeded request does not depend on its batch).
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,18 +25,11 @@ import openai
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import record  # noqa: E402
+import common  # noqa: E402
+from common import free_port, record  # noqa: E402
 
 from diffusiongemma.demo import DEMO_MODEL  # noqa: E402
 from diffusiongemma.hf.presets import write_random_checkpoint  # noqa: E402
-
-STARTUP_SECONDS = 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -50,25 +42,7 @@ def metrics(url: str) -> dict[str, float]:
 
 
 def start_server(folder: str, port: int, max_batch: int, requests: int, threads: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "diffusiongemma", "serve", folder, "--port", str(port),
-               "--max-batch", str(max_batch), "--max-queue", str(requests)]
-
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited: {process.stderr.read().decode()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit("the server did not come up")
-        time.sleep(0.2)
+    return common.start_server(folder, port, threads, ["--max-batch", str(max_batch), "--max-queue", str(requests)])
 
 
 def request(i: int, args) -> dict:

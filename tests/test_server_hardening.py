@@ -15,22 +15,21 @@ import time
 import httpx
 import openai
 import pytest
-import torch
-from test_server import (
+from test_server import (  # noqa: F401 (checkpoint and tiny are fixtures)
     API_KEY,
     ENDLESS,
     FAST,
     MODEL,
     WAIT_SECONDS,
+    checkpoint,
     client,
     running,
     server_log,
+    tiny,
     wait_for,
 )
 
-from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma.cli.main import main
-from diffusiongemma.hf.presets import write_random_checkpoint
 from diffusiongemma.hf.tokenizer import DiffusionGemmaTokenizer
 from diffusiongemma.serving import server as server_module
 from diffusiongemma.serving.server import (
@@ -42,22 +41,6 @@ from diffusiongemma.serving.server import (
 MAX_BODY = 32 * 1024
 MAX_PROMPT_TOKENS = 100
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-random")
-    write_random_checkpoint(folder, "tiny", seed=0)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny(checkpoint):
-    """(model, processor), with one torch thread, as in test_server.py."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
