@@ -457,12 +457,17 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
     async def completions(request: Request):
         return await generate(request, chat=False)
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
+    async def tokenizer_body(request: Request, endpoint: str) -> dict:
+        """The checked body of a request to a tokenizer endpoint (`model` may be left out there)."""
         authorize(request)
         body = await read_body(request)
-        check_fields(body, "tokenize")
+        check_fields(body, endpoint)
         check_model(body.get("model"), required=False)
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await tokenizer_body(request, "tokenize")
         if (body.get("prompt") is None) == (body.get("messages") is None):
             raise ApiError(400, "send either `prompt` or `messages`", param="prompt")
         if body.get("messages") is not None:
@@ -481,10 +486,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        authorize(request)
-        body = await read_body(request)
-        check_fields(body, "detokenize")
-        check_model(body.get("model"), required=False)
+        body = await tokenizer_body(request, "detokenize")
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < vocab_size for t in ids):
             raise ApiError(400, f"`tokens` must be a list of token ids below {vocab_size}", param="tokens")
