@@ -415,3 +415,42 @@ def test_a_failing_decoder_leaves_no_draw_running(monkeypatch):
     state = torch.get_rng_state()
     time.sleep(0.5)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_sampling_filters_by_hand():
+    from diffusiongemma.engine.sampler import SamplingFilters
+
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    assert torch.equal(SamplingFilters(top_k=2).apply(probs), torch.tensor([[0.0, 0.4, 0.0, 0.3, 0.0]]))
+    # 0.4 + 0.3 = 0.7 falls short of 0.75, so the third most likely (0.15) is kept too.
+    assert torch.equal(SamplingFilters(top_p=0.75).apply(probs), torch.tensor([[0.0, 0.4, 0.0, 0.3, 0.15]]))
+    assert torch.equal(SamplingFilters(top_p=0.7).apply(probs), torch.tensor([[0.0, 0.4, 0.0, 0.3, 0.0]]))
+    # At least a third as likely as 0.4.
+    assert torch.equal(SamplingFilters(min_p=1 / 3).apply(probs), torch.tensor([[0.0, 0.4, 0.0, 0.3, 0.15]]))
+    assert torch.equal(SamplingFilters(top_k=3, min_p=0.5).apply(probs), torch.tensor([[0.0, 0.4, 0.0, 0.3, 0.0]]))
+    assert not SamplingFilters().active and SamplingFilters(top_p=0.5).active
+    for bad, name in ((dict(top_k=-1), "top_k"), (dict(top_p=0), "top_p"), (dict(min_p=1), "min_p")):
+        with pytest.raises(ValueError, match=name):
+            SamplingFilters(**bad)
+
+
+def test_a_filtered_step_samples_only_kept_tokens_and_accepts_as_unfiltered():
+    """With top_k 1 every sampled token is the argmax (a bound this high accepts every position); the
+    entropies, and with them the acceptance and the self-conditioning input, are those of the unfiltered
+    logits."""
+    from diffusiongemma.engine.sampler import SamplingFilters
+    from diffusiongemma.engine.state import Denoising, SamplingPlan
+    from diffusiongemma.engine.step import denoise_step
+
+    logits = torch.randn(2, 8, 50, generator=torch.Generator().manual_seed(0))
+    canvases = []
+    for filters in (SamplingFilters(), SamplingFilters(top_k=1)):
+        plan = SamplingPlan.resolve(torch.device("cpu"), 4, 0.4, 0.8, 100.0, 1, 0.005, filters=filters)
+        canvas = Denoising(plan, torch.Generator().manual_seed(1), 2, 8, 50, torch.device("cpu"))
+        canvas.start()
+        denoise_step([canvas], logits, torch.float32, None)
+        canvases.append(canvas)
+    plain, filtered = canvases
+    assert torch.equal(filtered.current, filtered.argmax) and not torch.equal(plain.current, plain.argmax)
+    assert torch.equal(filtered.self_conditioning_logits, plain.self_conditioning_logits)
+    assert torch.equal(filtered.argmax, plain.argmax)

@@ -428,6 +428,30 @@ def test_full_queue_gets_429_and_disconnects_cancel(tiny):
         assert answer.choices[0].finish_reason in ("stop", "length")
 
 
+def test_sampling_filters_are_honoured_alone_and_in_a_batch(server):
+    """top_k, top_p and min_p narrow what each position samples from (`test_sampler` checks how): they change
+    a seeded answer, which stays the same alone and beside requests with other filters or none."""
+    url, _ = server
+    api = client(url)
+    # A bound this high accepts every position, so that what is sampled shows in the answer.
+    every = {**FAST, "entropy_bound": 50.0}
+    filtered = [dict(top_p=0.5, extra_body={**every, "top_k": 8, "min_p": 0.05}), dict(top_p=0.3, extra_body=every),
+                dict(extra_body={**every, "min_p": 0.2})]
+    ask = dict(model=MODEL, prompt="a filtered question", max_tokens=24, seed=9)
+    alone = [api.completions.create(**ask, **f).choices[0].text for f in filtered]
+    plain = api.completions.create(**ask, extra_body=every).choices[0].text
+    assert len({plain, *alone}) == 4
+
+    async def together():
+        async_api = client(url, cls=openai.AsyncOpenAI)
+        answers = await asyncio.gather(*(async_api.completions.create(**ask, **f)
+                                         for f in [filtered[0], {"extra_body": every}, *filtered[1:]]))
+        await async_api.close()
+        return [a.choices[0].text for i, a in enumerate(answers) if i != 1]
+
+    assert asyncio.run(together()) == alone
+
+
 def test_long_request_does_not_block_short_ones(server):
     url, _ = server
     headers = {"Authorization": f"Bearer {API_KEY}"}

@@ -150,6 +150,46 @@ def sample_tokens(probs: torch.Tensor, method: str = "multinomial", generator: t
     return tokens.view(probs.shape[:-1])
 
 
+@dataclass(frozen=True)
+class SamplingFilters:
+    """Which tokens a position may be sampled from: its `top_k` most likely (0: all), the fewest most likely
+    whose probabilities add up to `top_p` (1: all), and those at least `min_p` times as likely as the most
+    likely one (0: all). The argmax, the entropies and the self-conditioning input still come from the whole
+    distribution, so acceptance and stopping are those of the unfiltered step."""
+
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
+            raise ValueError(f"`top_k` must be an integer >= 0 (0: no limit), got {self.top_k!r}")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"`top_p` must be a number above 0 and at most 1, got {self.top_p!r}")
+        if not (_is_number(self.min_p) and 0 <= self.min_p < 1):
+            raise ValueError(f"`min_p` must be a number from 0 to below 1, got {self.min_p!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [..., vocab] with the filtered-out tokens set to zero (the kept ones keep their values:
+        sampling in proportion to them is sampling the renormalised distribution)."""
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        if self.top_k > 0 and self.top_k < probs.shape[-1]:
+            kth = probs.topk(self.top_k, dim=-1).values[..., -1:]
+            keep &= probs >= kth
+        if self.top_p < 1:
+            ordered, order = probs.sort(dim=-1, descending=True)
+            # A token is kept while the mass before it is short of top_p, so the most likely always is.
+            before = ordered.cumsum(dim=-1) - ordered
+            keep &= torch.zeros_like(keep).scatter(-1, order, before < self.top_p * ordered.sum(-1, keepdim=True))
+        if self.min_p > 0:
+            keep &= probs >= self.min_p * probs.amax(dim=-1, keepdim=True)
+        return torch.where(keep, probs, 0.0)
+
+
 @dataclass
 class EntropyBoundSamplerConfig:
     """`entropy_bound`: how much summed entropy the tokens accepted in one step may carry; higher

@@ -15,6 +15,7 @@ import torch
 from ..kernels import fused
 from .sampler import (
     LinearTemperatureScheduleLogitsProcessor,
+    SamplingFilters,
     StableAndConfidentStoppingCriteria,
     samples_from_words,
 )
@@ -28,7 +29,8 @@ class SamplingPlan:
     `schedule`: the temperature schedule, or None for none; `sampling`: "multinomial" (the reference's),
     "inverse_cdf" or "argmax"; `fused`: the vocabulary-sized work runs as one kernel (`fused.denoise`),
     which then also soft-caps the LM head's scores; `draw_ahead`: multinomial words are drawn while the
-    decoder runs; stopping: with both thresholds set, a row stops once it is stable and confident."""
+    decoder runs; stopping: with both thresholds set, a row stops once it is stable and confident;
+    `filters`: which tokens a position may be sampled from (`sampler.SamplingFilters`)."""
 
     steps: int
     schedule: LinearTemperatureScheduleLogitsProcessor | None
@@ -39,22 +41,25 @@ class SamplingPlan:
     entropy_bound: float
     stability_threshold: int | None
     confidence_threshold: float | None
+    filters: SamplingFilters = SamplingFilters()
 
     @classmethod
     def resolve(cls, device: torch.device, steps: int, t_min: float | None, t_max: float | None,
                 entropy_bound: float, stability_threshold: int | None, confidence_threshold: float | None,
-                sampling: str = "multinomial", fused_sampler: bool = True, processors=()) -> SamplingPlan:
+                sampling: str = "multinomial", fused_sampler: bool = True, processors=(),
+                filters: SamplingFilters = SamplingFilters()) -> SamplingPlan:
         schedule = None
         if t_min is not None and t_max is not None:
             schedule = LinearTemperatureScheduleLogitsProcessor(t_min, t_max, steps)
         if stability_threshold is None or confidence_threshold is None:
             stability_threshold = confidence_threshold = None
-        # The fused kernel knows one processor, the temperature schedule; a processor of the caller's might
-        # also draw random numbers itself, and the words must then be drawn after it, in the reference's order.
-        fused_sampler = fused_sampler and not processors and fused.usable(device)
+        # The fused kernel knows one processor, the temperature schedule, and no filters; a processor of the
+        # caller's might also draw random numbers itself, and the words must then be drawn after it, in the
+        # reference's order.
+        fused_sampler = fused_sampler and not processors and not filters.active and fused.usable(device)
         draw_ahead = not fused_sampler and sampling == "multinomial" and not processors and samples_from_words(device)
         return cls(steps, schedule, tuple(processors), sampling, fused_sampler, draw_ahead, entropy_bound,
-                   stability_threshold, confidence_threshold)
+                   stability_threshold, confidence_threshold, filters)
 
     @property
     def adaptive(self) -> bool:

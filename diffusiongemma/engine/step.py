@@ -119,7 +119,10 @@ def _vocabulary_work(groups: list[Denoising], scores: torch.Tensor, dtype: torch
         logits = scores / _per_row(groups, [1.0 if t is None else t for t in temperatures], device)[:, :, None]
     else:
         logits = scores
-    denoised = _sample(groups, torch.softmax(logits, dim=-1, dtype=torch.float32), words)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    if plan.filters.active:
+        probs = plan.filters.apply(probs)
+    denoised = _sample(groups, probs, words)
     return denoised, torch.argmax(logits, dim=-1), token_entropy(logits), logits
 
 
@@ -145,7 +148,8 @@ def denoise_step(groups: list[Denoising], scores: torch.Tensor | RowScores, dtyp
     # time are used a group at a time.
     runs = []
     for index, group in enumerate(groups):
-        if runs and groups[runs[-1][0]].plan.sampling == group.plan.sampling and (
+        first = groups[runs[-1][0]].plan if runs else None
+        if first is not None and (first.sampling, first.filters) == (group.plan.sampling, group.plan.filters) and (
                 isinstance(scores, torch.Tensor) or _logits_bytes(groups[runs[-1][0]:index + 1]) <= ROW_BLOCK_BYTES):
             runs[-1][1] = index + 1
         else:

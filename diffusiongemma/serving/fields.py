@@ -12,6 +12,8 @@ import re
 from .scheduler import TUNABLE
 
 MAX_STOP_STRINGS = 4
+# The sampling filters a request may set (`sampler.SamplingFilters`).
+FILTERS = ("top_k", "top_p", "min_p")
 # Generation parameters whose request field has another name.
 API_NAMES = {"max_new_tokens": "max_tokens", "sampler_config": "entropy_bound"}
 
@@ -45,7 +47,7 @@ OBJECT = (lambda value: isinstance(value, dict), "an object")
 CHOICE = (lambda value: isinstance(value, (str, dict)), "a string or an object")
 
 _COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop", "stream", "stream_options",
-           "response_format", "include_stop_str_in_output", *TUNABLE)
+           "response_format", "include_stop_str_in_output", *FILTERS, *TUNABLE)
 # What each endpoint acts on; the code that reads a field checks its value.
 HONOURED = {
     "chat": {*_COMMON, "messages", "chat_template", "add_generation_prompt", "continue_final_message"},
@@ -59,12 +61,9 @@ HONOURED = {
 # libraries send some of these by default). Any other value is refused.
 _SAMPLING_NO_OPS = {
     "n": (INTEGER, (1,)),
-    "top_p": (NUMBER, (1,)),
     "presence_penalty": (NUMBER, (0,)),
     "frequency_penalty": (NUMBER, (0,)),
     "repetition_penalty": (NUMBER, (1,)),
-    "top_k": (INTEGER, (0, -1)),
-    "min_p": (NUMBER, (0,)),
     "min_tokens": (INTEGER, (0,)),
     "ignore_eos": (BOOLEAN, (False,)),
     "stop_token_ids": (LIST, ([],)),
@@ -254,3 +253,12 @@ def bad_value(error: ValueError) -> ApiError:
     name = re.search(r"`(\w+)`", str(error))
     name = name.group(1) if name else None
     return ApiError(400, str(error), param=API_NAMES.get(name, name))
+
+
+def sampling_filters(body: dict) -> dict:
+    """The request's `top_k`, `top_p` and `min_p`, as `resolve_settings` takes them (`top_k` -1, as vLLM
+    writes no limit, is 0 here); their values are checked there."""
+    top_k = body.get("top_k")
+    return {"top_k": 0 if top_k is None or top_k == -1 else top_k,
+            "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+            "min_p": 0.0 if body.get("min_p") is None else body["min_p"]}

@@ -25,14 +25,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Callable
 
 import torch
 
 from ..engine.generate import generation_settings, length_limits
 from ..engine.runner import RequestsRunner, decode_drawing_words
-from ..engine.sampler import EntropyBoundSamplerConfig
+from ..engine.sampler import EntropyBoundSamplerConfig, SamplingFilters
 from ..engine.state import Denoising, SamplingPlan
 from ..engine.step import denoise_step
 from ..engine.text import IncrementalDetokenizer, cut_at_end, eos_ids
@@ -88,6 +88,7 @@ class Settings:
     `temperature` scales both ends of the checkpoint's temperature schedule (t_min and t_max; a
     checkpoint without a schedule gets a constant temperature); 0 takes the most likely token at every
     position instead of sampling, with the schedule left as it is for acceptance and self-conditioning.
+    `filters` (top_k, top_p, min_p) narrow what each position samples from, as `SamplingFilters` says.
     """
 
     max_tokens: int
@@ -100,10 +101,12 @@ class Settings:
     temperature: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    filters: SamplingFilters = SamplingFilters()
 
 
 def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, temperature: float = 1.0,
-                     stop: tuple[str, ...] = (), seed: int | None = None, **tunable) -> Settings:
+                     stop: tuple[str, ...] = (), seed: int | None = None, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0, **tunable) -> Settings:
     """Settings from a request's values over the checkpoint's generation config; raises ValueError,
     naming the parameter, for a bad value or a prompt and answer longer than the model's positions."""
     unknown = sorted(set(tunable) - set(TUNABLE))
@@ -136,7 +139,8 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
                     t_min=config.t_min if scheduled else 1.0, t_max=config.t_max if scheduled else 1.0,
                     stability_threshold=config.stability_threshold if adaptive else None,
                     confidence_threshold=config.confidence_threshold if adaptive else None,
-                    temperature=temperature, stop=tuple(stop), seed=seed)
+                    temperature=temperature, stop=tuple(stop), seed=seed,
+                    filters=SamplingFilters(top_k=top_k, top_p=top_p, min_p=min_p))
 
 
 @dataclass(eq=False)
@@ -173,7 +177,8 @@ class _Running:
         plan = SamplingPlan.resolve(device, settings.max_denoising_steps, settings.t_min * scale,
                                     settings.t_max * scale, settings.entropy_bound, settings.stability_threshold,
                                     settings.confidence_threshold,
-                                    "argmax" if settings.temperature == 0 else "multinomial")
+                                    "argmax" if settings.temperature == 0 else "multinomial",
+                                    filters=settings.filters)
         self.canvas = Denoising(plan, generator, 1, model.config.canvas_length, model.config.text_config.vocab_size,
                                 device)
         self.cache = runner.new_cache()
@@ -371,7 +376,7 @@ class Scheduler:
                         self._drop(running, error)
         # Requests that sample alike side by side share the sampler's vocabulary-sized work.
         batch = sorted((running for running in self.running if running.denoising),
-                       key=lambda running: running.canvas.plan.sampling)
+                       key=lambda running: (running.canvas.plan.sampling, astuple(running.canvas.plan.filters)))
         with self.metrics.lock:
             self.metrics.step_batch_size = len(batch)
         if batch:
