@@ -452,6 +452,36 @@ def test_sampling_filters_are_honoured_alone_and_in_a_batch(server):
     assert asyncio.run(together()) == alone
 
 
+def test_stop_token_ids_min_tokens_and_ignore_eos(server, tiny):
+    """`stop_token_ids` end the answer as an end-of-sequence token does; `min_tokens` keeps every ending
+    token out of the answer's first tokens; `ignore_eos` lets the answer run past end-of-sequence tokens."""
+    url, _ = server
+    model, processor = tiny
+    ids = processor.tokenizer.encode("where does it end")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=24, max_denoising_steps=4, batch_invariant=True,
+                             prefill_chunk_size=engine.PREFILL_CHUNK, eos_token_id=[0])
+    special = set(processor.tokenizer.all_special_ids)
+    answer = out.sequences[0, len(ids):].tolist()
+    # The first ordinary token at the third place or later, and where it first shows.
+    stop_at = next(i for i in range(2, len(answer)) if answer[i] not in special)
+    token = answer[stop_at]
+    stop_at = answer.index(token)
+    api = client(url)
+    ask = dict(model=MODEL, prompt="where does it end", max_tokens=24, seed=3, extra_body={**FAST, "ignore_eos": True})
+    plain = api.completions.create(**ask)
+    assert plain.usage.completion_tokens == 24 and plain.choices[0].finish_reason == "length"
+    stopped = api.completions.create(**{**ask, "extra_body": {**ask["extra_body"], "stop_token_ids": [token]}})
+    assert stopped.usage.completion_tokens == stop_at + 1 and stopped.choices[0].finish_reason == "stop"
+    late = api.completions.create(**{**ask, "extra_body": {**ask["extra_body"], "stop_token_ids": [token],
+                                                           "min_tokens": stop_at + 1}})
+    assert late.usage.completion_tokens > stop_at + 1
+    settings = engine.resolve_settings(model, 3, ignore_eos=True, stop_token_ids=(7,))
+    assert engine._Running(engine.Request([1, 2, 3], settings, print), RequestsRunner(model, True), model,
+                           processor.tokenizer, {1, 106}).eos == {7}
+
+
 def test_long_request_does_not_block_short_ones(server):
     url, _ = server
     headers = {"Authorization": f"Bearer {API_KEY}"}

@@ -257,7 +257,8 @@ def test_sampler_values_at_the_edges_of_the_range(server):
 
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 0.5), ("presence_penalty", "x"), ("frequency_penalty", 1), ("repetition_penalty", 1.2),
-    ("top_k", 2.5), ("top_k", -2), ("min_p", 1.5), ("min_tokens", 4), ("ignore_eos", True), ("stop_token_ids", [3]),
+    ("top_k", 2.5), ("top_k", -2), ("min_p", 1.5), ("min_tokens", -1), ("min_tokens", 100), ("ignore_eos", "yes"),
+    ("stop_token_ids", [-3]), ("stop_token_ids", 3),
     ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "f"}}),
     ("function_call", {"name": "f"}), ("parallel_tool_calls", "x"), ("reasoning_effort", "low"),
     ("modalities", ["text", "audio"]), ("prediction", {"type": "content", "content": "x"}), ("top_p", 0),

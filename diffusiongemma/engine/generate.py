@@ -372,7 +372,8 @@ class GenerationMixin:
                         decoder_passes += ~(canvas.finished | finished_rows)
                         scores, words = decode_drawing_words(
                             lambda: runner.decode(canvas.current, canvas.self_conditioning_logits), [canvas])
-                        denoise_step([canvas], scores, dtype, cap, input_ids, words, runner.self_conditioning_buffer)
+                        denoise_step([canvas], scores, dtype, cap, input_ids, words, runner.self_conditioning_buffer,
+                                     capped=runner.soft_capped)
                         canvas.self_conditioning_logits = runner.keep(canvas.self_conditioning_logits)
                         if streamer is not None and hasattr(streamer, "put_draft"):
                             # The argmax canvas is the draft closest to what will be committed; a streamer

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import fused
+from ..model.network import soft_cap
 from .sampler import (
     MultinomialWords,
     multinomial_from_words,
@@ -92,7 +93,7 @@ def _sample(groups: list[Denoising], probs: torch.Tensor, words: list[Multinomia
 
 
 def _vocabulary_work(groups: list[Denoising], scores: torch.Tensor, dtype: torch.dtype, cap: float | None,
-                     input_ids, words: list, into: torch.Tensor | None, processed: torch.Tensor | None):
+                     capped: bool, input_ids, words: list, into: torch.Tensor | None, processed: torch.Tensor | None):
     """(sampled tokens, argmax tokens, entropies, processed logits) of groups that sample alike."""
     plan, device, single = groups[0].plan, scores.device, len(groups) == 1
     temperatures = [g.temperature() for g in groups]
@@ -110,8 +111,12 @@ def _vocabulary_work(groups: list[Denoising], scores: torch.Tensor, dtype: torch
         if processed is None:
             processed = torch.empty(scores.shape, dtype=dtype, device=device)
         draws = [(g.generator, g.rows * g.canvas_length) for g in groups]
-        denoised, argmax, entropy = fused.denoise(scores, cap, temperature, plan.sampling, draws, processed, kept)
+        denoised, argmax, entropy = fused.denoise(scores, None if capped else cap, temperature, plan.sampling, draws,
+                                                  processed, kept)
         return denoised, argmax, entropy, processed
+    if not capped:
+        # The LM head's scores, as the fused kernel takes them, for a plan that does not run it.
+        scores = soft_cap(scores.float() if scores.dtype != torch.float32 else scores.clone(), cap)
     if single:
         schedule = ((plan.schedule, True),) if plan.schedule is not None else ()
         logits = _apply_processors(plan.processors + schedule, input_ids, scores, groups[0].step)
@@ -128,10 +133,10 @@ def _vocabulary_work(groups: list[Denoising], scores: torch.Tensor, dtype: torch
 
 def denoise_step(groups: list[Denoising], scores: torch.Tensor | RowScores, dtype: torch.dtype, cap: float | None,
                  input_ids: torch.Tensor | None = None, words: list[MultinomialWords | None] | None = None,
-                 into: torch.Tensor | None = None) -> None:
+                 into: torch.Tensor | None = None, capped: bool = True) -> None:
     """One step for every row of `groups`, whose rows follow one another in `scores` [rows, canvas, vocab]:
-    soft-capped float32 logits, or, where the groups' plan is `fused`, the LM head's scores, which the
-    kernel soft-caps at `cap` itself; given as `RowScores`, they are made and used a block of rows at a
+    soft-capped float32 logits, or with `capped=False` the LM head's scores, which the fused kernel, or for
+    a plan without it this step, soft-caps at `cap`; given as `RowScores`, they are made and used a block of rows at a
     time. `dtype`: the self-conditioning input's. `input_ids`: what the caller's logits processors see. `words`: per group, its multinomial words when drawn ahead. `into`: where the
     fused kernel writes the self-conditioning input (a CUDA graph's buffer; one group only). Groups are
     updated in place; each group's step counter moves on by one."""
@@ -149,20 +154,22 @@ def denoise_step(groups: list[Denoising], scores: torch.Tensor | RowScores, dtyp
     runs = []
     for index, group in enumerate(groups):
         first = groups[runs[-1][0]].plan if runs else None
-        if first is not None and (first.sampling, first.filters) == (group.plan.sampling, group.plan.filters) and (
+        # A group's own logits processors see its rows alone.
+        if first is not None and not first.processors and not group.plan.processors and (
+                (first.sampling, first.filters) == (group.plan.sampling, group.plan.filters)) and (
                 isinstance(scores, torch.Tensor) or _logits_bytes(groups[runs[-1][0]:index + 1]) <= ROW_BLOCK_BYTES):
             runs[-1][1] = index + 1
         else:
             runs.append([index, index + 1])
     if len(runs) == 1 and isinstance(scores, torch.Tensor):
-        denoised, argmax, entropy, logits = _vocabulary_work(groups, scores, dtype, cap, input_ids, words, into,
-                                                             processed)
+        denoised, argmax, entropy, logits = _vocabulary_work(groups, scores, dtype, cap, capped, input_ids, words,
+                                                             into, processed)
     else:
         parts = []
         for first, last in runs:
             a, b = spans[first][0], spans[last - 1][1]
             rows = scores[a:b] if isinstance(scores, torch.Tensor) else scores.rows(a, b)
-            parts.append(_vocabulary_work(groups[first:last], rows, dtype, cap, input_ids if single else None,
+            parts.append(_vocabulary_work(groups[first:last], rows, dtype, cap, capped, input_ids if single else None,
                                           words[first:last], into if single else None,
                                           None if processed is None else processed[a:b]))
         denoised, argmax, entropy = (torch.cat([part[i] for part in parts]) for i in range(3))

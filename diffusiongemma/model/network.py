@@ -21,6 +21,14 @@ from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_
 from .vision import VisionConfig, VisionEmbedder, VisionTower, embed_images
 
 
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap) of float32 `logits` (unchanged for a cap of None). In place where autograd
+    keeps no intermediates: two vocabulary-sized temporaries fewer per step."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap if logits.requires_grad else logits.div_(cap).tanh_().mul_(cap)
+
+
 class TextBackbone(nn.Module):
     """Embeddings, layers and final norm shared by the encoder and the decoder."""
 
@@ -376,12 +384,7 @@ class BlockDiffusionLM(DiffusionGemmaPreTrainedModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits, soft-capped."""
-        logits = self.lm_head(hidden).float()
-        cap = self.config.text_config.final_logit_softcapping
-        if cap is not None:
-            # In place where autograd keeps no intermediates: two vocabulary-sized temporaries fewer per step.
-            logits = torch.tanh(logits / cap) * cap if logits.requires_grad else logits.div_(cap).tanh_().mul_(cap)
-        return logits
+        return soft_cap(self.lm_head(hidden).float(), self.config.text_config.final_logit_softcapping)
 
     def forward(
         self,

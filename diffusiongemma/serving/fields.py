@@ -12,8 +12,9 @@ import re
 from .scheduler import TUNABLE
 
 MAX_STOP_STRINGS = 4
-# The sampling filters a request may set (`sampler.SamplingFilters`).
+# The sampling filters a request may set (`sampler.SamplingFilters`), and where its answer may end.
 FILTERS = ("top_k", "top_p", "min_p")
+ENDINGS = ("stop_token_ids", "ignore_eos", "min_tokens")
 # Generation parameters whose request field has another name.
 API_NAMES = {"max_new_tokens": "max_tokens", "sampler_config": "entropy_bound"}
 
@@ -47,7 +48,7 @@ OBJECT = (lambda value: isinstance(value, dict), "an object")
 CHOICE = (lambda value: isinstance(value, (str, dict)), "a string or an object")
 
 _COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop", "stream", "stream_options",
-           "response_format", "include_stop_str_in_output", *FILTERS, *TUNABLE)
+           "response_format", "include_stop_str_in_output", *FILTERS, *ENDINGS, *TUNABLE)
 # What each endpoint acts on; the code that reads a field checks its value.
 HONOURED = {
     "chat": {*_COMMON, "messages", "chat_template", "add_generation_prompt", "continue_final_message"},
@@ -64,9 +65,6 @@ _SAMPLING_NO_OPS = {
     "presence_penalty": (NUMBER, (0,)),
     "frequency_penalty": (NUMBER, (0,)),
     "repetition_penalty": (NUMBER, (1,)),
-    "min_tokens": (INTEGER, (0,)),
-    "ignore_eos": (BOOLEAN, (False,)),
-    "stop_token_ids": (LIST, ([],)),
     "logit_bias": (OBJECT, ({},)),
 }
 NO_OPS = {
@@ -262,3 +260,15 @@ def sampling_filters(body: dict) -> dict:
     return {"top_k": 0 if top_k is None or top_k == -1 else top_k,
             "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
             "min_p": 0.0 if body.get("min_p") is None else body["min_p"]}
+
+
+def endings(body: dict) -> dict:
+    """The request's `stop_token_ids`, `ignore_eos` and `min_tokens`, as `resolve_settings` takes them
+    (their values are checked there)."""
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None and not isinstance(stop_token_ids, list):
+        raise ApiError(400, f"`stop_token_ids` must be a list of token ids, got {stop_token_ids!r}",
+                       param="stop_token_ids")
+    return {"stop_token_ids": tuple(stop_token_ids or ()),
+            "ignore_eos": False if body.get("ignore_eos") is None else body["ignore_eos"],
+            "min_tokens": 0 if body.get("min_tokens") is None else body["min_tokens"]}

@@ -89,6 +89,8 @@ class Settings:
     checkpoint without a schedule gets a constant temperature); 0 takes the most likely token at every
     position instead of sampling, with the schedule left as it is for acceptance and self-conditioning.
     `filters` (top_k, top_p, min_p) narrow what each position samples from, as `SamplingFilters` says.
+    The answer ends at the checkpoint's end-of-sequence tokens (not with `ignore_eos`) and at
+    `stop_token_ids`; none of those can be committed before `min_tokens` answer tokens.
     """
 
     max_tokens: int
@@ -102,11 +104,15 @@ class Settings:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     filters: SamplingFilters = SamplingFilters()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, temperature: float = 1.0,
                      stop: tuple[str, ...] = (), seed: int | None = None, top_k: int = 0, top_p: float = 1.0,
-                     min_p: float = 0.0, **tunable) -> Settings:
+                     min_p: float = 0.0, stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
+                     min_tokens: int = 0, **tunable) -> Settings:
     """Settings from a request's values over the checkpoint's generation config; raises ValueError,
     naming the parameter, for a bad value or a prompt and answer longer than the model's positions."""
     unknown = sorted(set(tunable) - set(TUNABLE))
@@ -132,6 +138,15 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
                          f"`max_denoising_steps` ({config.max_denoising_steps})")
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
         raise ValueError(f"`temperature` must be a number from 0 to 2, got {temperature!r}")
+    vocab = model.config.text_config.vocab_size
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_token_ids):
+        raise ValueError(f"`stop_token_ids` must be token ids below {vocab}, got {list(stop_token_ids)!r}")
+    if not isinstance(ignore_eos, bool):
+        raise ValueError(f"`ignore_eos` must be a boolean, got {ignore_eos!r}")
+    if not (isinstance(min_tokens, int) and not isinstance(min_tokens, bool)
+            and 0 <= min_tokens <= config.max_new_tokens):
+        raise ValueError(f"`min_tokens` must be an integer from 0 to `max_tokens` ({config.max_new_tokens}), "
+                         f"got {min_tokens!r}")
     scheduled = config.t_min is not None and config.t_max is not None
     adaptive = config.stability_threshold is not None and config.confidence_threshold is not None
     return Settings(max_tokens=config.max_new_tokens, max_denoising_steps=config.max_denoising_steps,
@@ -140,7 +155,8 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
                     stability_threshold=config.stability_threshold if adaptive else None,
                     confidence_threshold=config.confidence_threshold if adaptive else None,
                     temperature=temperature, stop=tuple(stop), seed=seed,
-                    filters=SamplingFilters(top_k=top_k, top_p=top_p, min_p=min_p))
+                    filters=SamplingFilters(top_k=top_k, top_p=top_p, min_p=min_p),
+                    stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos, min_tokens=min_tokens)
 
 
 @dataclass(eq=False)
@@ -160,13 +176,31 @@ class Request:
         self.cancelled = True
 
 
+class TooEarlyToEnd:
+    """A logits processor: the canvas positions that would come before the answer's `min_tokens`th token
+    cannot take a token that ends it. `answered()` says how many answer tokens earlier canvases committed."""
+
+    def __init__(self, ends: list[int], min_tokens: int, answered: Callable[[], int]):
+        self.ends, self.min_tokens, self.answered = ends, min_tokens, answered
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        early = self.min_tokens - self.answered()
+        if early <= 0:
+            return scores
+        scores = scores.clone()
+        scores[:, :early, self.ends] = float("-inf")
+        return scores
+
+
 class _Running:
     """A request being answered: its cache, its canvas (a group of one row, with its own generator), and
     the text sent so far."""
 
     def __init__(self, request: Request, runner: RequestsRunner, model, tokenizer, eos: set[int]):
-        self.request, self.tokenizer, self.eos = request, tokenizer, eos
+        self.request, self.tokenizer = request, tokenizer
         settings = request.settings
+        # The tokens that end this answer.
+        self.eos = (set() if settings.ignore_eos else eos) | set(settings.stop_token_ids)
         device = model.device
         generator = torch.Generator(device=device)
         if settings.seed is None:
@@ -178,7 +212,7 @@ class _Running:
                                     settings.t_max * scale, settings.entropy_bound, settings.stability_threshold,
                                     settings.confidence_threshold,
                                     "argmax" if settings.temperature == 0 else "multinomial",
-                                    filters=settings.filters)
+                                    processors=self._processors(settings), filters=settings.filters)
         self.canvas = Denoising(plan, generator, 1, model.config.canvas_length, model.config.text_config.vocab_size,
                                 device)
         self.cache = runner.new_cache()
@@ -186,6 +220,11 @@ class _Running:
         self.denoising = False
         self.text = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.sent = ""
+
+    def _processors(self, settings: Settings) -> tuple:
+        if not settings.min_tokens or not self.eos:
+            return ()
+        return ((TooEarlyToEnd(sorted(self.eos), settings.min_tokens, lambda: len(self.text.tokens)), False),)
 
     def encode_chunk(self, runner: RequestsRunner, chunk: int) -> int:
         """Encodes the next `chunk` tokens the cache lacks; starts a canvas once none is left. Returns how
@@ -384,7 +423,7 @@ class Scheduler:
             try:
                 scores, words = decode_drawing_words(lambda: self._decode(batch), groups)
                 denoise_step(groups, scores, self._dtype, self.model.config.text_config.final_logit_softcapping,
-                             words=words)
+                             words=words, capped=self.runner.soft_capped)
             except Exception as error:  # the step was theirs together: every request in it fails
                 for running in batch:
                     self._drop(running, error)

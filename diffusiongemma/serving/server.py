@@ -18,7 +18,10 @@ Honoured:
   `stream_options` (`include_usage`, `include_obfuscation: false`, and the extension `include_drafts`),
   `response_format` (`{"type": "text"}` only; JSON formats are refused), `top_k` (0 or -1: no limit),
   `top_p` and `min_p`: which tokens each position samples from; the argmax, the entropies, and with them
-  acceptance and stopping, are those of the whole distribution (`sampler.SamplingFilters`).
+  acceptance and stopping, are those of the whole distribution (`sampler.SamplingFilters`);
+  `stop_token_ids` (more tokens that end the answer, as the end-of-sequence tokens do), `ignore_eos` (the
+  end-of-sequence tokens do not end it) and `min_tokens` (no ending token among the first that many
+  answer tokens: their logits are -inf there).
 - chat only: `add_generation_prompt` (default true), `continue_final_message` (default false: the answer
   continues the final message, which the template then leaves open) and `chat_template`, the last only
   on a server started with `trust_request_chat_template`, because a template runs on the server and
@@ -27,8 +30,7 @@ Honoured:
   `t_max`, `stability_threshold`, `confidence_threshold`.
 
 Accepted at the values that leave a missing feature off (clients send some by default), refused at any
-other: `n` 1, `presence_penalty` and `frequency_penalty` 0, `repetition_penalty` 1, `min_tokens` 0,
-`ignore_eos` false, `stop_token_ids` [], `logit_bias` {}; chat:
+other: `n` 1, `presence_penalty` and `frequency_penalty` 0, `repetition_penalty` 1, `logit_bias` {}; chat:
 `logprobs` false, `top_logprobs` 0, `tools` [], `functions` [], `tool_choice` and `function_call` "none"
 or "auto", `parallel_tool_calls` (either), `modalities` ["text"], `store` false, `service_tier` "auto" or
 "default"; completions: `best_of` 1, `echo` false, `suffix` "".
@@ -96,6 +98,7 @@ from .fields import (
     chat_messages,
     check_fields,
     check_values,
+    endings,
     flag,
     is_int,
     max_tokens,
@@ -388,7 +391,8 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         try:
             settings = resolve_settings(model, len(prompt_ids), max_tokens=length,
                                         temperature=1.0 if temperature is None else temperature, stop=stops, seed=seed,
-                                        **sampling_filters(body), **{name: body.get(name) for name in engine.TUNABLE})
+                                        **sampling_filters(body), **endings(body),
+                                        **{name: body.get(name) for name in engine.TUNABLE})
         except ValueError as error:
             refusal = bad_value(error)
             if refusal.param == "max_tokens" and body.get("max_tokens") is None:
