@@ -482,6 +482,38 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(server, tiny):
                            processor.tokenizer, {1, 106}).eos == {7}
 
 
+def test_penalties_by_hand(tiny):
+    model, _ = tiny
+    settings = engine.resolve_settings(model, 3, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    penalties = engine.Penalties(settings, prompt_ids=[4], answered=lambda: [1, 1, 2])
+    scores = torch.tensor([[[1.0, 2.0, -2.0, 3.0, 4.0, -1.0]]])
+    # Token 1: twice in the answer; 2: once; 4: in the prompt; 0, 3 and 5: nowhere.
+    expected = torch.tensor([[[1.0, (2.0 - 0.5 - 0.5) / 2, (-2.0 - 0.25 - 0.5) * 2, 3.0, 4.0 / 2, -1.0]]])
+    torch.testing.assert_close(penalties(None, scores), expected)
+    with pytest.raises(ValueError, match="presence_penalty"):
+        engine.resolve_settings(model, 3, presence_penalty=3)
+
+
+def test_penalties_change_later_canvases_alone_and_in_a_batch(server):
+    url, _ = server
+    api = client(url)
+    every = {**FAST, "entropy_bound": 50.0}
+    ask = dict(model=MODEL, prompt="say it again", max_tokens=48, seed=5)
+    plain = api.completions.create(**ask, extra_body=every).choices[0].text
+    penalised = [dict(frequency_penalty=2.0, extra_body=every), dict(extra_body={**every, "repetition_penalty": 3.0})]
+    alone = [api.completions.create(**ask, **p).choices[0].text for p in penalised]
+    assert plain not in alone
+
+    async def together():
+        async_api = client(url, cls=openai.AsyncOpenAI)
+        answers = await asyncio.gather(*(async_api.completions.create(**ask, **p)
+                                         for p in [penalised[0], {"extra_body": every}, penalised[1]]))
+        await async_api.close()
+        return [answers[0].choices[0].text, answers[2].choices[0].text]
+
+    assert asyncio.run(together()) == alone
+
+
 def test_long_request_does_not_block_short_ones(server):
     url, _ = server
     headers = {"Authorization": f"Bearer {API_KEY}"}

@@ -256,7 +256,7 @@ def test_sampler_values_at_the_edges_of_the_range(server):
 # 6. Every field honoured or refused.
 
 @pytest.mark.parametrize("field, value", [
-    ("presence_penalty", 0.5), ("presence_penalty", "x"), ("frequency_penalty", 1), ("repetition_penalty", 1.2),
+    ("presence_penalty", 2.5), ("presence_penalty", "x"), ("frequency_penalty", -3), ("repetition_penalty", 0),
     ("top_k", 2.5), ("top_k", -2), ("min_p", 1.5), ("min_tokens", -1), ("min_tokens", 100), ("ignore_eos", "yes"),
     ("stop_token_ids", [-3]), ("stop_token_ids", 3),
     ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "f"}}),

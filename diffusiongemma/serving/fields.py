@@ -15,6 +15,7 @@ MAX_STOP_STRINGS = 4
 # The sampling filters a request may set (`sampler.SamplingFilters`), and where its answer may end.
 FILTERS = ("top_k", "top_p", "min_p")
 ENDINGS = ("stop_token_ids", "ignore_eos", "min_tokens")
+PENALTIES = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 # Generation parameters whose request field has another name.
 API_NAMES = {"max_new_tokens": "max_tokens", "sampler_config": "entropy_bound"}
 
@@ -48,7 +49,7 @@ OBJECT = (lambda value: isinstance(value, dict), "an object")
 CHOICE = (lambda value: isinstance(value, (str, dict)), "a string or an object")
 
 _COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop", "stream", "stream_options",
-           "response_format", "include_stop_str_in_output", *FILTERS, *ENDINGS, *TUNABLE)
+           "response_format", "include_stop_str_in_output", *FILTERS, *ENDINGS, *PENALTIES, *TUNABLE)
 # What each endpoint acts on; the code that reads a field checks its value.
 HONOURED = {
     "chat": {*_COMMON, "messages", "chat_template", "add_generation_prompt", "continue_final_message"},
@@ -62,9 +63,6 @@ HONOURED = {
 # libraries send some of these by default). Any other value is refused.
 _SAMPLING_NO_OPS = {
     "n": (INTEGER, (1,)),
-    "presence_penalty": (NUMBER, (0,)),
-    "frequency_penalty": (NUMBER, (0,)),
-    "repetition_penalty": (NUMBER, (1,)),
     "logit_bias": (OBJECT, ({},)),
 }
 NO_OPS = {
@@ -272,3 +270,8 @@ def endings(body: dict) -> dict:
     return {"stop_token_ids": tuple(stop_token_ids or ()),
             "ignore_eos": False if body.get("ignore_eos") is None else body["ignore_eos"],
             "min_tokens": 0 if body.get("min_tokens") is None else body["min_tokens"]}
+
+
+def penalties(body: dict) -> dict:
+    """The request's penalties, as `resolve_settings` takes them (their values are checked there)."""
+    return {name: default if body.get(name) is None else body[name] for name, default in PENALTIES.items()}

@@ -90,7 +90,8 @@ class Settings:
     position instead of sampling, with the schedule left as it is for acceptance and self-conditioning.
     `filters` (top_k, top_p, min_p) narrow what each position samples from, as `SamplingFilters` says.
     The answer ends at the checkpoint's end-of-sequence tokens (not with `ignore_eos`) and at
-    `stop_token_ids`; none of those can be committed before `min_tokens` answer tokens.
+    `stop_token_ids`; none of those can be committed before `min_tokens` answer tokens. The penalties
+    work on the committed tokens as `Penalties` says.
     """
 
     max_tokens: int
@@ -107,12 +108,16 @@ class Settings:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, temperature: float = 1.0,
                      stop: tuple[str, ...] = (), seed: int | None = None, top_k: int = 0, top_p: float = 1.0,
                      min_p: float = 0.0, stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
-                     min_tokens: int = 0, **tunable) -> Settings:
+                     min_tokens: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                     repetition_penalty: float = 1.0, **tunable) -> Settings:
     """Settings from a request's values over the checkpoint's generation config; raises ValueError,
     naming the parameter, for a bad value or a prompt and answer longer than the model's positions."""
     unknown = sorted(set(tunable) - set(TUNABLE))
@@ -147,6 +152,12 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
             and 0 <= min_tokens <= config.max_new_tokens):
         raise ValueError(f"`min_tokens` must be an integer from 0 to `max_tokens` ({config.max_new_tokens}), "
                          f"got {min_tokens!r}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -2 <= value <= 2):
+            raise ValueError(f"`{name}` must be a number from -2 to 2, got {value!r}")
+    if not (isinstance(repetition_penalty, (int, float)) and not isinstance(repetition_penalty, bool)
+            and 0 < repetition_penalty <= 10):
+        raise ValueError(f"`repetition_penalty` must be a number above 0 and at most 10, got {repetition_penalty!r}")
     scheduled = config.t_min is not None and config.t_max is not None
     adaptive = config.stability_threshold is not None and config.confidence_threshold is not None
     return Settings(max_tokens=config.max_new_tokens, max_denoising_steps=config.max_denoising_steps,
@@ -156,7 +167,9 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
                     confidence_threshold=config.confidence_threshold if adaptive else None,
                     temperature=temperature, stop=tuple(stop), seed=seed,
                     filters=SamplingFilters(top_k=top_k, top_p=top_p, min_p=min_p),
-                    stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos, min_tokens=min_tokens)
+                    stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos, min_tokens=min_tokens,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                    repetition_penalty=repetition_penalty)
 
 
 @dataclass(eq=False)
@@ -192,6 +205,30 @@ class TooEarlyToEnd:
         return scores
 
 
+class Penalties:
+    """A logits processor with OpenAI's penalties over what is committed: every position's logit of a token
+    the answer holds loses `presence_penalty`, and `frequency_penalty` times its count; a token of the prompt
+    or the answer has a positive logit divided by `repetition_penalty` and a negative one multiplied by it.
+    `answered()` gives the answer's committed tokens."""
+
+    def __init__(self, settings: Settings, prompt_ids: list[int], answered: Callable[[], list[int]]):
+        self.presence, self.frequency = settings.presence_penalty, settings.frequency_penalty
+        self.repetition = settings.repetition_penalty
+        self.prompt_ids, self.answered = prompt_ids, answered
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        vocab, device = scores.shape[-1], scores.device
+        answer = torch.tensor(self.answered(), dtype=torch.long, device=device)
+        counts = torch.bincount(answer, minlength=vocab).to(scores.dtype)
+        scores = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        if self.repetition != 1:
+            seen = counts > 0
+            seen[torch.tensor(self.prompt_ids, dtype=torch.long, device=device)] = True
+            scores = torch.where(seen, torch.where(scores > 0, scores / self.repetition, scores * self.repetition),
+                                 scores)
+        return scores
+
+
 class _Running:
     """A request being answered: its cache, its canvas (a group of one row, with its own generator), and
     the text sent so far."""
@@ -222,9 +259,12 @@ class _Running:
         self.sent = ""
 
     def _processors(self, settings: Settings) -> tuple:
-        if not settings.min_tokens or not self.eos:
-            return ()
-        return ((TooEarlyToEnd(sorted(self.eos), settings.min_tokens, lambda: len(self.text.tokens)), False),)
+        processors = []
+        if settings.presence_penalty or settings.frequency_penalty or settings.repetition_penalty != 1:
+            processors.append(Penalties(settings, self.request.prompt_ids, lambda: self.text.tokens))
+        if settings.min_tokens and self.eos:
+            processors.append(TooEarlyToEnd(sorted(self.eos), settings.min_tokens, lambda: len(self.text.tokens)))
+        return tuple((processor, False) for processor in processors)
 
     def encode_chunk(self, runner: RequestsRunner, chunk: int) -> int:
         """Encodes the next `chunk` tokens the cache lacks; starts a canvas once none is left. Returns how

@@ -21,7 +21,9 @@ Honoured:
   acceptance and stopping, are those of the whole distribution (`sampler.SamplingFilters`);
   `stop_token_ids` (more tokens that end the answer, as the end-of-sequence tokens do), `ignore_eos` (the
   end-of-sequence tokens do not end it) and `min_tokens` (no ending token among the first that many
-  answer tokens: their logits are -inf there).
+  answer tokens: their logits are -inf there); `presence_penalty`, `frequency_penalty` (-2 to 2) and
+  `repetition_penalty` (above 0), on every position's logits, over the committed tokens
+  (`scheduler.Penalties`).
 - chat only: `add_generation_prompt` (default true), `continue_final_message` (default false: the answer
   continues the final message, which the template then leaves open) and `chat_template`, the last only
   on a server started with `trust_request_chat_template`, because a template runs on the server and
@@ -30,7 +32,7 @@ Honoured:
   `t_max`, `stability_threshold`, `confidence_threshold`.
 
 Accepted at the values that leave a missing feature off (clients send some by default), refused at any
-other: `n` 1, `presence_penalty` and `frequency_penalty` 0, `repetition_penalty` 1, `logit_bias` {}; chat:
+other: `n` 1, `logit_bias` {}; chat:
 `logprobs` false, `top_logprobs` 0, `tools` [], `functions` [], `tool_choice` and `function_call` "none"
 or "auto", `parallel_tool_calls` (either), `modalities` ["text"], `store` false, `service_tier` "auto" or
 "default"; completions: `best_of` 1, `echo` false, `suffix` "".
@@ -103,6 +105,7 @@ from .fields import (
     is_int,
     max_tokens,
     message_characters,
+    penalties,
     response_format,
     sampling_filters,
     stop_strings,
@@ -391,7 +394,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         try:
             settings = resolve_settings(model, len(prompt_ids), max_tokens=length,
                                         temperature=1.0 if temperature is None else temperature, stop=stops, seed=seed,
-                                        **sampling_filters(body), **endings(body),
+                                        **sampling_filters(body), **endings(body), **penalties(body),
                                         **{name: body.get(name) for name in engine.TUNABLE})
         except ValueError as error:
             refusal = bad_value(error)
