@@ -352,7 +352,7 @@ def test_api_key(server):
     ({"prompt": "hi", "t_min": 0.9, "t_max": 0.5}, "t_max"),
     ({"prompt": "hi", "seed": "x"}, "seed"),
     ({"prompt": "hi", "seed": 2 ** 64}, "seed"),
-    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "n": 0}, "n"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "hi", "stream": "yes"}, "stream"),
     ({"prompt": "hi", "stream_options": {"include_drafts": True}}, "stream_options"),
@@ -512,6 +512,28 @@ def test_penalties_change_later_canvases_alone_and_in_a_batch(server):
         return [answers[0].choices[0].text, answers[2].choices[0].text]
 
     assert asyncio.run(together()) == alone
+
+
+def test_n_answers_are_the_answers_of_seeds_in_a_row(server):
+    """`n` answers are the ones `seed`, `seed + 1`, ... give alone, whole or streamed, with the prompt's tokens
+    counted once and every answer's tokens added up."""
+    url, _ = server
+    api = client(url)
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "three ways"}], max_tokens=16, extra_body=FAST)
+    alone = [api.chat.completions.create(**ask, seed=7 + i) for i in range(3)]
+    both = api.chat.completions.create(**ask, seed=7, n=3)
+    assert [c.index for c in both.choices] == [0, 1, 2]
+    assert [c.message.content for c in both.choices] == [a.choices[0].message.content for a in alone]
+    assert both.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    texts, reasons = ["", ""], [None, None]
+    for chunk in api.chat.completions.create(**ask, seed=7, n=2, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [a.choices[0].message.content for a in alone[:2]] and None not in reasons
+    completions = api.completions.create(model=MODEL, prompt="three ways", max_tokens=16, seed=7, n=2, extra_body=FAST)
+    assert len({c.text for c in completions.choices}) == 2
 
 
 def test_long_request_does_not_block_short_ones(server):

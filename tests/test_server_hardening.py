@@ -262,7 +262,7 @@ def test_sampler_values_at_the_edges_of_the_range(server):
     ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "f"}}),
     ("function_call", {"name": "f"}), ("parallel_tool_calls", "x"), ("reasoning_effort", "low"),
     ("modalities", ["text", "audio"]), ("prediction", {"type": "content", "content": "x"}), ("top_p", 0),
-    ("n", 2), ("logprobs", True), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("store", True),
+    ("n", 1000), ("n", 1.5), ("logprobs", True), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("store", True),
     ("audio", {"voice": "x"}), ("no_such_field", 1), ("user", 5), ("response_format", {"type": "json_object"}),
     ("include_stop_str_in_output", "yes"), ("add_generation_prompt", 1), ("chat_template", "{{ messages }}"),
 ])
@@ -280,6 +280,14 @@ def test_chat_fields_it_cannot_honour_are_refused(server, field, value):
 def test_completion_fields_it_cannot_honour_are_refused(server, field, value):
     url, _ = server
     refused(post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", field: value}), 400, field)
+
+
+def test_n_answers_count_as_n_requests(server):
+    url, _ = server
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "n": 3, **FAST}
+    answer = post(url, "/v1/chat/completions", body)
+    assert answer.status_code == 200 and len(answer.json()["choices"]) == 3
+    assert_counts_add_up(url)
 
 
 def test_fields_at_values_that_change_nothing_are_accepted(server):

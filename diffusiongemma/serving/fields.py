@@ -49,7 +49,7 @@ OBJECT = (lambda value: isinstance(value, dict), "an object")
 CHOICE = (lambda value: isinstance(value, (str, dict)), "a string or an object")
 
 _COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop", "stream", "stream_options",
-           "response_format", "include_stop_str_in_output", *FILTERS, *ENDINGS, *PENALTIES, *TUNABLE)
+           "response_format", "include_stop_str_in_output", "n", *FILTERS, *ENDINGS, *PENALTIES, *TUNABLE)
 # What each endpoint acts on; the code that reads a field checks its value.
 HONOURED = {
     "chat": {*_COMMON, "messages", "chat_template", "add_generation_prompt", "continue_final_message"},
@@ -62,7 +62,6 @@ HONOURED = {
 # Fields of features the engine does not have, accepted at the values that leave them off (clients and
 # libraries send some of these by default). Any other value is refused.
 _SAMPLING_NO_OPS = {
-    "n": (INTEGER, (1,)),
     "logit_bias": (OBJECT, ({},)),
 }
 NO_OPS = {
@@ -275,3 +274,14 @@ def endings(body: dict) -> dict:
 def penalties(body: dict) -> dict:
     """The request's penalties, as `resolve_settings` takes them (their values are checked there)."""
     return {name: default if body.get(name) is None else body[name] for name, default in PENALTIES.items()}
+
+
+def choices(body: dict, most: int) -> int:
+    """The request's `n`: how many answers it wants, from 1 to `most`."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not is_int(n) or not 1 <= n <= most:
+        raise ApiError(400, f"`n` must be an integer from 1 to {most} (answers this server can hold at once), "
+                            f"got {n!r}", param="n")
+    return n

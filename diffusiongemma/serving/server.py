@@ -23,7 +23,8 @@ Honoured:
   end-of-sequence tokens do not end it) and `min_tokens` (no ending token among the first that many
   answer tokens: their logits are -inf there); `presence_penalty`, `frequency_penalty` (-2 to 2) and
   `repetition_penalty` (above 0), on every position's logits, over the committed tokens
-  (`scheduler.Penalties`).
+  (`scheduler.Penalties`); `n` (up to `max_batch + max_queue` answers, each its own request in the
+  scheduler, seeded `seed`, `seed + 1`, ...; `usage` counts the prompt once and every answer's tokens).
 - chat only: `add_generation_prompt` (default true), `continue_final_message` (default false: the answer
   continues the final message, which the template then leaves open) and `chat_template`, the last only
   on a server started with `trust_request_chat_template`, because a template runs on the server and
@@ -32,7 +33,7 @@ Honoured:
   `t_max`, `stability_threshold`, `confidence_threshold`.
 
 Accepted at the values that leave a missing feature off (clients send some by default), refused at any
-other: `n` 1, `logit_bias` {}; chat:
+other: `logit_bias` {}; chat:
 `logprobs` false, `top_logprobs` 0, `tools` [], `functions` [], `tool_choice` and `function_call` "none"
 or "auto", `parallel_tool_calls` (either), `modalities` ["text"], `store` false, `service_tier` "auto" or
 "default"; completions: `best_of` 1, `echo` false, `suffix` "".
@@ -71,6 +72,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -100,6 +102,7 @@ from .fields import (
     chat_messages,
     check_fields,
     check_values,
+    choices,
     endings,
     flag,
     is_int,
@@ -374,7 +377,8 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
                             f"below {vocab_size}", param="prompt")
 
     async def admit(request: Request, chat: bool):
-        """Checks a request and queues it; returns (job, events, streaming, include_usage, include_stop)."""
+        """Checks a request and queues its `n` answers; returns (jobs, events, streaming, include_usage,
+        include_stop)."""
         authorize(request)
         body = await read_body(request)
         check_fields(body, "chat" if chat else "completions")
@@ -387,6 +391,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         if seed is not None and not (is_int(seed) and -2**63 <= seed < 2**64):
             raise ApiError(400, f"`seed` must be a 64-bit integer, got {seed!r}", param="seed")
         temperature = body.get("temperature")
+        n = choices(body, max_batch + max_queue)
         stops = stop_strings(body.get("stop"))
         prompt_ids = await (chat_prompt(body) if chat else completion_prompt(body.get("prompt")))
         if len(prompt_ids) > max_prompt_tokens:
@@ -407,30 +412,40 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         _check_temperatures(settings, body)
 
         loop = asyncio.get_running_loop()
+        # The answers' events, each as (its index, the event), in one queue.
         events: asyncio.Queue = asyncio.Queue()
 
-        def emit(event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop closed: nobody will read this answer
-                job.cancel()
+        def emitter(index: int):
+            def emit(event) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                except RuntimeError:  # the event loop closed: nobody will read these answers
+                    for job in jobs:
+                        job.cancel()
+            return emit
 
-        job = engine.Request(prompt_ids, settings, emit, drafts=stream and include_drafts)
+        # Independent answers: seeds seed, seed + 1, ... (each its own random stream when unseeded).
+        jobs = [engine.Request(prompt_ids, dataclasses.replace(settings, seed=None if seed is None else seed + i),
+                               emitter(i), drafts=stream and include_drafts) for i in range(n)]
         try:
-            scheduler.submit(job)
-        except QueueFull as error:
-            raise ApiError(429, f"the server is busy: {error}; retry later", code="queue_full",
-                           kind="rate_limit_error") from None
-        except RuntimeError as error:  # the server is shutting down
-            raise ApiError(503, str(error), kind="server_error") from None
-        in_flight[job] = events
-        return job, events, stream, include_usage, include_stop
+            for job in jobs:
+                scheduler.submit(job)
+        except (QueueFull, RuntimeError) as error:
+            for job in jobs:
+                scheduler.cancel(job)
+            if isinstance(error, QueueFull):
+                raise ApiError(429, f"the server is busy: {error}; retry later", code="queue_full",
+                               kind="rate_limit_error") from None
+            raise ApiError(503, str(error), kind="server_error") from None  # the server is shutting down
+        for job in jobs:
+            in_flight[job] = events
+        return jobs, events, stream, include_usage, include_stop
 
     async def generate(request: Request, chat: bool):
         counters.received["chat" if chat else "completions"] += 1
         shape = _Shape(chat, model_name)
         try:
-            job, events, stream, include_usage, include_stop = await admit(request, chat)
+            jobs, events, stream, include_usage, include_stop = await admit(request, chat)
         except ApiError as error:
             counters.rejected[str(error.status)] += 1
             raise
@@ -439,23 +454,30 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             logger.exception("request %s failed before it was queued", shape.id)
             raise _internal_error(shape.id) from None
 
+        # Each of the other answers counts as a request of its own, as the scheduler counts it.
+        counters.received["chat" if chat else "completions"] += len(jobs) - 1
+
         def release() -> None:
-            scheduler.cancel(job)
-            in_flight.pop(job, None)
+            for job in jobs:
+                scheduler.cancel(job)
+                in_flight.pop(job, None)
 
         shape.include_stop = include_stop
         if stream:
-            return _JobStream(_sse(events, shape, include_usage), release, shape.id)
-        return await _answer(request, events, shape, release)
+            return _JobStream(_sse(events, shape, include_usage, len(jobs)), release, shape.id)
+        return await _answer(request, events, shape, release, len(jobs))
 
     async def drain(timeout: float) -> None:
         """Gives the answers in flight `timeout` seconds to finish, then ends each with word of the shutdown."""
         deadline = time.monotonic() + timeout
         while in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        told = set()
         for job, events in list(in_flight.items()):
             scheduler.cancel(job)
-            events.put_nowait(SHUTTING_DOWN)
+            if id(events) not in told:
+                told.add(id(events))
+                events.put_nowait((0, SHUTTING_DOWN))
 
     app.state.drain = drain
 
@@ -543,21 +565,25 @@ class _Shape:
         return outcome.stop if self.include_stop and outcome.stop is not None else ""
 
     @staticmethod
-    def usage(outcome: Finished) -> dict:
-        return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-                "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+    def usage(outcomes: list[Finished]) -> dict:
+        """The prompt once, and every answer's tokens, as OpenAI counts `n` answers."""
+        prompt, completion = outcomes[0].prompt_tokens, sum(outcome.completion_tokens for outcome in outcomes)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def whole(self, outcome: Finished) -> dict:
-        text = outcome.text + self.tail(outcome)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice.update(finish_reason=outcome.finish_reason, logprobs=None)
-        return self._object("chat.completion" if self.chat else "text_completion", [choice],
-                            usage=self.usage(outcome))
+    def whole(self, outcomes: list[Finished]) -> dict:
+        answers = []
+        for index, outcome in enumerate(outcomes):
+            text = outcome.text + self.tail(outcome)
+            if self.chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": text}}
+            else:
+                choice = {"index": index, "text": text}
+            choice.update(finish_reason=outcome.finish_reason, logprobs=None)
+            answers.append(choice)
+        return self._object("chat.completion" if self.chat else "text_completion", answers,
+                            usage=self.usage(outcomes))
 
-    def chunk(self, text: str | None = None, draft: str | None = None, finish_reason: str | None = None,
+    def chunk(self, index: int, text: str | None = None, draft: str | None = None, finish_reason: str | None = None,
               role: bool = False, **extra) -> dict:
         if self.chat:
             delta = {"role": "assistant"} if role else {}
@@ -565,17 +591,17 @@ class _Shape:
                 delta["content"] = text
             if draft is not None:
                 delta["draft"] = draft
-            choice = {"index": 0, "delta": delta}
+            choice = {"index": index, "delta": delta}
         else:
-            choice = {"index": 0, "text": text or ""}
+            choice = {"index": index, "text": text or ""}
             if draft is not None:
                 choice["draft"] = draft
         choice.update(finish_reason=finish_reason, logprobs=None)
         return self._object("chat.completion.chunk" if self.chat else "text_completion", [choice], **extra)
 
-    def usage_chunk(self, outcome: Finished) -> dict:
+    def usage_chunk(self, outcomes: list[Finished]) -> dict:
         return self._object("chat.completion.chunk" if self.chat else "text_completion", [],
-                            usage=self.usage(outcome))
+                            usage=self.usage(outcomes))
 
 
 def _event(data) -> str:
@@ -590,26 +616,30 @@ def _failure(event, request_id: str) -> ApiError:
     return _internal_error(request_id)
 
 
-async def _sse(events: asyncio.Queue, shape: _Shape, include_usage: bool):
+async def _sse(events: asyncio.Queue, shape: _Shape, include_usage: bool, answers: int):
     usage = {"usage": None} if include_usage else {}
     if shape.chat:
-        yield _event(shape.chunk(text="", role=True, **usage))
-    while True:
-        event = await events.get()
+        for index in range(answers):
+            yield _event(shape.chunk(index, text="", role=True, **usage))
+    finished: dict[int, Finished] = {}
+    while len(finished) < answers:
+        index, event = await events.get()
         if isinstance(event, Draft):
-            yield _event(shape.chunk(draft=event.text, **usage))
+            yield _event(shape.chunk(index, draft=event.text, **usage))
         elif isinstance(event, Delta):
-            yield _event(shape.chunk(text=event.text, **usage))
+            yield _event(shape.chunk(index, text=event.text, **usage))
         elif isinstance(event, Finished):
             if shape.tail(event):
-                yield _event(shape.chunk(text=shape.tail(event), **usage))
-            yield _event(shape.chunk(text="" if shape.chat else None, finish_reason=event.finish_reason, **usage))
-            if include_usage:
-                yield _event(shape.usage_chunk(event))
-            break
+                yield _event(shape.chunk(index, text=shape.tail(event), **usage))
+            yield _event(shape.chunk(index, text="" if shape.chat else None, finish_reason=event.finish_reason,
+                                     **usage))
+            finished[index] = event
         else:
             yield _event(_failure(event, shape.id).body())
             break
+    else:
+        if include_usage:
+            yield _event(shape.usage_chunk([finished[index] for index in range(answers)]))
     yield _event("[DONE]")
 
 
@@ -629,18 +659,21 @@ class _JobStream(StreamingResponse):
             self.release()
 
 
-async def _answer(request: Request, events: asyncio.Queue, shape: _Shape, release) -> Response:
+async def _answer(request: Request, events: asyncio.Queue, shape: _Shape, release, answers: int) -> Response:
     headers = {"x-request-id": shape.id}
+    finished: dict[int, Finished] = {}
     try:
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                index, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
             except TimeoutError:
                 if await request.is_disconnected():
                     return Response(status_code=499)
                 continue
             if isinstance(event, Finished):
-                return JSONResponse(shape.whole(event), headers=headers)
+                finished[index] = event
+                if len(finished) == answers:
+                    return JSONResponse(shape.whole([finished[i] for i in range(answers)]), headers=headers)
             if isinstance(event, Failed) or event is SHUTTING_DOWN:
                 error = _failure(event, shape.id)
                 return JSONResponse(error.body(), status_code=error.status, headers=headers)
