@@ -356,7 +356,7 @@ def test_api_key(server):
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "hi", "stream": "yes"}, "stream"),
     ({"prompt": "hi", "stream_options": {"include_drafts": True}}, "stream_options"),
-    ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": [1, 99999]}, "prompt"),
     ({"prompt": "word " * 300}, "prompt"),
@@ -534,6 +534,31 @@ def test_n_answers_are_the_answers_of_seeds_in_a_row(server):
     assert texts == [a.choices[0].message.content for a in alone[:2]] and None not in reasons
     completions = api.completions.create(model=MODEL, prompt="three ways", max_tokens=16, seed=7, n=2, extra_body=FAST)
     assert len({c.text for c in completions.choices}) == 2
+
+
+def test_logprobs_of_the_committed_tokens(server, tiny):
+    """Each answer token comes with its log-probability under the distribution its canvas's last step
+    computed, where it is the most likely token: so it leads its own top list. Whole answers only."""
+    url, _ = server
+    _, processor = tiny
+    api = client(url)
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "how sure"}], max_tokens=16, seed=2, extra_body=FAST)
+    plain = api.chat.completions.create(**ask)
+    answer = api.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+    assert answer.choices[0].message.content == plain.choices[0].message.content
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob == entry.logprob
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    completion = api.completions.create(model=MODEL, prompt="how sure", max_tokens=16, seed=2, logprobs=2,
+                                        extra_body=FAST)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == completion.usage.completion_tokens
+    assert "".join(logprobs.tokens).startswith(completion.choices[0].text[:1])
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        api.chat.completions.create(**ask, logprobs=True, stream=True)
 
 
 def test_long_request_does_not_block_short_ones(server):

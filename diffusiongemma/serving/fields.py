@@ -52,8 +52,9 @@ _COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "seed"
            "response_format", "include_stop_str_in_output", "n", *FILTERS, *ENDINGS, *PENALTIES, *TUNABLE)
 # What each endpoint acts on; the code that reads a field checks its value.
 HONOURED = {
-    "chat": {*_COMMON, "messages", "chat_template", "add_generation_prompt", "continue_final_message"},
-    "completions": {*_COMMON, "prompt"},
+    "chat": {*_COMMON, "messages", "chat_template", "add_generation_prompt", "continue_final_message", "logprobs",
+             "top_logprobs"},
+    "completions": {*_COMMON, "prompt", "logprobs"},
     "tokenize": {"model", "prompt", "add_special_tokens", "messages", "chat_template", "add_generation_prompt",
                  "continue_final_message"},
     "detokenize": {"model", "tokens"},
@@ -66,8 +67,6 @@ _SAMPLING_NO_OPS = {
 }
 NO_OPS = {
     "chat": {**_SAMPLING_NO_OPS,
-             "logprobs": (BOOLEAN, (False,)),
-             "top_logprobs": (INTEGER, (0,)),
              "tools": (LIST, ([],)),
              "functions": (LIST, ([],)),
              # With no tools there is nothing to call, so these choices change nothing.
@@ -285,3 +284,29 @@ def choices(body: dict, most: int) -> int:
         raise ApiError(400, f"`n` must be an integer from 1 to {most} (answers this server can hold at once), "
                             f"got {n!r}", param="n")
     return n
+
+
+# The most likely tokens `/v1/completions` shows beside each answer token, as OpenAI's legacy API allows.
+MAX_COMPLETION_LOGPROBS = 5
+
+
+def logprobs_wanted(body: dict, chat: bool, stream: bool) -> int | None:
+    """How many of the most likely tokens to show beside each answer token's log-probability, or None for
+    no log-probabilities: chat's `logprobs` and `top_logprobs`, or completions' `logprobs`."""
+    if chat:
+        wanted, top = body.get("logprobs"), body.get("top_logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise ApiError(400, f"`logprobs` must be a boolean, got {wanted!r}", param="logprobs")
+        if top is not None and not wanted:
+            raise ApiError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+        count = (top or 0) if wanted else None
+        if count is not None and not (is_int(count) and 0 <= count <= 20):
+            raise ApiError(400, f"`top_logprobs` must be an integer from 0 to 20, got {count!r}", param="top_logprobs")
+    else:
+        count = body.get("logprobs")
+        if count is not None and not (is_int(count) and 0 <= count <= MAX_COMPLETION_LOGPROBS):
+            raise ApiError(400, f"`logprobs` must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}, got {count!r}",
+                           param="logprobs")
+    if count is not None and stream:
+        raise ApiError(400, "log-probabilities come with whole answers only, not with `stream`", param="logprobs")
+    return count

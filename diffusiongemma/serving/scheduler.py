@@ -41,6 +41,8 @@ from ..engine.text import IncrementalDetokenizer, cut_at_end, eos_ids
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
 # The only generation parameters a request may set besides its length, temperature, seed and stops.
 TUNABLE = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+# The most likely tokens a request may ask to see with each answer token.
+MAX_TOP_LOGPROBS = 20
 # Prompt tokens encoded per request per tick, and per tick in all.
 PREFILL_CHUNK = 512
 PREFILL_BUDGET = 1024
@@ -74,6 +76,8 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     stop: str | None = None
+    # With `Settings.logprobs`: per answer token, (token, its log-probability, the most likely tokens and theirs).
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -91,7 +95,9 @@ class Settings:
     `filters` (top_k, top_p, min_p) narrow what each position samples from, as `SamplingFilters` says.
     The answer ends at the checkpoint's end-of-sequence tokens (not with `ignore_eos`) and at
     `stop_token_ids`; none of those can be committed before `min_tokens` answer tokens. The penalties
-    work on the committed tokens as `Penalties` says.
+    work on the committed tokens as `Penalties` says. With `logprobs` (0 to 20), each answer token comes
+    with its log-probability, and that many of the most likely tokens with theirs, under the distribution
+    the last step of its canvas computed, the one whose argmax was committed.
     """
 
     max_tokens: int
@@ -111,13 +117,14 @@ class Settings:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: int | None = None
 
 
 def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, temperature: float = 1.0,
                      stop: tuple[str, ...] = (), seed: int | None = None, top_k: int = 0, top_p: float = 1.0,
                      min_p: float = 0.0, stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
                      min_tokens: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     repetition_penalty: float = 1.0, **tunable) -> Settings:
+                     repetition_penalty: float = 1.0, logprobs: int | None = None, **tunable) -> Settings:
     """Settings from a request's values over the checkpoint's generation config; raises ValueError,
     naming the parameter, for a bad value or a prompt and answer longer than the model's positions."""
     unknown = sorted(set(tunable) - set(TUNABLE))
@@ -158,6 +165,9 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
     if not (isinstance(repetition_penalty, (int, float)) and not isinstance(repetition_penalty, bool)
             and 0 < repetition_penalty <= 10):
         raise ValueError(f"`repetition_penalty` must be a number above 0 and at most 10, got {repetition_penalty!r}")
+    if logprobs is not None and not (isinstance(logprobs, int) and not isinstance(logprobs, bool)
+                                     and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"`logprobs` must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {logprobs!r}")
     scheduled = config.t_min is not None and config.t_max is not None
     adaptive = config.stability_threshold is not None and config.confidence_threshold is not None
     return Settings(max_tokens=config.max_new_tokens, max_denoising_steps=config.max_denoising_steps,
@@ -169,7 +179,7 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
                     filters=SamplingFilters(top_k=top_k, top_p=top_p, min_p=min_p),
                     stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos, min_tokens=min_tokens,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                    repetition_penalty=repetition_penalty)
+                    repetition_penalty=repetition_penalty, logprobs=logprobs)
 
 
 @dataclass(eq=False)
@@ -256,6 +266,7 @@ class _Running:
         self.uncached = torch.tensor([request.prompt_ids], device=device)
         self.denoising = False
         self.text = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.sent = ""
 
     def _processors(self, settings: Settings) -> tuple:
@@ -287,8 +298,11 @@ class _Running:
         return self.canvas.taken, self._commit()
 
     def _commit(self) -> Finished | None:
-        self.text.add(cut_at_end(self.canvas.argmax[0].tolist(), self.eos))
+        committed = cut_at_end(self.canvas.argmax[0].tolist(), self.eos)
         settings = self.request.settings
+        if settings.logprobs is not None:
+            self.logprobs.extend(self._logprobs(len(committed), settings.logprobs))
+        self.text.add(committed)
         kept = self.text.tokens[:settings.max_tokens]
         text = self.text.text(settings.max_tokens)
         found = [(at, stop) for stop in settings.stop if (at := text.find(stop)) >= 0]
@@ -302,7 +316,8 @@ class _Running:
             reason = "length"
         if reason is not None:
             self._send(text[len(self.sent):])
-            return Finished(text, reason, len(self.request.prompt_ids), len(kept), stop)
+            logprobs = self.logprobs[:len(kept)] if settings.logprobs is not None else None
+            return Finished(text, reason, len(self.request.prompt_ids), len(kept), stop, logprobs)
         # Whatever could begin a stop string waits too.
         safe = self.text.settled(settings.max_tokens)
         hold = max((len(s) - 1 for s in settings.stop), default=0)
@@ -311,6 +326,16 @@ class _Running:
             self._send(safe[len(self.sent):])
         self.uncached = self.canvas.argmax
         return None
+
+    def _logprobs(self, count: int, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """For the canvas's first `count` committed tokens: each token's log-probability under the last step's
+        processed logits, and the `top` most likely tokens with theirs."""
+        logprobs = torch.log_softmax(self.canvas.self_conditioning_logits[0, :count].float(), dim=-1)
+        tokens = self.canvas.argmax[0, :count]
+        chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+        best, best_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], tokens[:, None][:, :0])
+        return [(token, value, list(zip(ids, values)))
+                for token, value, ids, values in zip(tokens.tolist(), chosen, best_ids.tolist(), best.tolist())]
 
     def _send(self, text: str) -> None:
         if text:

@@ -24,7 +24,9 @@ Honoured:
   answer tokens: their logits are -inf there); `presence_penalty`, `frequency_penalty` (-2 to 2) and
   `repetition_penalty` (above 0), on every position's logits, over the committed tokens
   (`scheduler.Penalties`); `n` (up to `max_batch + max_queue` answers, each its own request in the
-  scheduler, seeded `seed`, `seed + 1`, ...; `usage` counts the prompt once and every answer's tokens).
+  scheduler, seeded `seed`, `seed + 1`, ...; `usage` counts the prompt once and every answer's tokens);
+  `logprobs` (chat: with `top_logprobs` up to 20; completions: up to 5), whole answers only: each answer
+  token's log-probability under the last step of its canvas, whose argmax it is (`scheduler.Settings`).
 - chat only: `add_generation_prompt` (default true), `continue_final_message` (default false: the answer
   continues the final message, which the template then leaves open) and `chat_template`, the last only
   on a server started with `trust_request_chat_template`, because a template runs on the server and
@@ -34,7 +36,7 @@ Honoured:
 
 Accepted at the values that leave a missing feature off (clients send some by default), refused at any
 other: `logit_bias` {}; chat:
-`logprobs` false, `top_logprobs` 0, `tools` [], `functions` [], `tool_choice` and `function_call` "none"
+`tools` [], `functions` [], `tool_choice` and `function_call` "none"
 or "auto", `parallel_tool_calls` (either), `modalities` ["text"], `store` false, `service_tier` "auto" or
 "default"; completions: `best_of` 1, `echo` false, `suffix` "".
 Accepted and ignored, as they change no answer: `user`, `metadata`, `safety_identifier`,
@@ -106,6 +108,7 @@ from .fields import (
     endings,
     flag,
     is_int,
+    logprobs_wanted,
     max_tokens,
     message_characters,
     penalties,
@@ -392,6 +395,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             raise ApiError(400, f"`seed` must be a 64-bit integer, got {seed!r}", param="seed")
         temperature = body.get("temperature")
         n = choices(body, max_batch + max_queue)
+        top_logprobs = logprobs_wanted(body, chat, stream)
         stops = stop_strings(body.get("stop"))
         prompt_ids = await (chat_prompt(body) if chat else completion_prompt(body.get("prompt")))
         if len(prompt_ids) > max_prompt_tokens:
@@ -399,7 +403,8 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         try:
             settings = resolve_settings(model, len(prompt_ids), max_tokens=length,
                                         temperature=1.0 if temperature is None else temperature, stop=stops, seed=seed,
-                                        **sampling_filters(body), **endings(body), **penalties(body),
+                                        logprobs=top_logprobs, **sampling_filters(body), **endings(body),
+                                        **penalties(body),
                                         **{name: body.get(name) for name in engine.TUNABLE})
         except ValueError as error:
             refusal = bad_value(error)
@@ -443,7 +448,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
 
     async def generate(request: Request, chat: bool):
         counters.received["chat" if chat else "completions"] += 1
-        shape = _Shape(chat, model_name)
+        shape = _Shape(chat, model_name, tokenizer)
         try:
             jobs, events, stream, include_usage, include_stop = await admit(request, chat)
         except ApiError as error:
@@ -550,8 +555,8 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
 class _Shape:
     """Builds the OpenAI objects of one answer: chat or text completion, whole or in chunks."""
 
-    def __init__(self, chat: bool, model_name: str):
-        self.chat, self.model_name = chat, model_name
+    def __init__(self, chat: bool, model_name: str, tokenizer):
+        self.chat, self.model_name, self.tokenizer = chat, model_name, tokenizer
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.include_stop = False
@@ -578,10 +583,26 @@ class _Shape:
                 choice = {"index": index, "message": {"role": "assistant", "content": text}}
             else:
                 choice = {"index": index, "text": text}
-            choice.update(finish_reason=outcome.finish_reason, logprobs=None)
+            choice.update(finish_reason=outcome.finish_reason, logprobs=self.logprobs(outcome))
             answers.append(choice)
         return self._object("chat.completion" if self.chat else "text_completion", answers,
                             usage=self.usage(outcomes))
+
+    def logprobs(self, outcome: Finished) -> dict | None:
+        """OpenAI's `logprobs` of a whole answer: chat's list of tokens, or completions' parallel lists."""
+        if outcome.logprobs is None:
+            return None
+        piece = lambda token: self.tokenizer.decode([token])  # noqa: E731
+        if self.chat:
+            return {"content": [
+                {"token": piece(token), "logprob": value, "bytes": list(piece(token).encode()),
+                 "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())} for t, v in best]}
+                for token, value, best in outcome.logprobs]}
+        pieces = [piece(token) for token, _, _ in outcome.logprobs]
+        offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+        return {"tokens": pieces, "token_logprobs": [value for _, value, _ in outcome.logprobs],
+                "top_logprobs": [{piece(t): v for t, v in best} for _, _, best in outcome.logprobs],
+                "text_offset": offsets}
 
     def chunk(self, index: int, text: str | None = None, draft: str | None = None, finish_reason: str | None = None,
               role: bool = False, **extra) -> dict:
