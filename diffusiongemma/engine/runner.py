@@ -13,8 +13,10 @@ device, and chooses how they run:
   shapes; a GPU library may choose by row count), attention runs per request over its own cache, and the
   experts' products run in fixed tiles (`kernels.experts.row_independent`).
 
-Scores are the soft-capped float32 logits, or, where the sampling plan is fused, the LM head's scores,
-which the fused kernel soft-caps itself (`BlockDiffusionLM.decoder_scores`).
+A runner built with `soft_capped=True` gives soft-capped float32 logits; with `soft_capped=False`, the LM
+head's scores, which the fused kernel (or `step.denoise_step`, for a plan without it) soft-caps itself
+(`BlockDiffusionLM.decoder_scores`). On the CPU `RequestsRunner` hands them over as `step.RowScores`, made
+a block of requests at a time.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ boundaries depend on the prompt alone; a committed canvas is one chunk.
 Numbers. Every request is its own group in the step, with its own `torch.Generator`, drawn in `generate`'s
 order (the canvas noise, then per step the samples and the renoising), and the decoder pass gives each row
 what it gets alone (see `RequestsRunner`). So on the CPU a seeded request gives the same tokens alone or in
-any batch: the tokens `generate` gives for its prompt after `torch.manual_seed(seed)` with
-`batch_invariant=True` and `prefill_chunk_size` set to the server's chunk. On CUDA the token-wise products
+any batch; for the settings `generate` also has (not the filters, penalties and `min_tokens`, which only
+the server takes), they are the tokens `generate` gives for its prompt after `torch.manual_seed(seed)`
+with `batch_invariant=True` and `prefill_chunk_size` set to the server's chunk. On CUDA the token-wise products
 are cuBLAS's, which may choose its kernel by row count: there a batch can move a token's last bits.
 """
 
@@ -39,7 +40,7 @@ from ..engine.text import IncrementalDetokenizer, cut_at_end, eos_ids
 
 # Upper bounds of the steps-per-canvas histogram that /metrics exports.
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
-# The only generation parameters a request may set besides its length, temperature, seed and stops.
+# The checkpoint's generation parameters a request may override.
 TUNABLE = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
 # The most likely tokens a request may ask to see with each answer token.
 MAX_TOP_LOGPROBS = 20
