@@ -446,7 +446,9 @@ def test_serve_flags_reach_the_server(monkeypatch, checkpoint):
     monkeypatch.setenv("DIFFUSIONGEMMA_API_KEY", "from-the-environment")
     assert main(["serve", checkpoint, "--max-body-bytes", "1000", "--max-denoising-steps-limit", "64",
                  "--read-timeout", "2.5", "--keep-alive-timeout", "1", "--max-connections", "9",
-                 "--shutdown-timeout", "3", "--log-level", "debug", "--trust-request-chat-template"]) == 0
+                 "--shutdown-timeout", "3", "--log-level", "debug", "--trust-request-chat-template",
+                 "--allowed-media-domains", "images.example", "cdn.example"]) == 0
+    assert seen["allowed_media_domains"] == ("images.example", "cdn.example")
     assert seen["api_key"] == "from-the-environment" and seen["model_name"] == os.path.basename(checkpoint)
     assert (seen["max_body_bytes"], seen["max_denoising_steps_limit"], seen["read_timeout"],
             seen["keep_alive_timeout"], seen["max_connections"], seen["shutdown_timeout"], seen["log_level"],

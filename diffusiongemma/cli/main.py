@@ -531,7 +531,8 @@ def cmd_serve(args) -> None:
           max_body_bytes=args.max_body_bytes, max_denoising_steps_limit=args.max_denoising_steps_limit,
           trust_request_chat_template=args.trust_request_chat_template, read_timeout=args.read_timeout,
           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
-          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+          allowed_media_domains=tuple(args.allowed_media_domains))
 
 
 def cmd_train(args) -> None:
@@ -570,6 +571,8 @@ def _add_serve_command(commands) -> None:
                             "checkpoint's)")
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="honour a request's own `chat_template`, which then runs on the server")
+    serve.add_argument("--allowed-media-domains", nargs="+", default=(), metavar="HOST",
+                       help="hosts whose http(s) image URLs a request may give (default: none; data: URLs always)")
     serve.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="a request's head, and then its body, must arrive within this time (default: 30)")
     serve.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",

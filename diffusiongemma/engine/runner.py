@@ -127,11 +127,12 @@ class RequestsRunner:
     def new_cache(self) -> KVCache:
         return KVCache(self.model.config.text_config, self.canvas_length)
 
-    def encode(self, cache: KVCache, tokens: torch.Tensor) -> None:
+    def encode(self, cache: KVCache, tokens: torch.Tensor, **images) -> None:
+        """Appends `tokens` to `cache`; `images`: the model inputs of the images among them."""
         start = cache.get_seq_length()
         positions = torch.arange(start, start + tokens.shape[1], dtype=torch.int32, device=tokens.device)[None]
         with row_independent():
-            self.model.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions)
+            self.model.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions, **images)
 
     def decode(self, caches: list[KVCache], current: torch.Tensor, self_conditioning_logits: list):
         """Scores [requests, canvas, vocab] for each request's canvas over its own cache (on the CPU as

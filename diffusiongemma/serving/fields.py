@@ -6,8 +6,11 @@ The full list, per endpoint, is in `server.py`'s docstring; the tables here are 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
+import socket
+import urllib.parse
 
 from .scheduler import TUNABLE
 
@@ -209,7 +212,29 @@ def response_format(body: dict) -> None:
 MESSAGE_FIELDS = ("role", "content")
 
 
-def chat_messages(value) -> list[dict]:
+def _image_url(part: dict, allowed_media_domains: frozenset[str]) -> None:
+    """Refuses an image part whose source the server may not read: a `data:` URL always may, an http(s)
+    URL only on a host the server was started to allow, and nothing else (a file on the server, say)."""
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else None
+    if not isinstance(url, str) or set(image) - {"url", "detail"}:
+        raise ApiError(400, "an image part must look like {'type': 'image_url', 'image_url': {'url': str}}",
+                       param="messages")
+    if url.startswith("data:"):
+        return
+    host = urllib.parse.urlsplit(url).hostname if url.startswith(("http://", "https://")) else None
+    if host is None or host.lower() not in allowed_media_domains:
+        raise ApiError(400, "an image must be a data: URL, or an http(s) URL on a host the server was started to "
+                            "allow (--allowed-media-domains)", param="messages")
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        raise ApiError(400, f"the image's host {host!r} cannot be resolved", param="messages") from None
+    if any(not ipaddress.ip_address(address.split("%")[0]).is_global for address in addresses):
+        raise ApiError(400, f"the image's host {host!r} is a loopback or private address", param="messages")
+
+
+def chat_messages(value, allowed_media_domains: frozenset[str] = frozenset()) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, "`messages` must be a non-empty list of messages", param="messages")
     for index, message in enumerate(value):
@@ -220,13 +245,21 @@ def chat_messages(value) -> list[dict]:
         if extra:
             raise ApiError(400, f"`messages[{index}].{extra[0]}` is not supported by this server", param="messages")
         content = message.get("content")
-        parts = content if isinstance(content, list) else []
-        if not (content is None or isinstance(content, (str, list))) or any(
-                not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str)
-                or set(part) != {"type", "text"} for part in parts):
-            raise ApiError(400, "message content must be a string or a list of {'type': 'text', 'text': str} "
-                                "parts; images are not supported by this server", param="messages")
+        if not (content is None or isinstance(content, (str, list))):
+            raise ApiError(400, "message content must be a string or a list of parts", param="messages")
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                _image_url(part, allowed_media_domains)
+            elif not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                      and set(part) == {"type", "text"}):
+                raise ApiError(400, "a content part must be {'type': 'text', 'text': str} or {'type': 'image_url', "
+                                    "'image_url': {'url': str}}", param="messages")
     return value
+
+
+def has_images(messages: list[dict]) -> bool:
+    return any(isinstance(part, dict) and part.get("type") == "image_url"
+               for message in messages if isinstance(message.get("content"), list) for part in message["content"])
 
 
 def message_characters(messages: list[dict]) -> int:
@@ -237,7 +270,7 @@ def message_characters(messages: list[dict]) -> int:
         if isinstance(content, str):
             total += len(content)
         elif isinstance(content, list):
-            total += sum(len(part["text"]) for part in content)
+            total += sum(len(part["text"]) for part in content if part["type"] == "text")
     return total
 
 

@@ -10,7 +10,8 @@ requests join and leave between ticks, each with its own prefix length, settings
 Prompts are encoded in chunks of `prefill_chunk` tokens, at most one chunk per request per tick and at
 most `prefill_budget` tokens per tick in all (a chunk that does not fit waits for the next tick), so a
 long prompt delays the running requests by one chunk at a time, never by its whole length. Chunk
-boundaries depend on the prompt alone; a committed canvas is one chunk.
+boundaries depend on the prompt alone; a committed canvas is one chunk. A prompt with images is encoded in
+one piece, in a tick of its own budget: an image's tokens attend to each other in one pass.
 
 Numbers. Every request is its own group in the step, with its own `torch.Generator`, drawn in `generate`'s
 order (the canvas noise, then per step the samples and the renoising), and the decoder pass gives each row
@@ -193,6 +194,8 @@ class Request:
     settings: Settings
     emit: Callable[[object], None]
     drafts: bool = False
+    # The model inputs of the prompt's images (pixel_values, image_position_ids, mm_token_type_ids), if any.
+    images: dict | None = None
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -265,6 +268,7 @@ class _Running:
                                 device)
         self.cache = runner.new_cache()
         self.uncached = torch.tensor([request.prompt_ids], device=device)
+        self.images = {name: tensor.to(device) for name, tensor in request.images.items()} if request.images else None
         self.denoising = False
         self.text = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
@@ -282,7 +286,8 @@ class _Running:
         """Encodes the next `chunk` tokens the cache lacks; starts a canvas once none is left. Returns how
         many tokens it encoded."""
         tokens, self.uncached = self.uncached[:, :chunk], self.uncached[:, chunk:]
-        runner.encode(self.cache, tokens)
+        runner.encode(self.cache, tokens, **(self.images or {}))
+        self.images = None
         if not self.uncached.shape[1]:
             self.canvas.start()
             self.denoising = True
@@ -472,9 +477,15 @@ class Scheduler:
                 self.running.remove(running)
                 self._count("cancelled")
             elif not running.denoising:
-                # A whole chunk or none: where a prompt is cut must not depend on what else runs.
-                piece = min(self.prefill_chunk, running.uncached.shape[1])
-                if piece <= budget:
+                # A whole chunk or none: where a prompt is cut must not depend on what else runs. A prompt with
+                # images is one piece, since an image's tokens attend to each other in one pass; it waits for a
+                # tick of its own budget.
+                if running.images is not None:
+                    piece, fits = running.uncached.shape[1], budget == self.prefill_budget
+                else:
+                    piece = min(self.prefill_chunk, running.uncached.shape[1])
+                    fits = piece <= budget
+                if fits:
                     try:
                         budget -= running.encode_chunk(self.runner, piece)
                     except Exception as error:  # the failure belongs to this request alone

@@ -10,7 +10,10 @@ refused with a 400 that names it (`fields.py` holds the tables); a null counts a
 
 Honoured:
 - `model`: required, and the served name (`/v1/models`); another gets 404 `model_not_found`.
-- `messages` (chat; text parts only) or `prompt` (completions: a string, a one-string list, or token ids).
+- `messages` (chat: text parts, and `image_url` parts whose URL is a `data:` URL, or an http(s) URL on a host
+  given to `allowed_media_domains` that resolves to public addresses only; the image is read and decoded off
+  the event loop, within the image loader's size limits; a prompt with images is encoded in one piece) or
+  `prompt` (completions: a string, a one-string list, or token ids).
 - `max_completion_tokens` or `max_tokens` (both only if equal; left out: the checkpoint's length, within
   the room the prompt leaves), `temperature` (0 to 2; scales both ends of the denoising temperature
   schedule, see `scheduler.Settings`), `seed`, `stop` (a string or up to four),
@@ -107,6 +110,7 @@ from .fields import (
     choices,
     endings,
     flag,
+    has_images,
     is_int,
     logprobs_wanted,
     max_tokens,
@@ -231,7 +235,8 @@ def _prometheus(scheduler: Scheduler, counters: _Counters) -> str:
 def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue: int = 64,
                max_prompt_tokens: int | None = None, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_denoising_steps_limit: int | None = None,
-               trust_request_chat_template: bool = False, read_timeout: float = 30.0) -> FastAPI:
+               trust_request_chat_template: bool = False, read_timeout: float = 30.0,
+               allowed_media_domains: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the scheduler's worker thread. `app.state.limits`
     holds the limits in force, `app.state.drain(timeout)` ends the answers in flight (see `http_server`).
 
@@ -239,6 +244,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
     STEPS_LIMIT_FACTOR times the checkpoint's steps per canvas."""
     positions = model.config.text_config.max_position_embeddings
     max_prompt_tokens = positions - 1 if max_prompt_tokens is None else max_prompt_tokens
+    allowed_media_domains = frozenset(domain.lower() for domain in allowed_media_domains)
     checkpoint_steps = resolve_settings(model, 1).max_denoising_steps
     if max_denoising_steps_limit is None:
         max_denoising_steps_limit = STEPS_LIMIT_FACTOR * checkpoint_steps
@@ -337,8 +343,9 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         return ApiError(400, f"the prompt is {what}; this server takes at most {max_prompt_tokens} tokens",
                         param=param, code="context_length_exceeded")
 
-    async def chat_prompt(body: dict, bounded: bool = True) -> list[int]:
-        messages = chat_messages(body.get("messages"))
+    async def chat_prompt(body: dict, bounded: bool = True) -> tuple[list[int], dict | None]:
+        """The prompt's token ids, and the model inputs of its images (None without images)."""
+        messages = chat_messages(body.get("messages"), allowed_media_domains)
         template = body.get("chat_template")
         if template is not None and not isinstance(template, str):
             raise ApiError(400, "`chat_template` must be a string", param="chat_template")
@@ -354,13 +361,19 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         characters = message_characters(messages)
         if bounded and characters > max_prompt_chars:
             raise too_long("messages", f"{characters} characters long")
+        images = has_images(messages)
         try:
-            ids = await asyncio.to_thread(processor.apply_chat_template, messages, add_generation_prompt=opened,
-                                          continue_final_message=continued, chat_template=template, tokenize=True,
-                                          padding=False)
+            # Off the event loop: templates, and images to decode (or fetch from an allowed host).
+            inputs = await asyncio.to_thread(processor.apply_chat_template, messages, add_generation_prompt=opened,
+                                             continue_final_message=continued, chat_template=template, tokenize=True,
+                                             padding=False, return_dict=images, return_tensors="pt" if images else None)
         except (ValueError, jinja2.TemplateError) as error:
-            raise ApiError(400, f"the messages do not fit the chat template: {error}", param="messages") from None
-        return ids[0]
+            raise ApiError(400, f"the messages do not fit the chat template, or an image cannot be read: {error}",
+                           param="messages") from None
+        if not images:
+            return inputs[0], None
+        pictures = {name: inputs[name] for name in ("pixel_values", "image_position_ids", "mm_token_type_ids")}
+        return inputs["input_ids"][0].tolist(), pictures
 
     async def text_ids(text: str, add_special_tokens: bool = True) -> list[int]:
         # The tokenizer's call lets go of the GIL while it works: a long text leaves the event loop running.
@@ -397,7 +410,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         n = choices(body, max_batch + max_queue)
         top_logprobs = logprobs_wanted(body, chat, stream)
         stops = stop_strings(body.get("stop"))
-        prompt_ids = await (chat_prompt(body) if chat else completion_prompt(body.get("prompt")))
+        prompt_ids, images = await chat_prompt(body) if chat else (await completion_prompt(body.get("prompt")), None)
         if len(prompt_ids) > max_prompt_tokens:
             raise too_long("messages" if chat else "prompt", f"{len(prompt_ids)} tokens long")
         try:
@@ -431,7 +444,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
 
         # Independent answers: seeds seed, seed + 1, ... (each its own random stream when unseeded).
         jobs = [engine.Request(prompt_ids, dataclasses.replace(settings, seed=None if seed is None else seed + i),
-                               emitter(i), drafts=stream and include_drafts) for i in range(n)]
+                               emitter(i), drafts=stream and include_drafts, images=images) for i in range(n)]
         try:
             for job in jobs:
                 scheduler.submit(job)
@@ -511,7 +524,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             if body.get("add_special_tokens") is not None:
                 raise ApiError(400, "`add_special_tokens` goes with `prompt`; with `messages` the chat template "
                                     "decides", param="add_special_tokens")
-            ids = await chat_prompt(body, bounded=False)
+            ids, _ = await chat_prompt(body, bounded=False)
         else:
             if not isinstance(body["prompt"], str):
                 raise ApiError(400, "`prompt` must be a string", param="prompt")
@@ -803,7 +816,7 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
           device: str = "auto", dtype: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_denoising_steps_limit: int | None = None, trust_request_chat_template: bool = False,
           read_timeout: float = 30.0, keep_alive_timeout: float = 5.0, max_connections: int = 512,
-          shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+          shutdown_timeout: float = 30.0, log_level: str = "info", allowed_media_domains: tuple[str, ...] = ()) -> None:
     """Loads the checkpoint and serves it, as `model_name` (default: `served_name(model_path)`), until
     interrupted."""
     from ..hf.modeling import DiffusionGemmaForBlockDiffusion
@@ -815,7 +828,8 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
     app = create_app(model, processor, name, max_batch=max_batch, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens, api_key=api_key, max_body_bytes=max_body_bytes,
                      max_denoising_steps_limit=max_denoising_steps_limit,
-                     trust_request_chat_template=trust_request_chat_template, read_timeout=read_timeout)
+                     trust_request_chat_template=trust_request_chat_template, read_timeout=read_timeout,
+                     allowed_media_domains=allowed_media_domains)
     server = http_server(app, host, port, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
                          max_connections=max_connections, shutdown_timeout=shutdown_timeout, log_level=log_level)
     limits = app.state.limits
