@@ -106,3 +106,25 @@ def reference_processor(tokenizer, folder):
     processor = TextAndImages(None, Gemma4ImageProcessorPil(), tokenizer, None, chat_template=template)
     processor.boa_token = processor.eoa_token = "<audio-unused>"  # only checked to exist
     return processor
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A `tiny` random checkpoint written by `init-random`'s code (the server tests' model)."""
+    from diffusiongemma.hf.presets import write_random_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-random")
+    write_random_checkpoint(folder, "tiny", seed=0)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    """(model, processor) of the tiny checkpoint. Torch gets one thread: the server shares the cores
+    with the test's clients, and a tiny model gains nothing from more."""
+    from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
+    torch.set_num_threads(threads)

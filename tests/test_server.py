@@ -22,9 +22,7 @@ import openai
 import pytest
 import torch
 
-from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma.engine.runner import RequestsRunner
-from diffusiongemma.hf.presets import write_random_checkpoint
 from diffusiongemma.kernels.experts import grouped_linear, row_independent
 from diffusiongemma.model.cache import KVCache
 from diffusiongemma.serving import scheduler as engine
@@ -38,24 +36,6 @@ FAST = {"max_denoising_steps": 4}
 WAIT_SECONDS = 20
 # A canvas that never settles: many steps, and a confidence no random model reaches.
 ENDLESS = {"max_tokens": 16, "max_denoising_steps": 100000, "confidence_threshold": 1e-12}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-random")
-    write_random_checkpoint(folder, "tiny", seed=0)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny(checkpoint):
-    """(model, processor) of the tiny checkpoint. Torch gets one thread: the server shares the cores
-    with the test's clients, and a tiny model gains nothing from more."""
-    folder = checkpoint
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield DiffusionGemmaForBlockDiffusion.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -15,17 +15,15 @@ import time
 import httpx
 import openai
 import pytest
-from test_server import (  # noqa: F401 (checkpoint and tiny are fixtures)
+from test_server import (
     API_KEY,
     ENDLESS,
     FAST,
     MODEL,
     WAIT_SECONDS,
-    checkpoint,
     client,
     running,
     server_log,
-    tiny,
     wait_for,
 )
 
