@@ -260,7 +260,7 @@ def test_sampler_values_at_the_edges_of_the_range(server):
     ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "f"}}),
     ("function_call", {"name": "f"}), ("parallel_tool_calls", "x"), ("reasoning_effort", "low"),
     ("modalities", ["text", "audio"]), ("prediction", {"type": "content", "content": "x"}), ("top_p", 0),
-    ("n", 1000), ("n", 1.5), ("logprobs", 1), ("top_logprobs", 3), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("store", True),
+    ("n", 1000), ("n", 1.5), ("logprobs", 1), ("top_logprobs", 3), ("tools", [{"type": "function"}]), ("store", True),
     ("audio", {"voice": "x"}), ("no_such_field", 1), ("user", 5), ("response_format", {"type": "json_object"}),
     ("include_stop_str_in_output", "yes"), ("add_generation_prompt", 1), ("chat_template", "{{ messages }}"),
 ])

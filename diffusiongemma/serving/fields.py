@@ -56,9 +56,9 @@ _COMMON = ("model", "max_tokens", "max_completion_tokens", "temperature", "seed"
 # What each endpoint acts on; the code that reads a field checks its value.
 HONOURED = {
     "chat": {*_COMMON, "messages", "chat_template", "add_generation_prompt", "continue_final_message", "logprobs",
-             "top_logprobs"},
+             "top_logprobs", "tools", "tool_choice"},
     "completions": {*_COMMON, "prompt", "logprobs"},
-    "tokenize": {"model", "prompt", "add_special_tokens", "messages", "chat_template", "add_generation_prompt",
+    "tokenize": {"model", "prompt", "add_special_tokens", "messages", "tools", "chat_template", "add_generation_prompt",
                  "continue_final_message"},
     "detokenize": {"model", "tokens"},
 }
@@ -70,10 +70,8 @@ _SAMPLING_NO_OPS = {
 }
 NO_OPS = {
     "chat": {**_SAMPLING_NO_OPS,
-             "tools": (LIST, ([],)),
              "functions": (LIST, ([],)),
-             # With no tools there is nothing to call, so these choices change nothing.
-             "tool_choice": (CHOICE, ("none", "auto")),
+             # The legacy names of `tools` and `tool_choice`, at the values that leave them off.
              "function_call": (CHOICE, ("none", "auto")),
              "parallel_tool_calls": (BOOLEAN, (True, False)),
              "modalities": (LIST, (["text"],)),
@@ -209,7 +207,7 @@ def response_format(body: dict) -> None:
 
 
 # A message's own fields; the others, when set, would be dropped by the chat template.
-MESSAGE_FIELDS = ("role", "content")
+MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id")
 
 
 def _image_url(part: dict, allowed_media_domains: frozenset[str]) -> None:
@@ -244,6 +242,17 @@ def chat_messages(value, allowed_media_domains: frozenset[str] = frozenset()) ->
                        if name not in MESSAGE_FIELDS and field not in (None, [], {}))
         if extra:
             raise ApiError(400, f"`messages[{index}].{extra[0]}` is not supported by this server", param="messages")
+        calls = message.get("tool_calls")
+        if calls not in (None, []) and (message["role"] != "assistant" or not isinstance(calls, list) or not all(
+                isinstance(call, dict) and isinstance(call.get("function"), dict)
+                and isinstance(call["function"].get("name"), str) and isinstance(call["function"].get("arguments"), str)
+                for call in calls)):
+            raise ApiError(400, f"`messages[{index}].tool_calls` must be an assistant's list of {{'function': "
+                                "{'name': str, 'arguments': str}}", param="messages")
+        if message.get("tool_call_id") is not None and (message["role"] != "tool"
+                                                        or not isinstance(message["tool_call_id"], str)):
+            raise ApiError(400, f"`messages[{index}].tool_call_id` must be a string, on a `tool` message",
+                           param="messages")
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
             raise ApiError(400, "message content must be a string or a list of parts", param="messages")
@@ -343,3 +352,28 @@ def logprobs_wanted(body: dict, chat: bool, stream: bool) -> int | None:
     if count is not None and stream:
         raise ApiError(400, "log-probabilities come with whole answers only, not with `stream`", param="logprobs")
     return count
+
+
+def tool_settings(body: dict) -> tuple[list[dict] | None, str | None]:
+    """The request's `tools` (None without any) and what `tool_choice` asks: "auto" (calls are read from the
+    answer), "none" (they are not), or the name of the function the answer must call."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(
+                isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict)
+                and isinstance(tool["function"].get("name"), str) for tool in tools):
+            raise ApiError(400, "`tools` must be a list of {'type': 'function', 'function': {'name': str, ...}}",
+                           param="tools")
+        tools = tools or None
+    choice = body.get("tool_choice")
+    names = [tool["function"]["name"] for tool in tools or ()]
+    if choice is None or choice in ("auto", "none"):
+        return tools, None if tools is None else choice or "auto"
+    if choice == "required":
+        raise ApiError(400, "`tool_choice` \"required\" cannot be enforced by this server: name the function "
+                            "instead, or use \"auto\"", param="tool_choice")
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or name not in names:
+        raise ApiError(400, f"`tool_choice` must be \"none\", \"auto\" or a function of `tools` ({names}), "
+                            f"got {choice!r}", param="tool_choice")
+    return tools, name

@@ -80,6 +80,8 @@ class Finished:
     stop: str | None = None
     # With `Settings.logprobs`: per answer token, (token, its log-probability, the most likely tokens and theirs).
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    # With `Request.raw`: the answer's text with its special tokens (where tool calls are written).
+    raw: str | None = None
 
 
 @dataclass
@@ -196,6 +198,8 @@ class Request:
     drafts: bool = False
     # The model inputs of the prompt's images (pixel_values, image_position_ids, mm_token_type_ids), if any.
     images: dict | None = None
+    # Whether the outcome also gives the answer's text with its special tokens (`Finished.raw`).
+    raw: bool = False
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -323,7 +327,8 @@ class _Running:
         if reason is not None:
             self._send(text[len(self.sent):])
             logprobs = self.logprobs[:len(kept)] if settings.logprobs is not None else None
-            return Finished(text, reason, len(self.request.prompt_ids), len(kept), stop, logprobs)
+            raw = self.tokenizer.decode(kept, skip_special_tokens=False) if self.request.raw else None
+            return Finished(text, reason, len(self.request.prompt_ids), len(kept), stop, logprobs, raw)
         # Whatever could begin a stop string waits too.
         safe = self.text.settled(settings.max_tokens)
         hold = max((len(s) - 1 for s in settings.stop), default=0)

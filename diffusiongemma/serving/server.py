@@ -30,7 +30,12 @@ Honoured:
   scheduler, seeded `seed`, `seed + 1`, ...; `usage` counts the prompt once and every answer's tokens);
   `logprobs` (chat: with `top_logprobs` up to 20; completions: up to 5), whole answers only: each answer
   token's log-probability under the last step of its canvas, whose argmax it is (`scheduler.Settings`).
-- chat only: `add_generation_prompt` (default true), `continue_final_message` (default false: the answer
+- chat only: `tools` (rendered by the chat template; OpenAI's function tools), `tool_choice` ("auto": calls
+  are read from the answer; "none": they are not; a named function: the answer starts with its call and
+  the model writes the arguments; "required" cannot be enforced and is refused), assistant messages'
+  `tool_calls` and `tool` messages' `tool_call_id` (see `tools.py`: Gemma 4's calls become `tool_calls`,
+  `finish_reason` "tool_calls"; a streamed answer whose calls are read comes whole, once they are known),
+  `add_generation_prompt` (default true), `continue_final_message` (default false: the answer
   continues the final message, which the template then leaves open) and `chat_template`, the last only
   on a server started with `trust_request_chat_template`, because a template runs on the server and
   can loop or allocate without bound.
@@ -39,8 +44,7 @@ Honoured:
 
 Accepted at the values that leave a missing feature off (clients send some by default), refused at any
 other: `logit_bias` {}; chat:
-`tools` [], `functions` [], `tool_choice` and `function_call` "none"
-or "auto", `parallel_tool_calls` (either), `modalities` ["text"], `store` false, `service_tier` "auto" or
+`functions` [], `function_call` "none" or "auto", `parallel_tool_calls` (either), `modalities` ["text"], `store` false, `service_tier` "auto" or
 "default"; completions: `best_of` 1, `echo` false, `suffix` "".
 Accepted and ignored, as they change no answer: `user`, `metadata`, `safety_identifier`,
 `prompt_cache_key`. Refused: everything else (`audio`, `prediction`, `reasoning_effort`, ...). In a
@@ -120,6 +124,7 @@ from .fields import (
     sampling_filters,
     stop_strings,
     stream_options,
+    tool_settings,
 )
 from .scheduler import (
     Delta,
@@ -130,6 +135,7 @@ from .scheduler import (
     Scheduler,
     resolve_settings,
 )
+from .tools import call_prefix, parse_calls
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +261,8 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"the served model name must be a non-empty string, got {model_name!r}")
     tokenizer = processor.tokenizer
+    # What a decoded answer loses with `skip_special_tokens`: the tokenizer's special added tokens.
+    special_tokens = [token.content for token in tokenizer.backend.get_added_tokens_decoder().values() if token.special]
     # No token covers more characters than the vocabulary's longest piece, so a longer text cannot fit.
     max_prompt_chars = max_prompt_tokens * max(len(piece or "") for piece in
                                                 tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
@@ -362,11 +370,23 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         if bounded and characters > max_prompt_chars:
             raise too_long("messages", f"{characters} characters long")
         images = has_images(messages)
+        tools, choice = tool_settings(body)
+        # The template reads a call's arguments as a mapping, OpenAI sends them as JSON text.
+        messages = [{**m, "tool_calls": [_call_for_template(call) for call in m["tool_calls"]]} if m.get("tool_calls")
+                    else m for m in messages]
+        if choice not in (None, "auto", "none"):
+            if continued:
+                raise ApiError(400, "a named `tool_choice` starts the answer with its call, so it cannot continue "
+                                    "the final message", param="tool_choice")
+            # The answer starts with the named call; the model writes its arguments.
+            messages = [*messages, {"role": "assistant", "content": call_prefix(choice)}]
+            continued, opened = True, False
         try:
             # Off the event loop: templates, and images to decode (or fetch from an allowed host).
             inputs = await asyncio.to_thread(processor.apply_chat_template, messages, add_generation_prompt=opened,
                                              continue_final_message=continued, chat_template=template, tokenize=True,
-                                             padding=False, return_dict=images, return_tensors="pt" if images else None)
+                                             padding=False, return_dict=images, return_tensors="pt" if images else None,
+                                             tools=tools)
         except (ValueError, jinja2.TemplateError) as error:
             raise ApiError(400, f"the messages do not fit the chat template, or an image cannot be read: {error}",
                            param="messages") from None
@@ -408,6 +428,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             raise ApiError(400, f"`seed` must be a 64-bit integer, got {seed!r}", param="seed")
         temperature = body.get("temperature")
         n = choices(body, max_batch + max_queue)
+        _, tool_choice = tool_settings(body) if chat else (None, None)
         top_logprobs = logprobs_wanted(body, chat, stream)
         stops = stop_strings(body.get("stop"))
         prompt_ids, images = await chat_prompt(body) if chat else (await completion_prompt(body.get("prompt")), None)
@@ -444,7 +465,8 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
 
         # Independent answers: seeds seed, seed + 1, ... (each its own random stream when unseeded).
         jobs = [engine.Request(prompt_ids, dataclasses.replace(settings, seed=None if seed is None else seed + i),
-                               emitter(i), drafts=stream and include_drafts, images=images) for i in range(n)]
+                               emitter(i), drafts=stream and include_drafts, images=images,
+                               raw=tool_choice not in (None, "none")) for i in range(n)]
         try:
             for job in jobs:
                 scheduler.submit(job)
@@ -457,13 +479,13 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             raise ApiError(503, str(error), kind="server_error") from None  # the server is shutting down
         for job in jobs:
             in_flight[job] = events
-        return jobs, events, stream, include_usage, include_stop
+        return jobs, events, stream, include_usage, include_stop, tool_choice
 
     async def generate(request: Request, chat: bool):
         counters.received["chat" if chat else "completions"] += 1
         shape = _Shape(chat, model_name, tokenizer)
         try:
-            jobs, events, stream, include_usage, include_stop = await admit(request, chat)
+            jobs, events, stream, include_usage, include_stop, tool_choice = await admit(request, chat)
         except ApiError as error:
             counters.rejected[str(error.status)] += 1
             raise
@@ -481,6 +503,9 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
                 in_flight.pop(job, None)
 
         shape.include_stop = include_stop
+        if tool_choice not in (None, "none"):
+            # Calls are read from whole answers; a named call's start is the prompt's, not the answer's.
+            shape.tools = (call_prefix(tool_choice) if tool_choice != "auto" else "", special_tokens)
         if stream:
             return _JobStream(_sse(events, shape, include_usage, len(jobs)), release, shape.id)
         return await _answer(request, events, shape, release, len(jobs))
@@ -570,6 +595,8 @@ class _Shape:
 
     def __init__(self, chat: bool, model_name: str, tokenizer):
         self.chat, self.model_name, self.tokenizer = chat, model_name, tokenizer
+        # Where tool calls are read from the answers: (how each answer starts, the special tokens to drop).
+        self.tools: tuple[str, list[str]] | None = None
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.include_stop = False
@@ -588,15 +615,24 @@ class _Shape:
         prompt, completion = outcomes[0].prompt_tokens, sum(outcome.completion_tokens for outcome in outcomes)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def calls(self, outcome: Finished) -> tuple[str, list[dict]]:
+        """(content, tool calls) of an answer where calls are read, else (its text, [])."""
+        if self.tools is None:
+            return outcome.text + self.tail(outcome), []
+        start, special = self.tools
+        return parse_calls(start + outcome.raw, special)
+
     def whole(self, outcomes: list[Finished]) -> dict:
         answers = []
         for index, outcome in enumerate(outcomes):
-            text = outcome.text + self.tail(outcome)
+            text, calls = self.calls(outcome)
             if self.chat:
-                choice = {"index": index, "message": {"role": "assistant", "content": text}}
+                message = {"role": "assistant", "content": text or (None if calls else text)}
+                choice = {"index": index, "message": {**message, "tool_calls": calls} if calls else message}
             else:
                 choice = {"index": index, "text": text}
-            choice.update(finish_reason=outcome.finish_reason, logprobs=self.logprobs(outcome))
+            choice.update(finish_reason="tool_calls" if calls else outcome.finish_reason,
+                          logprobs=self.logprobs(outcome))
             answers.append(choice)
         return self._object("chat.completion" if self.chat else "text_completion", answers,
                             usage=self.usage(outcomes))
@@ -618,11 +654,13 @@ class _Shape:
                 "text_offset": offsets}
 
     def chunk(self, index: int, text: str | None = None, draft: str | None = None, finish_reason: str | None = None,
-              role: bool = False, **extra) -> dict:
+              role: bool = False, calls: list[dict] | None = None, **extra) -> dict:
         if self.chat:
             delta = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
             if draft is not None:
                 delta["draft"] = draft
             choice = {"index": index, "delta": delta}
@@ -636,6 +674,15 @@ class _Shape:
     def usage_chunk(self, outcomes: list[Finished]) -> dict:
         return self._object("chat.completion.chunk" if self.chat else "text_completion", [],
                             usage=self.usage(outcomes))
+
+
+def _call_for_template(call: dict) -> dict:
+    """An OpenAI tool call of an earlier turn as chat templates read it: the arguments as a mapping."""
+    try:
+        arguments = json.loads(call["function"]["arguments"])
+    except ValueError:
+        raise ApiError(400, "a tool call's `arguments` must be JSON", param="messages") from None
+    return {**call, "function": {**call["function"], "arguments": arguments}}
 
 
 def _event(data) -> str:
@@ -658,15 +705,23 @@ async def _sse(events: asyncio.Queue, shape: _Shape, include_usage: bool, answer
     finished: dict[int, Finished] = {}
     while len(finished) < answers:
         index, event = await events.get()
+        if isinstance(event, (Draft, Delta)) and shape.tools is not None:
+            continue  # where calls are read, the answer goes out whole, once its calls are known
         if isinstance(event, Draft):
             yield _event(shape.chunk(index, draft=event.text, **usage))
         elif isinstance(event, Delta):
             yield _event(shape.chunk(index, text=event.text, **usage))
         elif isinstance(event, Finished):
-            if shape.tail(event):
-                yield _event(shape.chunk(index, text=shape.tail(event), **usage))
-            yield _event(shape.chunk(index, text="" if shape.chat else None, finish_reason=event.finish_reason,
-                                     **usage))
+            if shape.tools is not None:
+                text, calls = shape.calls(event)
+                if text or calls:
+                    yield _event(shape.chunk(index, text=text or None, calls=calls, **usage))
+                reason = "tool_calls" if calls else event.finish_reason
+            else:
+                if shape.tail(event):
+                    yield _event(shape.chunk(index, text=shape.tail(event), **usage))
+                reason = event.finish_reason
+            yield _event(shape.chunk(index, text="" if shape.chat else None, finish_reason=reason, **usage))
             finished[index] = event
         else:
             yield _event(_failure(event, shape.id).body())
