@@ -56,7 +56,7 @@ SMALL = {"max_tokens": 32, "max_denoising_steps": 8}
 # Requests the server must refuse, each with the status it owes them.
 MALFORMED = [
     (b"{not json", 400, AUTH),
-    (json.dumps({"model": MODEL, "prompt": "hi", "top_k": 5}).encode(), 400, AUTH),
+    (json.dumps({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}).encode(), 400, AUTH),
     (b'{"model": "soak", "prompt": "a\\ud800"}', 400, AUTH),
     (json.dumps({"model": MODEL, "prompt": "hi", "t_max": 1e300}).encode(), 400, AUTH),
     (json.dumps({"model": MODEL, "prompt": "hi", "max_denoising_steps": 10 ** 9}).encode(), 400, AUTH),
@@ -99,12 +99,17 @@ async def normal(http: httpx.AsyncClient, rng: random.Random, port: int) -> str:
     path = "/v1/chat/completions" if chat else "/v1/completions"
     body = {"model": MODEL, **SMALL, "seed": rng.randrange(1000),
             **({"messages": [{"role": "user", "content": "tell me a story"}]} if chat else {"prompt": "Once"})}
+    # A full queue is owed a 429: a refusal, not a failure.
     if rng.random() < 0.5:
-        return "served" if (await http.post(path, json=body, headers=AUTH)).status_code == 200 else "failed"
+        response = await http.post(path, json=body, headers=AUTH)
+        return "served" if response.status_code == 200 else refusal(response, 429)
     async with http.stream("POST", path, json={**body, "stream": True}, headers=AUTH) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return refusal(response, 429)
         lines = [line async for line in response.aiter_lines() if line]
     ended = lines[-1:] == ["data: [DONE]"] and '"finish_reason": "' in lines[-2]
-    return "served" if response.status_code == 200 and ended else "failed"
+    return "served" if ended else "failed"
 
 
 async def cancelled(http: httpx.AsyncClient, rng: random.Random, port: int) -> str:
@@ -112,6 +117,7 @@ async def cancelled(http: httpx.AsyncClient, rng: random.Random, port: int) -> s
     if rng.random() < 0.5:
         async with http.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=AUTH) as response:
             if response.status_code != 200:
+                await response.aread()
                 return refusal(response, 429)
             async for _ in response.aiter_lines():
                 return "cancelled"
