@@ -222,6 +222,15 @@ class LinearTemperatureScheduleLogitsProcessor:
         return scores / self.temperature(cur_step)
 
 
+def entropy_bound_acceptance(entropy: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
+    """Which positions of entropy [..., canvas] are accepted: sorted by entropy, a position is accepted
+    while the entropy summed over the positions before it stays within `bound` (a number, or a float32
+    tensor broadcast against [..., 1]), so the lowest-entropy one always is."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1)
+    accepted_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
+    return torch.zeros_like(accepted_sorted).scatter(-1, order, accepted_sorted)
+
+
 class EntropyBoundSampler:
     """Starts a canvas from uniform noise, accepts the lowest-entropy tokens whose summed entropy stays
     within the bound, and puts fresh noise everywhere else."""
@@ -246,9 +255,7 @@ class EntropyBoundSampler:
         lowest-entropy one always is)."""
         if entropy is None:
             entropy = token_entropy(logits)
-        sorted_entropy, order = torch.sort(entropy, dim=-1)
-        accepted_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= self.entropy_bound
-        self.accepted_token_mask = torch.zeros_like(accepted_sorted).scatter(-1, order, accepted_sorted)
+        self.accepted_token_mask = entropy_bound_acceptance(entropy, self.entropy_bound)
         return torch.where(self.accepted_token_mask, denoiser_canvas, current_canvas)
 
     def renoise_canvas(self, accepted_canvas: torch.Tensor, cur_step=None) -> torch.Tensor:

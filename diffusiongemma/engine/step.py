@@ -18,6 +18,7 @@ from ..kernels import fused
 from ..model.network import soft_cap
 from .sampler import (
     MultinomialWords,
+    entropy_bound_acceptance,
     multinomial_from_words,
     sample_tokens,
     token_entropy,
@@ -175,12 +176,8 @@ def denoise_step(groups: list[Denoising], scores: torch.Tensor | RowScores, dtyp
         denoised, argmax, entropy = (torch.cat([part[i] for part in parts]) for i in range(3))
         logits = processed if processed is not None else torch.cat([part[3] for part in parts])
 
-    # Entropy-bound acceptance: sorted by entropy, a position is accepted while the entropy summed over the
-    # positions before it stays within the bound, so the lowest-entropy one always is.
-    sorted_entropy, order = torch.sort(entropy, dim=-1)
     bound = plan.entropy_bound if single else _per_row(groups, [g.plan.entropy_bound for g in groups], device)
-    accepted_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
-    accepted = torch.zeros_like(accepted_sorted).scatter(-1, order, accepted_sorted)
+    accepted = entropy_bound_acceptance(entropy, bound)
     current = torch.cat([g.current for g in groups]) if not single else groups[0].current
     current = torch.where(accepted, denoised, current)
     noise = groups[0].noise() if single else torch.cat([g.noise() for g in groups])

@@ -38,6 +38,7 @@ from ..engine.sampler import EntropyBoundSamplerConfig, SamplingFilters
 from ..engine.state import Denoising, SamplingPlan
 from ..engine.step import denoise_step
 from ..engine.text import IncrementalDetokenizer, cut_at_end, eos_ids
+from ..kernels import fused
 
 # Upper bounds of the steps-per-canvas histogram that /metrics exports.
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
@@ -393,8 +394,8 @@ class Scheduler:
         self.max_batch, self.max_queue, self.idle_wait = max_batch, max_queue, idle_wait
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
         self.eos = eos_ids(model.generation_config.eos_token_id)
-        self.runner = RequestsRunner(model, soft_capped=not SamplingPlan.resolve(
-            model.device, 1, None, None, 1.0, None, None).fused)
+        # Where the fused sampler runs, the runner hands it the LM head's scores to soft-cap itself.
+        self.runner = RequestsRunner(model, soft_capped=not fused.usable(model.device))
         self.metrics = Metrics()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[_Running] = []

@@ -351,8 +351,9 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         return ApiError(400, f"the prompt is {what}; this server takes at most {max_prompt_tokens} tokens",
                         param=param, code="context_length_exceeded")
 
-    async def chat_prompt(body: dict, bounded: bool = True) -> tuple[list[int], dict | None]:
-        """The prompt's token ids, and the model inputs of its images (None without images)."""
+    async def chat_prompt(body: dict, bounded: bool = True) -> tuple[list[int], dict | None, str | None]:
+        """The prompt's token ids, the model inputs of its images (None without images), and what the
+        request's `tool_choice` asks (see `tool_settings`)."""
         messages = chat_messages(body.get("messages"), allowed_media_domains)
         template = body.get("chat_template")
         if template is not None and not isinstance(template, str):
@@ -391,9 +392,9 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             raise ApiError(400, f"the messages do not fit the chat template, or an image cannot be read: {error}",
                            param="messages") from None
         if not images:
-            return inputs[0], None
+            return inputs[0], None, choice
         pictures = {name: inputs[name] for name in ("pixel_values", "image_position_ids", "mm_token_type_ids")}
-        return inputs["input_ids"][0].tolist(), pictures
+        return inputs["input_ids"][0].tolist(), pictures, choice
 
     async def text_ids(text: str, add_special_tokens: bool = True) -> list[int]:
         # The tokenizer's call lets go of the GIL while it works: a long text leaves the event loop running.
@@ -428,10 +429,12 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             raise ApiError(400, f"`seed` must be a 64-bit integer, got {seed!r}", param="seed")
         temperature = body.get("temperature")
         n = choices(body, max_batch + max_queue)
-        _, tool_choice = tool_settings(body) if chat else (None, None)
         top_logprobs = logprobs_wanted(body, chat, stream)
         stops = stop_strings(body.get("stop"))
-        prompt_ids, images = await chat_prompt(body) if chat else (await completion_prompt(body.get("prompt")), None)
+        if chat:
+            prompt_ids, images, tool_choice = await chat_prompt(body)
+        else:
+            prompt_ids, images, tool_choice = await completion_prompt(body.get("prompt")), None, None
         if len(prompt_ids) > max_prompt_tokens:
             raise too_long("messages" if chat else "prompt", f"{len(prompt_ids)} tokens long")
         try:
@@ -549,7 +552,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             if body.get("add_special_tokens") is not None:
                 raise ApiError(400, "`add_special_tokens` goes with `prompt`; with `messages` the chat template "
                                     "decides", param="add_special_tokens")
-            ids, _ = await chat_prompt(body, bounded=False)
+            ids, _, _ = await chat_prompt(body, bounded=False)
         else:
             if not isinstance(body["prompt"], str):
                 raise ApiError(400, "`prompt` must be a string", param="prompt")
