@@ -9,8 +9,8 @@ our step with torch's sampler (`fused_sampler=False`) at batch 1 and 8, how ofte
 the device, one decoder pass eager, captured and replayed (what a step spends outside the replay is the
 sampler's), a canvas's commit captured and replayed, a replayed pass with the RMS norms computed three ways
 (the engine's Triton kernel, the reference's composite, torch's `F.rms_norm`) and with the experts' products
-computed two ways (the engine's Triton kernel, torch's `F.grouped_mm`), and the kernels a step spends its
-device time in. A part that fails records its error and the others still run. `--tiny` runs the same
+computed two ways (the engine's Triton kernel, torch's `F.grouped_mm`), the kernels a step spends its
+device time in, and the server's scheduler (in this process) answering 1, 4 and 8 requests sent at once. A part that fails records its error and the others still run. `--tiny` runs the same
 script on a small config (any device) to check it; without it, a machine without CUDA is refused.
 
     .venv/bin/python benchmarks/gpu_released_arch.py [--tiny] [--no-record] [--without-triton]
@@ -19,6 +19,7 @@ script on a small config (any device) to check it; without it, a machine without
 import argparse
 import contextlib
 import os
+import queue
 import statistics
 import sys
 import time
@@ -41,6 +42,7 @@ from diffusiongemma.hf.loading import checkpoint_tensors  # noqa: E402
 from diffusiongemma.kernels import fused  # noqa: E402
 from diffusiongemma.model import layers  # noqa: E402
 from diffusiongemma.model.cache import KVCache  # noqa: E402
+from diffusiongemma.serving import scheduler as engine  # noqa: E402
 
 RELEASED = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
@@ -107,6 +109,49 @@ def step_time(model, device, batch: int, prompt_length: int, vocab: int, repeats
         return seconds(device, lambda: model.generate(prompt, **settings), repeats)
 
     return (call(STEPS) - call(1)) / (STEPS - 1)
+
+
+class IdsTokenizer:
+    """What the scheduler asks of a tokenizer, for a model that has none: its ids spelled out."""
+
+    all_special_ids = ()
+
+    def decode(self, ids, **kwargs) -> str:
+        return " ".join(map(str, ids))
+
+    def convert_ids_to_tokens(self, token) -> str:
+        return str(token)
+
+
+def served_times(model, device, prompt_length: int, vocab: int, repeats: int) -> dict[int, float]:
+    """Seconds, per number of requests (1, 4, 8) sent at once to the server's scheduler, until every answer
+    (one canvas of 16 steps, as no random model's confidence stops a canvas earlier) is done, prompts
+    included. The first round captures each bucket's graphs and is not timed."""
+    canvas = model.config.canvas_length
+    scheduler = engine.Scheduler(model, IdsTokenizer(), max_batch=8, max_queue=8,
+                                 max_model_len=prompt_length + canvas)
+    settings = engine.resolve_settings(model, prompt_length, max_tokens=canvas, max_denoising_steps=STEPS,
+                                       confidence_threshold=1e-12, ignore_eos=True, seed=0)
+    prompt = torch.randint(3, vocab - 3, (prompt_length,)).tolist()
+
+    def answer_all(count: int) -> None:
+        done = queue.Queue()
+        for _ in range(count):
+            scheduler.submit(engine.Request(prompt, settings, done.put))
+        finished = 0
+        while finished < count:
+            event = done.get(timeout=600)
+            if isinstance(event, engine.Failed):
+                raise RuntimeError(event.message)
+            finished += isinstance(event, engine.Finished)
+
+    scheduler.start()
+    try:
+        for count in (1, 4, 8):
+            answer_all(count)
+        return {count: seconds(device, lambda: answer_all(count), repeats) for count in (1, 4, 8)}
+    finally:
+        scheduler.stop()
 
 
 @torch.no_grad()
@@ -361,6 +406,16 @@ def main() -> None:
         part("experts' products", lambda: pass_variants(ours, vocab, repeats, "the experts' products", EXPERTS))
     part("where a batch-1 step's time goes",
          lambda: f"{kernel_times(ours, device, vocab)}\n\nTorch profiler over one canvas.")
+
+    def served() -> str:
+        times = served_times(ours, device, 512, vocab, repeats)
+        rates = {count: count * canvas / value for count, value in times.items()}
+        rows = ["| requests at once | seconds | tokens / s |", "|---|---|---|"] + [
+            f"| {count} | {times[count]:.3f} | {rates[count]:.0f} |" for count in times]
+        return "\n".join(rows) + (f"\n\n8 requests at once give {rates[8] / rates[1]:.1f}x the tokens per second of "
+                                  "one; each request: a 512-token prompt and one canvas of 16 steps, end to end.")
+
+    part("served batches", served)
 
 if __name__ == "__main__":
     main()

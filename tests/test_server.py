@@ -697,5 +697,5 @@ def test_serve_command(checkpoint):
     assert process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log
     start = next(line for line in log.splitlines() if "serving" in line)
     for part in (f"as '{name}'", "on cpu in float32", "442,336 parameters", "at most 2 requests side by side",
-                 "4 waiting", "100 prompt tokens", "192 denoising steps", "API key required", f"listening on {url}"):
+                 "4 waiting", "tokens a request, 100 of them prompt", "192 denoising steps", "API key required", f"listening on {url}"):
         assert part in start, start

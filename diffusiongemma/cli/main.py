@@ -532,7 +532,8 @@ def cmd_serve(args) -> None:
           trust_request_chat_template=args.trust_request_chat_template, read_timeout=args.read_timeout,
           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
-          allowed_media_domains=tuple(args.allowed_media_domains))
+          allowed_media_domains=tuple(args.allowed_media_domains), max_model_len=args.max_model_len,
+          cuda_graphs=not args.no_cuda_graphs)
 
 
 def cmd_train(args) -> None:
@@ -557,8 +558,14 @@ def _add_serve_command(commands) -> None:
                        help="requests denoised side by side (default: 8)")
     serve.add_argument("--max-queue", type=int, default=64, metavar="N",
                        help="requests that may wait for a place in the batch; more get 429 (default: 64)")
+    serve.add_argument("--max-model-len", type=int, metavar="N",
+                       help="the most tokens a request may hold, prompt and answer; on CUDA each of the --max-batch "
+                            "requests has a cache that long, made at start (default: the model's positions, on CUDA "
+                            "at most 16384)")
+    serve.add_argument("--no-cuda-graphs", action="store_true",
+                       help="on CUDA too, run every pass eagerly over a cache per request, as on the CPU")
     serve.add_argument("--max-prompt-tokens", type=int, metavar="N",
-                       help="longer prompts get 400 (default: the model's positions)")
+                       help="longer prompts get 400 (default: --max-model-len less one)")
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the model's name in the API (default: the checkpoint folder's name, or the Hub id)")
     serve.add_argument("--api-key", metavar="KEY", default=os.environ.get("DIFFUSIONGEMMA_API_KEY") or None,

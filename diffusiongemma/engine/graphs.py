@@ -1,4 +1,5 @@
-"""CUDA graphs of the decoder pass and of a canvas's commit, for `generate` on CUDA.
+"""CUDA graphs of the decoder pass and of a canvas's commit: for `generate` on CUDA (`GraphedPasses`), and for
+the server's requests side by side (`SlotPasses`).
 
 `graphed_passes(model, batch, tokens)` returns the model's `GraphedPasses` for that batch and at least that
 many committed tokens, locked for the caller: the one the model holds when its shape and weights match and
@@ -7,6 +8,10 @@ after that, across canvases and calls; only the prompt's prefill runs eagerly. T
 `StaticKVCache`, whose attention's last bits differ from `KVCache`'s, so the graph path is never taken on the
 CPU. Captures run on a side stream per device, after one eager warm-up pass per process and device. Design
 notes: docs/graphs.md.
+
+`SlotPasses` holds one `StaticKVCache` whose rows (slots) are requests of their own lengths: the decoder pass
+over the first rows replays a graph captured per bucket of rows (1, 2, 4, ..., up to the slots), a row's
+commit a graph captured per row; prompts are encoded eagerly, a row at a time.
 """
 
 from __future__ import annotations
@@ -163,3 +168,98 @@ def graphed_passes(model, batch: int, tokens: int) -> GraphedPasses:
     passes.lock.acquire()
     HELD[model] = passes
     return passes
+
+
+def bucket(rows: int, slots: int) -> int:
+    """The rows a decoder pass over the first `rows` slots runs over: the next power of two, at most `slots`."""
+    return min(1 << max(rows - 1, 0).bit_length(), slots)
+
+
+class SlotPasses:
+    """The passes of requests side by side, each in its own row (slot) of one `StaticKVCache` of `slots` rows
+    and `capacity` committed tokens per row. `lengths` holds each row's committed count on the host."""
+
+    def __init__(self, model, slots: int, capacity: int):
+        weight = model.model.backbone.embed_tokens.weight
+        text = model.config.text_config
+        self.model, self.slots = model, slots
+        self.canvas_length = model.config.canvas_length
+        self.cache = StaticKVCache(text, slots, capacity, self.canvas_length, weight.dtype, weight.device)
+        self.lengths = [0] * slots
+        self.canvas = torch.zeros(slots, self.canvas_length, dtype=torch.long, device=weight.device)
+        self.self_conditioning_logits = torch.zeros(slots, self.canvas_length, text.vocab_size, dtype=weight.dtype,
+                                                    device=weight.device)
+        self.self_conditioning_mask = torch.zeros(slots, dtype=weight.dtype, device=weight.device)
+        # Per (bucket, soft_capped): (graph, logits buffer); per row: its commit's graph.
+        self.decoders: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.commits: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _row(self, slot: int) -> StaticKVCache:
+        row = self.cache.rows(slot, slot + 1)
+        row.length = self.lengths[slot]
+        return row
+
+    def clear(self, slot: int) -> None:
+        """Empties a row for a new request."""
+        self.lengths[slot] = 0
+        self.cache.used[slot] = 0
+
+    def move(self, source: int, target: int) -> None:
+        """Moves a request's row to another slot, so that the rows in use stay the first ones."""
+        for layer in self.cache.layers:
+            layer.keys[target] = layer.keys[source]
+            layer.values[target] = layer.values[source]
+        self.cache.used[target] = self.cache.used[source]
+        self.lengths[target] = self.lengths[source]
+
+    def encode(self, slot: int, tokens: torch.Tensor, **images) -> None:
+        """Eagerly appends `tokens` [1, count] (and the model inputs of the images among them) to a row."""
+        row = self._row(slot)
+        count = tokens.shape[1]
+        self.model.model.encoder(input_ids=tokens, past_key_values=row, position_ids=row.positions(count), **images)
+        row.advance(count)
+        self.lengths[slot] += count
+
+    def commit(self, slot: int, tokens: torch.Tensor) -> None:
+        """Appends a committed canvas [1, canvas] to a row, by replaying the row's commit graph."""
+        self.canvas[slot].copy_(tokens[0])
+        if slot not in self.commits:
+            # It writes the cache, so it must not run twice: a commit comes after the row's first decoder
+            # pass, which warmed the stream up.
+            self.commits[slot], _ = _capture(lambda: self._commit(slot), self.canvas.device, warm_up=False)
+        self.commits[slot].replay()
+        self.cache.used[slot] += self.canvas_length
+        self.lengths[slot] += self.canvas_length
+
+    def decode(self, slots: list[int], current: torch.Tensor, self_conditioning_logits: list,
+               soft_capped: bool) -> torch.Tensor:
+        """Scores [len(slots), canvas, vocab] (see `BlockDiffusionLM.decoder_scores`) of the canvases `current`
+        over rows `slots`, each row's self-conditioning input given as [1, canvas, vocab] or None. The rows
+        run in a pass over the first slots, padded to their bucket; the scores of rows in place are a view of
+        the graph's buffer, valid until the next pass."""
+        index = torch.tensor(slots, device=self.canvas.device)
+        self.canvas.index_copy_(0, index, current)
+        for slot, logits in zip(slots, self_conditioning_logits):
+            if logits is None:
+                self.self_conditioning_mask[slot] = 0
+            else:
+                self.self_conditioning_logits[slot].copy_(logits[0])
+                self.self_conditioning_mask[slot] = 1
+        rows = bucket(max(slots) + 1, self.slots)
+        if (rows, soft_capped) not in self.decoders:
+            self.decoders[rows, soft_capped] = _capture(lambda: self._decode(rows, soft_capped), self.canvas.device,
+                                                        warm_up=True)
+        graph, logits = self.decoders[rows, soft_capped]
+        graph.replay()
+        return logits[:len(slots)] if slots == list(range(len(slots))) else logits.index_select(0, index)
+
+    def _decode(self, rows: int, soft_capped: bool) -> torch.Tensor:
+        cache = self.cache.rows(0, rows)
+        return self.model.decoder_scores(cache, None, cache.positions(self.canvas_length), self.canvas[:rows],
+                                         self.self_conditioning_logits[:rows], self.self_conditioning_mask[:rows],
+                                         soft_capped=soft_capped)
+
+    def _commit(self, slot: int) -> None:
+        row = self._row(slot)
+        self.model.model.encoder(input_ids=self.canvas[slot:slot + 1], past_key_values=row,
+                                 position_ids=row.positions(self.canvas_length))

@@ -8,10 +8,14 @@ device, and chooses how they run:
 - `GraphedRunner`: the decoder pass and the commit replayed from CUDA graphs over a `StaticKVCache`
   (`generate` on CUDA; see `graphs.py`);
 - `RequestsRunner`: many requests, each over its own `KVCache`, whose canvases share one decoder pass
-  (the server). A row gets the numbers it would get alone: the token-wise products give each row its own
-  bits (measured on the CPU's BLAS, whose kernel for a row does not change with the row count at these
-  shapes; a GPU library may choose by row count), attention runs per request over its own cache, and the
-  experts' products run in fixed tiles (`kernels.experts.row_independent`).
+  (the server on the CPU). A row gets the numbers it would get alone: the token-wise products give each
+  row its own bits (measured on the CPU's BLAS, whose kernel for a row does not change with the row count
+  at these shapes), attention runs per request over its own cache, and the experts' products run in fixed
+  tiles (`kernels.experts.row_independent`);
+- `SlotsRunner`: many requests, each in its own row (slot) of one preallocated `StaticKVCache`, whose
+  decoder pass and commits replay CUDA graphs (`graphs.SlotPasses`; the server on CUDA). A row's attention
+  runs over its own slots, and the experts' fused kernel gives each row its own bits; the token-wise
+  products are cuBLAS's, which may choose its kernel by row count, so a batch can move a token's last bits.
 
 A runner built with `soft_capped=True` gives soft-capped float32 logits; with `soft_capped=False`, the LM
 head's scores, which the fused kernel (or `step.denoise_step`, for a plan without it) soft-caps itself
@@ -29,7 +33,7 @@ import torch
 
 from ..kernels.experts import row_independent
 from ..model.cache import KVCache, RequestCaches
-from .graphs import GraphedPasses
+from .graphs import GraphedPasses, SlotPasses
 from .sampler import MultinomialWords, draw_multinomial_words
 from .step import RowScores
 
@@ -127,12 +131,19 @@ class RequestsRunner:
     def new_cache(self) -> KVCache:
         return KVCache(self.model.config.text_config, self.canvas_length)
 
+    def release(self, cache: KVCache) -> None:
+        pass
+
     def encode(self, cache: KVCache, tokens: torch.Tensor, **images) -> None:
         """Appends `tokens` to `cache`; `images`: the model inputs of the images among them."""
         start = cache.get_seq_length()
         positions = torch.arange(start, start + tokens.shape[1], dtype=torch.int32, device=tokens.device)[None]
         with row_independent():
             self.model.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions, **images)
+
+    def commit(self, cache: KVCache, tokens: torch.Tensor) -> None:
+        """Appends a committed canvas to `cache`."""
+        self.encode(cache, tokens)
 
     def decode(self, caches: list[KVCache], current: torch.Tensor, self_conditioning_logits: list):
         """Scores [requests, canvas, vocab] for each request's canvas over its own cache (on the CPU as
@@ -146,3 +157,47 @@ class RequestsRunner:
                                               decoder_position_ids=positions).last_hidden_state
         head = self.model.logits if self.soft_capped else self.model.lm_head
         return RowScores(hidden, head) if current.device.type == "cpu" else head(hidden)
+
+
+class Slot:
+    """A request's row in a `SlotsRunner`; `index` moves when rows before it are freed."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class SlotsRunner:
+    """Passes for independent requests, each in a row of one preallocated cache (`graphs.SlotPasses`): the
+    rows in use are always the first ones, so a step's pass runs over the smallest bucket of rows that holds
+    them. A request may hold at most `capacity` tokens; `new_cache` takes a free row (there are `slots`)."""
+
+    def __init__(self, model, slots: int, capacity: int, soft_capped: bool):
+        self.soft_capped = soft_capped
+        self.passes = SlotPasses(model, slots, capacity)
+        self.taken: list[Slot] = []
+
+    def new_cache(self) -> Slot:
+        if len(self.taken) == self.passes.slots:
+            raise RuntimeError(f"all {self.passes.slots} rows of the cache are taken")
+        slot = Slot(len(self.taken))
+        self.passes.clear(slot.index)
+        self.taken.append(slot)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """Frees a request's row; the last row in use moves into it."""
+        last = self.taken.pop()
+        if last is not slot:
+            self.passes.move(last.index, slot.index)
+            last.index = slot.index
+            self.taken[slot.index] = last
+
+    def encode(self, slot: Slot, tokens: torch.Tensor, **images) -> None:
+        self.passes.encode(slot.index, tokens, **images)
+
+    def commit(self, slot: Slot, tokens: torch.Tensor) -> None:
+        self.passes.commit(slot.index, tokens)
+
+    def decode(self, slots: list[Slot], current: torch.Tensor, self_conditioning_logits: list) -> torch.Tensor:
+        return self.passes.decode([slot.index for slot in slots], current, self_conditioning_logits,
+                                  soft_capped=self.soft_capped)

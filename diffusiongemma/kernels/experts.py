@@ -63,9 +63,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
 
 def _tiled(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """`grouped_linear` in tiles: each expert's rows are copied into tiles of `ROW_TILE` rows (the last
-    padded with zeros), and an expert's tiles are one batched product of [ROW_TILE, in] matrices, each
-    computed alone (measured on the CPU at the engine's shapes: an entry's bits do not change with the
-    number of tiles, as a matrix product's change with its number of rows)."""
+    padded with zeros), and an expert's tiles are one batched product, weight times tile transposed, of
+    same-shaped matrices, each computed alone (measured on the CPU at the engine's shapes: an entry's bits
+    do not change with the number of tiles, as a matrix product's change with its number of rows). The
+    weight comes first because its rows are then read as stored: with the tile first, the batched product
+    reads the weight transposed, at about half the speed."""
     rows, inner = x.shape
     width = weight.shape[1]
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).long()
@@ -76,12 +78,13 @@ def _tiled(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.T
     slots = torch.arange(rows, device=x.device) - starts[expert_of_row] + padded_starts[expert_of_row]
     padded = x.new_zeros(int(tiles.sum()) * ROW_TILE, inner)
     padded.index_copy_(0, slots, x)
-    out = x.new_empty(padded.shape[0], width)
+    transposed_tiles = padded.view(-1, ROW_TILE, inner).transpose(1, 2)
+    out = x.new_empty(transposed_tiles.shape[0], width, ROW_TILE)
     first = 0
     for expert, count in enumerate(tiles.tolist()):
         if count:
-            span = slice(first * ROW_TILE, (first + count) * ROW_TILE)
-            torch.bmm(padded[span].view(count, ROW_TILE, inner), weight[expert].t().expand(count, inner, width),
-                      out=out[span].view(count, ROW_TILE, width))
+            torch.bmm(weight[expert].expand(count, width, inner), transposed_tiles[first:first + count],
+                      out=out[first:first + count])
             first += count
-    return out.index_select(0, slots)
+    # Row r of the result is column slots[r] % ROW_TILE of tile slots[r] // ROW_TILE.
+    return out[slots // ROW_TILE, :, slots % ROW_TILE]

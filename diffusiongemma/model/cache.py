@@ -7,12 +7,15 @@ gives the reference's bits. Masks are written in absolute token indices. `differ
 training cache, built by concatenation so that autograd can go through it.
 
 `StaticKVCache` keeps fixed buffers and shapes, puts the canvas in the same slots every time and builds its
-masks on the device from a device-side count of committed tokens, so that one pass captured in a CUDA graph
-serves every canvas (`engine/graphs.py`). Its attention runs over masked slots in another order, so its last
-bits differ from `KVCache`'s. Design notes: docs/graphs.md.
+masks on the device from device-side counts of committed tokens, one per row, so that one pass captured in a
+CUDA graph serves every canvas (`engine/graphs.py`); its rows can also be many requests' own caches, each of
+its own length (`StaticKVCache.rows`, the server's `SlotsRunner`). Its attention runs over masked slots in
+another order, so its last bits differ from `KVCache`'s. Design notes: docs/graphs.md.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -272,10 +275,15 @@ class StaticLayerCache:
         count = min(length, self.keep) if self.is_sliding else length
         return (self.keep - count if self.is_sliding else 0), count
 
+    def rows(self, first: int, last: int) -> StaticLayerCache:
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[first:last], self.values[first:last]
+        return view
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor):
-        """Writes new committed tokens (the encoder) after the `used` ones; returns the keys and values they
-        attend over, in the order of `StaticKVCache.encoder_mask`, and 0 for where their span starts (these
-        masks do not need it)."""
+        """Writes new committed tokens (the encoder) after the `used` ones (a 0-d count, the same in every
+        row); returns the keys and values they attend over, in the order of `StaticKVCache.encoder_mask`, and
+        0 for where their span starts (these masks do not need it)."""
         if not self.is_sliding:
             slots = used + torch.arange(keys.shape[2], device=keys.device)
             self.keys[:, :, :self.committed_slots].index_copy_(2, slots, keys)
@@ -299,11 +307,14 @@ class StaticKVCache:
     """A cache whose buffers, shapes and masks stay the same from one canvas (and one `generate`) to the next,
     so that a pass captured in a CUDA graph once can be replayed over it (see `graphs.py`).
 
-    Passes attend over every slot of a layer, with masks built on the device from the count of committed
-    tokens (`used`, a device tensor) and the padding of each absolute position (`key_valid`); masked slots
-    hold zeros or stale tokens. The keys come in another order than `KVCache`'s and with masked ones among
-    them, so the attention's sums, and with them the last bits, are its own. Passes do not move the count:
-    `advance` does, after an encoder pass, outside any capture.
+    Passes attend over every slot of a layer, with masks built on the device from each row's count of
+    committed tokens (`used`, a device tensor [batch]) and the padding of each absolute position
+    (`key_valid`); masked slots hold zeros or stale tokens. The keys come in another order than `KVCache`'s
+    and with masked ones among them, so the attention's sums, and with them the last bits, are its own.
+    Decoder passes take rows of any counts; an encoder pass writes the same number of tokens after the same
+    count in every row (a `generate` batch, or one row's view). Passes do not move the counts: `advance`
+    does, after an encoder pass, outside any capture; `length` is the host's copy of the count where all
+    rows share it.
     """
 
     def __init__(self, config: DiffusionGemmaTextConfig, batch: int, capacity: int, canvas_length: int,
@@ -313,7 +324,7 @@ class StaticKVCache:
         self.capacity = capacity
         self.canvas_length = canvas_length
         self.length = 0
-        self.used = torch.zeros((), dtype=torch.long, device=device)
+        self.used = torch.zeros(batch, dtype=torch.long, device=device)
         self.key_valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)
         self.layers = [StaticLayerCache(s, config.sliding_window, capacity, canvas_length, batch, dtype, device)
                        for s in config.attention_shapes]
@@ -321,11 +332,20 @@ class StaticKVCache:
     def get_seq_length(self) -> int:
         return self.length
 
+    def rows(self, first: int, last: int) -> StaticKVCache:
+        """Rows [first, last) as a cache of their own over the same memory: what passes over the view write,
+        and what its `advance` counts, this cache holds. Its `length` is the caller's to set."""
+        view = copy.copy(self)
+        view.batch_size = last - first
+        view.used, view.key_valid = self.used[first:last], self.key_valid[first:last]
+        view.layers = [layer.rows(first, last) for layer in self.layers]
+        return view
+
     def encoder_attention(self, config: DiffusionGemmaTextConfig, count: int, attention_mask: torch.Tensor | None,
                           block_ids: torch.Tensor | None, device: torch.device) -> list:
         """Per layer, the attention of `count` new tokens written after the committed ones (counted once the
         owner calls `advance`); the padding is the cache's own (`start`)."""
-        attention = masked_attention(lambda layer_cache, k, v: layer_cache.append(k, v, self.used),
+        attention = masked_attention(lambda layer_cache, k, v: layer_cache.append(k, v, self.used[0]),
                                      lambda sliding, start, end: self.encoder_mask(sliding, count, block_ids),
                                      folded=True)
         return [attention(layer) for layer in self.layers]
@@ -353,8 +373,9 @@ class StaticKVCache:
         self.used.add_(count)
 
     def positions(self, count: int) -> torch.Tensor:
-        """[1, count]: the positions of `count` tokens after the committed ones, computed on the device."""
-        return (self.used + torch.arange(count, device=self.used.device))[None]
+        """[batch, count]: the positions of `count` tokens after each row's committed ones, computed on the
+        device."""
+        return self.used[:, None] + torch.arange(count, device=self.used.device)
 
     def to_dynamic(self, into: KVCache | None = None) -> KVCache:
         """A copy of the committed tokens, to hand to a caller (this cache's slots are overwritten by the next
@@ -367,29 +388,32 @@ class StaticKVCache:
             target.start, target.used = self.length - count, count
         return dynamic
 
-    def _committed_positions(self, is_sliding: bool) -> torch.Tensor:
-        """The absolute position of the token each committed slot of a layer of this kind holds."""
+    def _committed_positions(self, is_sliding: bool, used: torch.Tensor) -> torch.Tensor:
+        """[rows or 1, slots]: the absolute position of the token each committed slot of a layer of this kind
+        holds, for rows that committed `used` [rows] tokens."""
         if not is_sliding:
-            return torch.arange(self.capacity, device=self.used.device)
+            return torch.arange(self.capacity, device=used.device)[None]
         keep = self.config.sliding_window - 1
-        return self.used - keep + torch.arange(keep, device=self.used.device)
+        return used[:, None] - keep + torch.arange(keep, device=used.device)
 
     def _known(self, positions: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-        """[B, keys]: which of these absolute positions hold a token before `end` that is not padding."""
-        inside = (positions >= 0) & (positions < end)
-        return inside & self.key_valid[:, positions.clamp(0, self.capacity - 1)]
+        """[B, keys]: which of these absolute positions ([B or 1, keys]) hold a token before `end` [B] that is
+        not padding."""
+        inside = (positions >= 0) & (positions < end[:, None])
+        slots = positions.clamp(0, self.capacity - 1).expand(self.batch_size, -1)
+        return inside & self.key_valid.gather(1, slots)
 
     def decoder_mask(self, is_sliding: bool) -> torch.Tensor:
-        """[B, 1, 1, slots]: the canvas sees every committed token in its layer's slots and itself."""
-        known = self._known(self._committed_positions(is_sliding), self.used)
+        """[B, 1, 1, slots]: each row's canvas sees every committed token of its row and itself."""
+        known = self._known(self._committed_positions(is_sliding, self.used), self.used)
         canvas = known.new_ones(self.batch_size, self.canvas_length)
         return torch.cat([known, canvas], dim=1)[:, None, None]
 
     def encoder_mask(self, is_sliding: bool, count: int, block_ids: torch.Tensor | None) -> torch.Tensor:
         """[B, 1, count, keys]: `count` new tokens over what `StaticLayerCache.append` returns."""
         queries = self.positions(count)[0]
-        keys = self._committed_positions(is_sliding)
+        keys = self._committed_positions(is_sliding, self.used[:1])[0]
         if is_sliding:
             keys = torch.cat([keys, queries])
         allowed = _encoder_allowed(self.config, is_sliding, queries, keys, block_ids)
-        return allowed & self._known(keys, self.used + count)[:, None, None]
+        return allowed & self._known(keys[None], self.used + count)[:, None, None]

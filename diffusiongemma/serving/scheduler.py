@@ -3,9 +3,12 @@ engine `generate` uses (`engine.state`, `engine.step`, `engine.runner`).
 
 Each tick admits waiting requests (up to `max_batch` running at once), drops the cancelled ones, encodes
 what the requests' caches lack, and runs one denoising step for every request that has a canvas: one
-decoder pass for all their canvases (`RequestsRunner`), then one `denoise_step` over all their rows. A
-request whose canvas is done commits it and either leaves or starts its next canvas at the next tick, so
-requests join and leave between ticks, each with its own prefix length, settings and step counter.
+decoder pass for all their canvases, then one `denoise_step` over all their rows. A request whose canvas is
+done commits it and either leaves or starts its next canvas at the next tick, so requests join and leave
+between ticks, each with its own prefix length, settings and step counter. The passes run on the CPU (or
+with `cuda_graphs=False`) eagerly over a cache per request (`RequestsRunner`); on CUDA over one
+preallocated cache with a row per request, replaying a graph per bucket of rows (`SlotsRunner`), which
+caps what a request may hold at `max_model_len` tokens.
 
 Prompts are encoded in chunks of `prefill_chunk` tokens, at most one chunk per request per tick and at
 most `prefill_budget` tokens per tick in all (a chunk that does not fit waits for the next tick), so a
@@ -33,7 +36,8 @@ from typing import Callable
 import torch
 
 from ..engine.generate import generation_settings, length_limits
-from ..engine.runner import RequestsRunner, decode_drawing_words
+from ..engine.graphs import captures
+from ..engine.runner import RequestsRunner, SlotsRunner, decode_drawing_words
 from ..engine.sampler import EntropyBoundSamplerConfig, SamplingFilters
 from ..engine.state import Denoising, SamplingPlan
 from ..engine.step import denoise_step
@@ -49,6 +53,8 @@ MAX_TOP_LOGPROBS = 20
 # Prompt tokens encoded per request per tick, and per tick in all.
 PREFILL_CHUNK = 512
 PREFILL_BUDGET = 1024
+# Tokens a request may hold (prompt and answer) where every request's row of the cache is preallocated.
+SLOT_CONTEXT = 16384
 
 
 class QueueFull(Exception):
@@ -129,9 +135,11 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
                      stop: tuple[str, ...] = (), seed: int | None = None, top_k: int = 0, top_p: float = 1.0,
                      min_p: float = 0.0, stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
                      min_tokens: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     repetition_penalty: float = 1.0, logprobs: int | None = None, **tunable) -> Settings:
+                     repetition_penalty: float = 1.0, logprobs: int | None = None, max_model_len: int | None = None,
+                     **tunable) -> Settings:
     """Settings from a request's values over the checkpoint's generation config; raises ValueError,
-    naming the parameter, for a bad value or a prompt and answer longer than the model's positions."""
+    naming the parameter, for a bad value or a prompt and answer longer than the model's positions or
+    `max_model_len`."""
     unknown = sorted(set(tunable) - set(TUNABLE))
     if unknown:
         raise ValueError(f"unknown generation parameters: {unknown}")
@@ -141,7 +149,9 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
     if max_tokens is not None:
         overrides["max_new_tokens"] = max_tokens
     config, _ = generation_settings(model, None, overrides)
-    room = model.config.text_config.max_position_embeddings - prompt_tokens
+    positions = model.config.text_config.max_position_embeddings
+    limit = positions if max_model_len is None else min(positions, max_model_len)
+    room = limit - prompt_tokens
     if max_tokens is None and room >= 1:
         # Left unset, the answer may take the checkpoint's length or whatever room the prompt leaves.
         config.max_new_tokens = min(config.max_new_tokens, room)
@@ -149,6 +159,9 @@ def resolve_settings(model, prompt_tokens: int, max_tokens: int | None = None, t
         length_limits(model, config, prompt_tokens)
     except ValueError as error:
         raise ValueError(f"`max_tokens` ({config.max_new_tokens}) is too large: {error}") from None
+    if prompt_tokens + config.max_new_tokens > limit:
+        raise ValueError(f"`max_tokens` ({config.max_new_tokens}) is too large: the prompt ({prompt_tokens} tokens) "
+                         f"and the answer exceed this server's {limit} tokens per request")
     if config.stability_threshold is not None and config.stability_threshold > config.max_denoising_steps:
         # Stability is judged over a history of that many argmax canvases, which must fit in memory.
         raise ValueError(f"`stability_threshold` ({config.stability_threshold}) must not exceed "
@@ -271,13 +284,15 @@ class _Running:
                                     processors=self._processors(settings), filters=settings.filters)
         self.canvas = Denoising(plan, generator, 1, model.config.canvas_length, model.config.text_config.vocab_size,
                                 device)
-        self.cache = runner.new_cache()
         self.uncached = torch.tensor([request.prompt_ids], device=device)
+        self.committing = False  # whether `uncached` is a committed canvas
         self.images = {name: tensor.to(device) for name, tensor in request.images.items()} if request.images else None
         self.denoising = False
         self.text = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.sent = ""
+        # Last: a row of a preallocated cache is taken only by a request that is sure to run.
+        self.cache = runner.new_cache()
 
     def _processors(self, settings: Settings) -> tuple:
         processors = []
@@ -287,11 +302,15 @@ class _Running:
             processors.append(TooEarlyToEnd(sorted(self.eos), settings.min_tokens, lambda: len(self.text.tokens)))
         return tuple((processor, False) for processor in processors)
 
-    def encode_chunk(self, runner: RequestsRunner, chunk: int) -> int:
-        """Encodes the next `chunk` tokens the cache lacks; starts a canvas once none is left. Returns how
-        many tokens it encoded."""
+    def encode_chunk(self, runner: RequestsRunner | SlotsRunner, chunk: int) -> int:
+        """Encodes the next `chunk` tokens the cache lacks (a committed canvas in one piece); starts a canvas
+        once none is left. Returns how many tokens it encoded."""
         tokens, self.uncached = self.uncached[:, :chunk], self.uncached[:, chunk:]
-        runner.encode(self.cache, tokens, **(self.images or {}))
+        if self.committing:
+            runner.commit(self.cache, tokens)
+            self.committing = False
+        else:
+            runner.encode(self.cache, tokens, **(self.images or {}))
         self.images = None
         if not self.uncached.shape[1]:
             self.canvas.start()
@@ -336,7 +355,7 @@ class _Running:
         safe = safe[:len(safe) - hold] if hold else safe
         if len(safe) > len(self.sent) and safe.startswith(self.sent):
             self._send(safe[len(self.sent):])
-        self.uncached = self.canvas.argmax
+        self.uncached, self.committing = self.canvas.argmax, True
         return None
 
     def _logprobs(self, count: int, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
@@ -383,9 +402,14 @@ class Scheduler:
     """Owns the model for its worker thread; `submit` and `cancel` may be called from any thread."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, idle_wait: float = 0.5,
-                 prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = PREFILL_BUDGET):
+                 prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = PREFILL_BUDGET,
+                 max_model_len: int | None = None, cuda_graphs: bool = True):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                          or max_model_len < 2):
+            # A request holds a prompt token and an answer token at least.
+            raise ValueError(f"max_model_len must be an integer of at least 2, got {max_model_len!r}")
         if prefill_chunk < model.config.canvas_length or prefill_budget < prefill_chunk:
             # A committed canvas is encoded in one piece, as `generate` encodes it.
             raise ValueError(f"prefill_chunk must be at least the canvas length ({model.config.canvas_length}) and "
@@ -395,7 +419,16 @@ class Scheduler:
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
         self.eos = eos_ids(model.generation_config.eos_token_id)
         # Where the fused sampler runs, the runner hands it the LM head's scores to soft-cap itself.
-        self.runner = RequestsRunner(model, soft_capped=not fused.usable(model.device))
+        soft_capped = not fused.usable(model.device)
+        # The most tokens a request may hold, prompt and answer: what `resolve_settings` needs to know.
+        positions = model.config.text_config.max_position_embeddings
+        self.max_model_len = positions if max_model_len is None else min(positions, max_model_len)
+        if cuda_graphs and captures(model.device):
+            if max_model_len is None:
+                self.max_model_len = min(self.max_model_len, SLOT_CONTEXT)
+            self.runner = SlotsRunner(model, max_batch, self.max_model_len, soft_capped)
+        else:
+            self.runner = RequestsRunner(model, soft_capped)
         self.metrics = Metrics()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[_Running] = []
@@ -428,6 +461,11 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, request: Request) -> None:
+        """Queues `request`; raises QueueFull when the queue is full, and ValueError for a request longer than
+        `max_model_len` (which `resolve_settings` refuses given that limit)."""
+        if len(request.prompt_ids) + request.settings.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({len(request.prompt_ids)} tokens) and `max_tokens` "
+                             f"({request.settings.max_tokens}) exceed this scheduler's {self.max_model_len} tokens")
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler has stopped")
@@ -480,7 +518,7 @@ class Scheduler:
         budget = self.prefill_budget
         for running in list(self.running):
             if running.request.cancelled:
-                self.running.remove(running)
+                self._remove(running)
                 self._count("cancelled")
             elif not running.denoising:
                 # A whole chunk or none: where a prompt is cut must not depend on what else runs. A prompt with
@@ -537,7 +575,7 @@ class Scheduler:
             if steps is not None:
                 self.metrics.canvas_done(steps)
             if outcome is not None:
-                self.running.remove(running)
+                self._remove(running)
                 with self.metrics.lock:
                     self.metrics.finished[outcome.finish_reason] += 1
                     self.metrics.prompt_tokens += outcome.prompt_tokens
@@ -549,8 +587,12 @@ class Scheduler:
 
     def _drop(self, running: _Running, error: BaseException) -> None:
         if running in self.running:
-            self.running.remove(running)
+            self._remove(running)
         self._fail(running.request, error)
+
+    def _remove(self, running: _Running) -> None:
+        self.running.remove(running)
+        self.runner.release(running.cache)
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self._count("error")

@@ -51,14 +51,16 @@ Accepted and ignored, as they change no answer: `user`, `metadata`, `safety_iden
 message, fields besides `role` and `content` are refused unless empty.
 
 `/tokenize` takes `prompt` (a string; `add_special_tokens`, default true) or `messages` (with the chat
-fields above) and answers `{"count", "max_model_len", "tokens"}`; `/detokenize` takes `tokens` and answers
+fields above) and answers `{"count", "max_model_len", "tokens"}` (`max_model_len`: the most tokens a request may hold, prompt and
+answer); `/detokenize` takes `tokens` and answers
 `{"prompt"}`. Both take `model` optionally.
 
 Limits: a body over `max_body_bytes` gets 413 (from its Content-Length, before it is read, or as soon as
 more arrives), one slower than `read_timeout` 408. A prompt whose text is longer than `max_prompt_tokens`
 times the vocabulary's longest piece cannot fit and gets 400 before it is tokenized; tokenizing (which lets
 go of the GIL) and rendering the chat template run in worker threads, off the event loop; a prompt over
-`max_prompt_tokens` gets 400 `context_length_exceeded`. The answer must fit the model's positions, the
+`max_prompt_tokens` gets 400 `context_length_exceeded`. The prompt and answer must fit `max_model_len` (the
+model's positions, or fewer: see `Scheduler`), the
 steps per canvas `max_denoising_steps_limit`, and the denoising temperatures (`temperature` times the
 schedule's, at its first and last steps) `TEMPERATURE_RANGE`. `http_server` adds the connection limits.
 
@@ -242,13 +244,18 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
                max_prompt_tokens: int | None = None, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_denoising_steps_limit: int | None = None,
                trust_request_chat_template: bool = False, read_timeout: float = 30.0,
-               allowed_media_domains: tuple[str, ...] = ()) -> FastAPI:
+               allowed_media_domains: tuple[str, ...] = (), max_model_len: int | None = None,
+               cuda_graphs: bool = True) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the scheduler's worker thread. `app.state.limits`
     holds the limits in force, `app.state.drain(timeout)` ends the answers in flight (see `http_server`).
 
-    `max_prompt_tokens` defaults to the model's positions less one, `max_denoising_steps_limit` to
-    STEPS_LIMIT_FACTOR times the checkpoint's steps per canvas."""
-    positions = model.config.text_config.max_position_embeddings
+    `max_model_len` (the most tokens a request may hold, prompt and answer) defaults to the scheduler's (see
+    `Scheduler`, which `cuda_graphs=False` keeps off CUDA graphs), `max_prompt_tokens` to one less, `max_denoising_steps_limit` to STEPS_LIMIT_FACTOR times
+    the checkpoint's steps per canvas."""
+    tokenizer = processor.tokenizer
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
+                          cuda_graphs=cuda_graphs)
+    positions = scheduler.max_model_len
     max_prompt_tokens = positions - 1 if max_prompt_tokens is None else max_prompt_tokens
     allowed_media_domains = frozenset(domain.lower() for domain in allowed_media_domains)
     checkpoint_steps = resolve_settings(model, 1).max_denoising_steps
@@ -260,13 +267,11 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
             raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"the served model name must be a non-empty string, got {model_name!r}")
-    tokenizer = processor.tokenizer
     # What a decoded answer loses with `skip_special_tokens`: the tokenizer's special added tokens.
     special_tokens = [token.content for token in tokenizer.backend.get_added_tokens_decoder().values() if token.special]
     # No token covers more characters than the vocabulary's longest piece, so a longer text cannot fit.
     max_prompt_chars = max_prompt_tokens * max(len(piece or "") for piece in
                                                 tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     counters = _Counters()
     vocab_size = model.config.text_config.vocab_size
     created = int(time.time())
@@ -288,7 +293,8 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
 
     app = FastAPI(title="diffusiongemma", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
-    app.state.limits = {"max_batch": max_batch, "max_queue": max_queue, "max_prompt_tokens": max_prompt_tokens,
+    app.state.limits = {"max_batch": max_batch, "max_queue": max_queue, "max_model_len": positions,
+                        "max_prompt_tokens": max_prompt_tokens,
                         "max_body_bytes": max_body_bytes, "max_denoising_steps_limit": max_denoising_steps_limit}
 
     @app.exception_handler(ApiError)
@@ -438,7 +444,7 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
         if len(prompt_ids) > max_prompt_tokens:
             raise too_long("messages" if chat else "prompt", f"{len(prompt_ids)} tokens long")
         try:
-            settings = resolve_settings(model, len(prompt_ids), max_tokens=length,
+            settings = resolve_settings(model, len(prompt_ids), max_tokens=length, max_model_len=positions,
                                         temperature=1.0 if temperature is None else temperature, stop=stops, seed=seed,
                                         logprobs=top_logprobs, **sampling_filters(body), **endings(body),
                                         **penalties(body),
@@ -874,7 +880,8 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
           device: str = "auto", dtype: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_denoising_steps_limit: int | None = None, trust_request_chat_template: bool = False,
           read_timeout: float = 30.0, keep_alive_timeout: float = 5.0, max_connections: int = 512,
-          shutdown_timeout: float = 30.0, log_level: str = "info", allowed_media_domains: tuple[str, ...] = ()) -> None:
+          shutdown_timeout: float = 30.0, log_level: str = "info", allowed_media_domains: tuple[str, ...] = (),
+          max_model_len: int | None = None, cuda_graphs: bool = True) -> None:
     """Loads the checkpoint and serves it, as `model_name` (default: `served_name(model_path)`), until
     interrupted."""
     from ..hf.modeling import DiffusionGemmaForBlockDiffusion
@@ -887,16 +894,17 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
                      max_prompt_tokens=max_prompt_tokens, api_key=api_key, max_body_bytes=max_body_bytes,
                      max_denoising_steps_limit=max_denoising_steps_limit,
                      trust_request_chat_template=trust_request_chat_template, read_timeout=read_timeout,
-                     allowed_media_domains=allowed_media_domains)
+                     allowed_media_domains=allowed_media_domains, max_model_len=max_model_len,
+                     cuda_graphs=cuda_graphs)
     server = http_server(app, host, port, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
                          max_connections=max_connections, shutdown_timeout=shutdown_timeout, log_level=log_level)
     limits = app.state.limits
     weights = next(model.parameters())
     logger.info("serving %s as %r on %s in %s, %s parameters; at most %d requests side by side and %d waiting, "
-                "%d prompt tokens, %d bytes a body, %d denoising steps a canvas, %d connections; API key %s; "
+                "%d tokens a request, %d of them prompt, %d bytes a body, %d denoising steps a canvas, %d connections; API key %s; "
                 "listening on http://%s:%d", model_path, name, weights.device,
                 str(weights.dtype).removeprefix("torch."), f"{sum(p.numel() for p in model.parameters()):,}",
-                limits["max_batch"], limits["max_queue"],
+                limits["max_batch"], limits["max_queue"], limits["max_model_len"],
                 limits["max_prompt_tokens"], limits["max_body_bytes"], limits["max_denoising_steps_limit"],
                 max_connections, "required" if api_key is not None else "off", host, port)
     server.run()
