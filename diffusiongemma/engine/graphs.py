@@ -61,8 +61,8 @@ def _capture(run: Callable[[], torch.Tensor | None], device: torch.device, warm_
                 finally:
                     graph.capture_end()
         except RuntimeError as error:
-            raise RuntimeError(f"capturing a pass in a CUDA graph failed ({error}); pass cuda_graphs=False to "
-                               "generate to run it eagerly") from error
+            raise RuntimeError(f"capturing a pass in a CUDA graph failed ({error}); run the passes eagerly with "
+                               "generate(..., cuda_graphs=False) or serve --no-cuda-graphs") from error
         _WARM_STREAMS[device] = side
         torch.cuda.current_stream().wait_stream(side)
     return graph, output
