@@ -37,6 +37,19 @@ def tiny_model(canvas_length=4, **text):
                                                                canvas_length=canvas_length)).eval()
 
 
+def served_texts(outcomes, timeout=30) -> list[str]:
+    """The answer of each served request, from the queue its events go to (`scheduler.Request.emit`)."""
+    from diffusiongemma.serving import scheduler
+
+    texts = []
+    for events in outcomes:
+        while not isinstance(event := events.get(timeout=timeout), (scheduler.Finished, scheduler.Failed)):
+            pass
+        assert isinstance(event, scheduler.Finished), event
+        texts.append(event.text)
+    return texts
+
+
 @torch.no_grad()
 def randomize(model, seed=0):
     """The reference initialises norms and scales to one; random values make a wrong formula show."""

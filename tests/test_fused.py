@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import triton
-from conftest import randomize, tiny_model
+from conftest import randomize, served_texts, tiny_model
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma.engine.sampler import sample_tokens, token_entropy
@@ -177,16 +177,10 @@ def served_together(model, tokenizer, requests: list[tuple[list[int], float, int
                                            max_denoising_steps=4)
         scheduler.submit(engine.Request(prompt, settings, events.put))
     scheduler.start()
-    texts = []
     try:
-        for events in outcomes:
-            while not isinstance(event := events.get(timeout=30), (engine.Finished, engine.Failed)):
-                pass
-            assert isinstance(event, engine.Finished), event
-            texts.append(event.text)
+        return served_texts(outcomes)
     finally:
         scheduler.stop()
-    return texts
 
 
 def served(model, tokenizer, prompt: list[int], temperature: float) -> str:

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import randomize, tiny_model
+from conftest import randomize, served_texts, tiny_model
 from test_graphs import RecordedGraph, stand_in_graphs  # noqa: F401 (a fixture)
 
 from diffusiongemma.engine import graphs
@@ -133,15 +133,9 @@ def answers(model, tokenizer, prompts, seeds, late=(), **options):
         started.wait(30)
         for index in late:
             submit(index)
-        texts = []
-        for outcomes in events:
-            while not isinstance(event := outcomes.get(timeout=30), (engine.Finished, engine.Failed)):
-                pass
-            assert isinstance(event, engine.Finished), event
-            texts.append(event.text)
+        return served_texts(events), scheduler
     finally:
         scheduler.stop()
-    return texts, scheduler
 
 
 def test_served_requests_get_their_answers_alone_in_any_batch(slots, tiny, monkeypatch):
