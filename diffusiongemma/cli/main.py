@@ -210,7 +210,8 @@ def _load_model(folder: str, args) -> DiffusionGemmaForBlockDiffusion:
         torch.cuda.set_device(device)
     with _loading_bar() as progress:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=args.dtype, device=args.device,
-                                                                progress=progress)
+                                                                progress=progress,
+                                                                tp_plan="auto" if args.tensor_parallel else None)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     return model
@@ -314,6 +315,21 @@ def _check_fits(length: int, folder: str) -> None:
         raise ValueError(f"the prompt is {length} tokens long, but the model has only {limit} positions")
 
 
+def _join_tensor_parallel(args) -> None:
+    """With --tensor-parallel N: joins the torchrun job (N ranks). Every rank runs the same generation on its
+    shards; rank 0 alone prints and streams, the others' output is dropped (their errors still show)."""
+    if args.tensor_parallel is None:
+        return
+    import torch
+
+    from ..distributed import runtime
+
+    device_type = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    runtime.start(device_type, size=args.tensor_parallel)
+    if not runtime.is_leader():
+        sys.stdout = open(os.devnull, "w")
+
+
 def cmd_generate(args) -> None:
     if len(args.model_and_prompt) > 2:
         raise ValueError(f"generate takes [MODEL] PROMPT, got {len(args.model_and_prompt)} arguments; "
@@ -323,6 +339,7 @@ def cmd_generate(args) -> None:
         raise ValueError("--raw cannot be combined with --image: a raw prompt has no place for images")
     if args.raw and args.system_prompt is not None:
         raise ValueError("--raw cannot be combined with --system-prompt: a raw prompt has no chat template")
+    _join_tensor_parallel(args)
     folder, processor, overrides = _load(args)
     images = _images(args, folder)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -618,6 +635,9 @@ def _generation_options() -> argparse.ArgumentParser:
                      help="a torch device: cpu, cuda, cuda:1, mps, ...; auto: CUDA when available (default)")
     run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                      help="dtype of the weights; auto: the checkpoint's (default)")
+    run.add_argument("--tensor-parallel", type=int, metavar="N",
+                     help="shard the model over the N processes of a torchrun job (torchrun --nproc-per-node N "
+                          "-m diffusiongemma ...); rank 0 prints (see docs/distributed.md)")
     run.add_argument("--no-drafts", action="store_true",
                      help="on a terminal, show committed text only, not each step's draft (a pipe never gets "
                           "drafts)")
@@ -698,7 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _report(error: BaseException) -> None:
     message = " ".join(str(error).split()) or type(error).__name__
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    # In a torchrun job every rank may fail: say which one did.
+    where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    print(f"{PROG}: error{where}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,3 +739,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report(error)
         return 1
+    finally:
+        if getattr(args, "tensor_parallel", None) or args.run is cmd_train:
+            from ..distributed import runtime
+
+            runtime.stop()

@@ -1,0 +1,52 @@
+"""The process group of a `torchrun` job, and its one-dimensional device mesh.
+
+`torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE for every process it starts; `start` joins that group (gloo
+on the CPU, NCCL on CUDA) with a timeout, so that a rank left waiting on a peer that hangs fails with an
+error instead of waiting for ever. A peer that raises ends the job sooner: torchrun stops the other ranks and
+reports the failed rank's error.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+# Long enough for a rank to read its shards of a large checkpoint while a faster one waits at the first
+# collective; short enough that a hung peer is noticed.
+TIMEOUT = timedelta(minutes=10)
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or a launcher that sets the same variables)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def start(device_type: str = "cpu", size: int | None = None) -> DeviceMesh:
+    """Joins the job's process group (once) and returns a mesh over all its ranks. `size`, when given, is the
+    number of processes the caller expects: a job of another size is refused."""
+    if not launched():
+        raise ValueError("a distributed run needs one process per rank: start it with torchrun, e.g. "
+                         "`torchrun --nproc-per-node 2 -m diffusiongemma ...`")
+    world = int(os.environ["WORLD_SIZE"])
+    if size is not None and size != world:
+        raise ValueError(f"--tensor-parallel {size} does not match the {world} processes torchrun started "
+                         f"(WORLD_SIZE={world}); give torchrun --nproc-per-node {size}")
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+    return init_device_mesh(device_type, (world,))
+
+
+def is_leader() -> bool:
+    """Rank 0, or a process that is not part of a distributed job: the one that prints, streams and writes."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
