@@ -553,9 +553,12 @@ def cmd_serve(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from ..distributed.runtime import is_leader
     from ..training.trainer import TrainingConfig, train
 
     result = train(TrainingConfig.from_yaml(args.recipe), resume=args.resume, overwrite=args.overwrite)
+    if not is_leader():
+        return
     final = result["evaluations"][-1] if result["evaluations"] else None
     print(json.dumps({"steps": len(result["history"]), "final_loss": result["history"][-1]["diffusion_loss"],
                       "evaluation": final}))
