@@ -390,7 +390,10 @@ def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
     start = checkpoint if checkpoint is not None and config.lora is None else source
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(start, dtype=torch.float32, device=device)
     if config.lora is not None:
-        apply_lora(model, config.lora.rank, config.lora.alpha)
+        # The adapters' random start follows from the seed: the same run twice, and on every rank of a job.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            apply_lora(model, config.lora.rank, config.lora.alpha)
         if checkpoint is not None and run is None:
             load_adapter_weights(model, checkpoint / ADAPTER_FOLDER)
     model.train()
