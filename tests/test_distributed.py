@@ -82,6 +82,21 @@ def test_generate_command_with_tensor_parallel_prints_once_what_one_process_prin
     assert json.loads(lines[0])["token_ids"] == json.loads(alone.stdout)["token_ids"]
 
 
+def test_chat_with_tensor_parallel_answers_rank_zeros_lines_as_one_process(checkpoint):
+    """Rank 0 alone reads stdin; every rank acts on its lines, and rank 0 alone prints."""
+    options = ["chat", checkpoint, "--seed", "5", "--max-new-tokens", "16"]
+    messages = "What is two plus two?\nAnd three plus three?\n"
+    alone = subprocess.run([sys.executable, "-m", "diffusiongemma", *options], input=messages, capture_output=True,
+                           text=True, timeout=JOB_TIMEOUT, env=_env())
+    assert alone.returncode == 0, alone.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "diffusiongemma", *options, "--tensor-parallel", "2"]
+    sharded = subprocess.run(command, input=messages, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+                             env=_env())
+    assert sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout == alone.stdout and alone.stdout.count("\n") >= 2
+
+
 def test_tensor_parallel_size_that_is_not_the_job_size_is_one_line_error(checkpoint):
     done = torchrun("-m", "diffusiongemma", "generate", checkpoint, "hi", "--tensor-parallel", "3")
     assert done.returncode != 0

@@ -315,11 +315,12 @@ def _check_fits(length: int, folder: str) -> None:
         raise ValueError(f"the prompt is {length} tokens long, but the model has only {limit} positions")
 
 
-def _join_tensor_parallel(args) -> None:
-    """With --tensor-parallel N: joins the torchrun job (N ranks). Every rank runs the same generation on its
-    shards; rank 0 alone prints and streams, the others' output is dropped (their errors still show)."""
+def _join_tensor_parallel(args):
+    """With --tensor-parallel N: joins the torchrun job (N ranks) and returns `distributed.runtime`, else None.
+    Every rank runs the same generation on its shards; rank 0 alone reads stdin, prints and streams, the
+    others' output is dropped (their errors still show)."""
     if args.tensor_parallel is None:
-        return
+        return None
     import torch
 
     from ..distributed import runtime
@@ -328,6 +329,8 @@ def _join_tensor_parallel(args) -> None:
     runtime.start(device_type, size=args.tensor_parallel)
     if not runtime.is_leader():
         sys.stdout = open(os.devnull, "w")
+        args.verbose = False
+    return runtime
 
 
 def cmd_generate(args) -> None:
@@ -339,10 +342,12 @@ def cmd_generate(args) -> None:
         raise ValueError("--raw cannot be combined with --image: a raw prompt has no place for images")
     if args.raw and args.system_prompt is not None:
         raise ValueError("--raw cannot be combined with --system-prompt: a raw prompt has no chat template")
-    _join_tensor_parallel(args)
+    leader = _join_tensor_parallel(args)
     folder, processor, overrides = _load(args)
     images = _images(args, folder)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = args.prompt
+    if text == "-":
+        text = leader.from_leader(sys.stdin.read() if leader.is_leader() else None) if leader else sys.stdin.read()
     inputs = (_ids(processor.tokenizer.encode(text)) if args.raw
               else _first_turn(processor, text, images, args.system_prompt))
     prompt_tokens = inputs["input_ids"].shape[1]
@@ -379,15 +384,21 @@ def _lines(interactive: bool):
 
 def cmd_chat(args) -> int:
     """Exits with 1 after a piped conversation in which a line was skipped as an unknown command."""
+    leader = _join_tensor_parallel(args)
     folder, processor, overrides = _load(args)
     images = _images(args, folder)
     model = _load_model(folder, args)
     interactive = sys.stdin.isatty()
+    lines = _lines(interactive)
+    if leader:
+        # Every rank acts on rank 0's lines, as rank 0 reads them.
+        interactive = leader.from_leader(interactive)
+        lines = leader.leader_lines(lines)
     display = _display(processor.tokenizer, interactive and not args.no_drafts)
-    if interactive:
+    if interactive and (not leader or leader.is_leader()):
         print(CHAT_COMMANDS, file=sys.stderr)
     cache, answer, number, skipped = None, [], 0, False
-    for line in _lines(interactive):
+    for line in lines:
         command = line.strip()
         if not command:
             continue

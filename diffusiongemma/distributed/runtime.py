@@ -50,3 +50,21 @@ def is_leader() -> bool:
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def from_leader(value):
+    """Rank 0's `value` on every rank (what rank 0 alone can read: its stdin). Returns `value` itself outside a
+    job."""
+    if not dist.is_initialized():
+        return value
+    box = [value if is_leader() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def leader_lines(lines):
+    """Rank 0's `lines` on every rank, each as rank 0 reads it. A follower waits for the next line at most
+    `TIMEOUT`: an interactive session left idle longer ends."""
+    source = iter(lines) if is_leader() else None
+    while (line := from_leader(next(source, None) if is_leader() else None)) is not None:
+        yield line
