@@ -4,10 +4,10 @@ mesh of N ranks before its weights are read, so that each rank allocates and rea
 What each rank holds, per transformer layer (every rank sees every token; activations are replicated):
 - attention: 1/N of the query heads (`q_proj` split by output rows, `o_proj` by input columns, with
   `parallelize_module`'s ColwiseParallel/RowwiseParallel: one all-reduce after `o_proj`). Key/value
-  projections are split the same way where N divides their heads; a layer with a single key/value head
-  keeps it whole on every rank (every local query head reads it);
+  projections are split the same way where N divides their heads; where their K heads divide N instead,
+  each rank holds the one head its query heads read, shared with the N/K - 1 other ranks that read it;
 - dense MLP: 1/N of the intermediate units (gate/up by rows, down by columns; one all-reduce);
-- experts: N/E whole experts (`ExpertShard`, expert parallel). The router runs on every rank and picks
+- experts: E/N whole experts (`ExpertShard`, expert parallel). The router runs on every rank and picks
   the same experts; each rank runs the (token, expert) pairs that fall on its experts and the weighted
   sums are all-reduced. Whole experts keep each expert's products as large as in one process, where
   splitting every expert's matrices N ways would make E·N small products per layer; as tokens are
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -50,11 +50,14 @@ def check_divisible(config: DiffusionGemmaConfig, size: int) -> None:
         raise ValueError(f"the tensor-parallel size must be at least 1, got {size}")
     counts = [("attention heads", text.num_attention_heads), ("dense MLP units", text.intermediate_size),
               ("experts", text.num_experts), ("vocabulary entries", text.vocab_size)]
-    counts += [(f"key/value heads of the {s.layer_type} layers", s.num_key_value_heads)
-               for s in text.attention_shapes if s.num_key_value_heads != 1]
     for name, count in counts:
         if count % size:
             raise ValueError(f"tensor-parallel size {size} does not divide the model's {count} {name}")
+    for shape in text.attention_shapes:
+        heads = shape.num_key_value_heads
+        if heads % size and size % heads:
+            raise ValueError(f"tensor-parallel size {size} neither divides nor is a multiple of the {heads} "
+                             f"key/value heads of the model's {shape.layer_type} layers")
 
 
 def _sharded_parameter(full: torch.Tensor, mesh: DeviceMesh) -> nn.Parameter:
@@ -134,22 +137,33 @@ class VocabShard(nn.Module):
 def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Shards a `BlockDiffusionLM` built on the meta device over `mesh` (see the module's docstring), in
     place; its weights are then allocated and read rank by rank (`hf.loading`)."""
-    size = mesh.size()
-    check_divisible(model.config, size)
+    check_divisible(model.config, mesh.size())
     text = model.config.text_config
     backbone = (model.model if hasattr(model, "model") else model).backbone
+    key_value_meshes = {heads: _key_value_mesh(mesh, heads)
+                        for heads in sorted({s.num_key_value_heads for s in text.attention_shapes})}
     for layer, shape in zip(backbone.layers, text.attention_shapes):
-        plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-                "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                "mlp.down_proj": RowwiseParallel()}
-        if shape.num_key_value_heads % size == 0:
-            plan["self_attn.k_proj"] = ColwiseParallel()
-            if layer.self_attn.v_proj is not None:
-                plan["self_attn.v_proj"] = ColwiseParallel()
-        parallelize_module(layer, mesh, plan)
+        parallelize_module(layer, mesh, {"self_attn.q_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+                                         "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                                         "mlp.down_proj": RowwiseParallel()})
+        key_value = [p for p in ("k_proj", "v_proj") if getattr(layer.self_attn, p) is not None]
+        parallelize_module(layer.self_attn, key_value_meshes[shape.num_key_value_heads],
+                           {p: ColwiseParallel() for p in key_value})
         layer.experts = ExpertShard(layer.experts, mesh)
     backbone.embed_tokens = VocabShard(backbone.embed_tokens, mesh)
     return model
+
+
+def _key_value_mesh(mesh: DeviceMesh, heads: int) -> DeviceMesh:
+    """The mesh a layer kind's K key/value heads are split over. Rank r's query heads read key/value heads from
+    r·K/N on: with N dividing K, the whole mesh splits them; with K dividing N, consecutive groups of N/K
+    ranks share one head, so the ranks are laid out as a K x N/K grid and the heads split along its first
+    dimension (a rank holds head r // (N/K), as do the others of its group)."""
+    size = mesh.size()
+    if heads % size == 0:
+        return mesh
+    grid = init_device_mesh(mesh.device_type, (heads, size // heads), mesh_dim_names=("key_value", "sharing"))
+    return grid["key_value"]
 
 
 def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int] | None] | None:
