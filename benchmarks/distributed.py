@@ -5,6 +5,12 @@ each rank holds, each rank's peak resident memory grown while loading, and the t
 (one canvas, fixed steps, medians over runs), for one process with N threads and for N torchrun ranks with
 one thread each (the same cores). On the CPU the ranks talk over gloo, on CUDA over NCCL, one GPU per rank.
 
+A second table weighs the two ways to share the experts, in one thread, one rank's work at a time: whole
+experts (E/N per rank, what `distributed/tensor_parallel.py` does) against every expert's matrices split N
+ways (each rank all experts, 1/N of their units). Both end in the same all-reduce, which is left out. The
+router is random, so the experts draw about equal numbers of tokens; a trained router's skew would slow the
+first layout's busiest rank.
+
     .venv/bin/python benchmarks/distributed.py [--preset small] [--ranks 2] [--runs 3] [--no-record]
 """
 
@@ -77,6 +83,56 @@ def measure(folder: str, warm_up: str, sharded: bool, runs: int, out: str) -> No
                    "tokens": tokens}, handle)
 
 
+def expert_layouts(ranks: int, repeats: int = 30) -> str:
+    """Milliseconds of one layer's experts for the slowest rank, in each layout (module docstring)."""
+    from diffusiongemma.kernels.experts import grouped_linear
+
+    def experts(x, weights, indices, gate_up, down, first):
+        count, top_k = gate_up.shape[0], indices.shape[1]
+        local = indices - first
+        local = local.masked_fill((local < 0) | (local >= count), count)
+        sorted_experts, order = torch.sort(local.reshape(-1))
+        ends = torch.searchsorted(sorted_experts, torch.arange(1, count + 1), out_int32=True)
+        order = order[:int(ends[-1])]
+        gate, up = grouped_linear(x.index_select(0, order // top_k), gate_up, ends).chunk(2, dim=-1)
+        out = grouped_linear(torch.nn.functional.gelu(gate, approximate="tanh") * up, down, ends)
+        return torch.zeros_like(x).index_add_(0, order // top_k, out * weights.reshape(-1)[order, None])
+
+    def median_ms(call) -> float:
+        for _ in range(3):
+            call()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    rows = ["| experts, top-k, hidden, units, tokens | one process | whole experts per rank (slowest) | "
+            "split matrices per rank (slowest) |", "|---|---|---|---|"]
+    # The small preset's experts over one canvas; the released model's routing (128 experts, top 8, a
+    # 256-token canvas) with its matrices scaled down by 4 to fit this benchmark's time.
+    for count, top_k, hidden, units, tokens in [(16, 4, 256, 128, 64), (128, 8, 704, 176, 256)]:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, hidden, generator=generator)
+        gate_up = torch.randn(count, 2 * units, hidden, generator=generator) * 0.02
+        down = torch.randn(count, hidden, units, generator=generator) * 0.02
+        weights, indices = torch.topk(torch.randn(tokens, count, generator=generator).softmax(-1), top_k, dim=-1)
+        share, part = count // ranks, units // ranks
+        whole, split = [], []
+        for r in range(ranks):
+            rows_of = gate_up[r * share:(r + 1) * share].clone(), down[r * share:(r + 1) * share].clone()
+            whole.append(median_ms(lambda: experts(x, weights, indices, *rows_of, r * share)))
+            units_of = (torch.cat([gate_up[:, r * part:(r + 1) * part],
+                                   gate_up[:, units + r * part:units + (r + 1) * part]], dim=1).contiguous(),
+                        down[:, :, r * part:(r + 1) * part].contiguous())
+            split.append(median_ms(lambda: experts(x, weights, indices, *units_of, 0)))
+        alone = median_ms(lambda: experts(x, weights, indices, gate_up, down, 0))
+        rows.append(f"| {count}, {top_k}, {hidden}, {units}, {tokens} | {alone:.2f} | {max(whole):.2f} | "
+                    f"{max(split):.2f} |")
+    return "\n".join(rows)
+
+
 def run_all(args) -> None:
     here = os.path.abspath(__file__)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -85,7 +141,7 @@ def run_all(args) -> None:
         folder = os.path.join(work, args.preset)
         progress(f"writing a random '{args.preset}' checkpoint")
         write_random_checkpoint(folder, args.preset)
-        warm_up = os.path.join(work, "tiny")
+        warm_up = os.path.join(work, "warm-up")
         write_random_checkpoint(warm_up, "tiny")
         progress(f"one process, {args.ranks} threads")
         single = os.path.join(work, "single.json")
@@ -112,7 +168,12 @@ def run_all(args) -> None:
     table.append(f"\n'{args.preset}' preset, float32, prompt {PROMPT}, one canvas of {STEPS} fixed steps, median of "
                  f"{args.runs} runs after a warm-up; one process with {args.ranks} threads against {args.ranks} "
                  f"ranks of one thread; tokens {'identical' if same else 'DIFFERENT'} to one process's.")
-    record(f"Tensor-parallel inference, {args.preset} preset, {args.ranks} ranks", "\n".join(table),
+    progress("the experts' two layouts")
+    torch.set_num_threads(1)
+    table.append(f"\nOne layer's experts at {args.ranks} ranks, milliseconds (median of 30, one thread):\n\n"
+                 + expert_layouts(args.ranks))
+    backend = "NCCL" if torch.cuda.is_available() else "gloo"
+    record(f"Tensor-parallel inference, {args.preset} preset, {args.ranks} ranks over {backend}", "\n".join(table),
            keep=not args.no_record)
 
 
