@@ -143,19 +143,25 @@ def run_all(args) -> None:
         write_random_checkpoint(folder, args.preset)
         warm_up = os.path.join(work, "warm-up")
         write_random_checkpoint(warm_up, "tiny")
-        progress(f"one process, {args.ranks} threads")
-        single = os.path.join(work, "single.json")
-        subprocess.run([sys.executable, here, "--worker", folder, warm_up, single, "--runs", str(args.runs)], check=True,
-                       env={**env, "OMP_NUM_THREADS": str(args.ranks)})
+        singles = {}
+        # On a busy machine a process's threads spin waiting for cores: one thread is its other baseline.
+        for threads in sorted({args.ranks, 1}, reverse=True):
+            progress(f"one process, {threads} threads")
+            singles[threads] = os.path.join(work, f"single-{threads}.json")
+            subprocess.run([sys.executable, here, "--worker", folder, warm_up, singles[threads], "--runs",
+                            str(args.runs)], check=True, env={**env, "OMP_NUM_THREADS": str(threads)})
         progress(f"torchrun, {args.ranks} ranks of one thread")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                         str(args.ranks), here, "--worker", folder, warm_up, os.path.join(work, "rank.json"),
                         "--runs", str(args.runs), "--sharded"], check=True, env={**env, "OMP_NUM_THREADS": "1"})
-        alone = json.load(open(single))
+        singles = {threads: json.load(open(path)) for threads, path in singles.items()}
         ranks = [json.load(open(os.path.join(work, f"rank.json.{r}"))) for r in range(args.ranks)]
+    alone = singles[args.ranks]
     same = all(r["tokens"] == alone["tokens"] for r in ranks)
     mb = 2 ** 20
-    rows = [("one process", alone)] + [(f"rank {r} of {args.ranks}", figures) for r, figures in enumerate(ranks)]
+    rows = [(f"one process, {threads} thread{'s' if threads > 1 else ''}", figures)
+            for threads, figures in singles.items()]
+    rows += [(f"rank {r} of {args.ranks}, 1 thread", figures) for r, figures in enumerate(ranks)]
     table = ["| process | weights held (MB) | vs one process | peak RSS grown while loading (MB) | "
              "peak RSS (MB) | ms / denoising step |", "|---|---|---|---|---|---|"]
     for name, figures in rows:
@@ -166,12 +172,14 @@ def run_all(args) -> None:
         table.append("\nGPU peak memory (MB): " + ", ".join(f"{name} {figures['gpu_peak'] / mb:.0f}"
                                                             for name, figures in rows))
     table.append(f"\n'{args.preset}' preset, float32, prompt {PROMPT}, one canvas of {STEPS} fixed steps, median of "
-                 f"{args.runs} runs after a warm-up; one process with {args.ranks} threads against {args.ranks} "
-                 f"ranks of one thread; tokens {'identical' if same else 'DIFFERENT'} to one process's.")
+                 f"{args.runs} runs after a warm-up; tokens {'identical' if same else 'DIFFERENT'} to one "
+                 f"process's. The load average during the run: {', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     progress("the experts' two layouts")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     table.append(f"\nOne layer's experts at {args.ranks} ranks, milliseconds (median of 30, one thread):\n\n"
                  + expert_layouts(args.ranks))
+    torch.set_num_threads(threads)
     backend = "NCCL" if torch.cuda.is_available() else "gloo"
     record(f"Tensor-parallel inference, {args.preset} preset, {args.ranks} ranks over {backend}", "\n".join(table),
            keep=not args.no_record)
