@@ -11,7 +11,8 @@ holds the rest (embedding, final norm, self-conditioning, vision tower): paramet
 state are sharded by dimension 0 over the ranks, gathered for a layer's forward and backward and freed after.
 On CUDA the gathered parameters are bfloat16 and gradients are reduced in float32
 (`MixedPrecisionPolicy`); on the CPU everything stays float32. Gradients sync on a rank's last micro-batch
-of a step only.
+of a step only. Every rank must gather and reduce the units in the same order, so the loss must make the same
+passes, with the same autograd graph, for every batch (`block_diffusion_loss(..., fixed_passes=True)`).
 
 Checkpoints: the model and optimizer state in torch's distributed checkpoint format (`sharded/`, each rank
 writing and reading its own shards), beside a model folder gathered on rank 0, so that every checkpoint can
@@ -54,7 +55,6 @@ class LossModule(nn.Module):
 
     def forward(self, *args):
         return self.loss(self.model, *args)
-
 
 
 class ShardedRun:
