@@ -319,15 +319,15 @@ def _join_tensor_parallel(args):
     """With --tensor-parallel N: joins the torchrun job (N ranks) and returns `distributed.runtime`, else None.
     Every rank runs the same generation on its shards; rank 0 alone reads stdin, prints and streams, the
     others' output is dropped (their errors still show)."""
-    from ..distributed import runtime
-
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if args.tensor_parallel is None:
-        if runtime.launched() and int(os.environ["WORLD_SIZE"]) > 1:
-            raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes, but without --tensor-parallel "
-                             "each would run the whole model alone: add --tensor-parallel "
-                             f"{os.environ['WORLD_SIZE']}")
+        if world > 1:
+            raise ValueError(f"torchrun started {world} processes, but without --tensor-parallel each would run the "
+                             f"whole model alone: add --tensor-parallel {world}")
         return None
     import torch
+
+    from ..distributed import runtime
 
     device_type = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     runtime.start(device_type, size=args.tensor_parallel)
