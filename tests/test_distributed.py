@@ -224,7 +224,8 @@ def _assert_close_weights(a: Path, b: Path) -> None:
 
 def test_fsdp_training_matches_one_process_and_resumes_from_sharded_checkpoints(start, tmp_path):
     single = train(TrainingConfig.from_yaml(_recipe(start, tmp_path / "single")), progress=Quiet())
-    recipe = _recipe(start, tmp_path / "sharded")
+    # Sharded before its weights are read; recomputing the feed-forward blocks changes no number.
+    recipe = _recipe(start, tmp_path / "sharded", activation_checkpointing=True)
     done = torchrun("-m", "diffusiongemma", "train", recipe)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 1  # rank 0 alone prints the summary

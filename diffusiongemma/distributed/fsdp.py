@@ -14,6 +14,10 @@ On CUDA the gathered parameters are bfloat16 and gradients are reduced in float3
 of a step only. Every rank must gather and reduce the units in the same order, so the loss must make the same
 passes, with the same autograd graph, for every batch (`block_diffusion_loss(..., fixed_passes=True)`).
 
+A full fine-tune is sharded on the meta device, before its weights are read, and each rank reads its own
+shards of the checkpoint only (`from_pretrained(..., sharding=run.shard)`). With LoRA every rank loads the
+whole base model first (the loader knows no adapters), then shards it.
+
 Checkpoints: the model and optimizer state in torch's distributed checkpoint format (`sharded/`, each rank
 writing and reading its own shards), beside a model folder gathered on rank 0, so that every checkpoint can
 be generated from, as in one process. `final/` is such a folder.
@@ -60,23 +64,24 @@ class LossModule(nn.Module):
 class ShardedRun:
     """One rank's part of a training run over all the job's ranks."""
 
-    def __init__(self, device: torch.device, gradient_accumulation: int):
+    def __init__(self, device: torch.device, gradient_accumulation: int, loss):
+        """`loss(model, *args)`: what the root unit's call `root(*args)` computes."""
         self.mesh = runtime.start(device.type)
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         if gradient_accumulation % self.size:
             raise ValueError(f"`gradient_accumulation` ({gradient_accumulation}) must be a multiple of the "
                              f"{self.size} ranks: a step's micro-batches are shared out among them")
-        self.device = device
+        self.device, self.loss = device, loss
+        self.root: LossModule | None = None
 
-    def shard(self, model: nn.Module, loss) -> LossModule:
-        """Shards `model` in place; returns the root unit, whose call `root(*args)` is `loss(model, *args)`."""
+    def shard(self, model: nn.Module) -> None:
+        """Shards `model` in place, built on the meta device or loaded; the root unit becomes `self.root`."""
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.device.type == "cuda" else MixedPrecisionPolicy()
         for layer in model.model.backbone.layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=policy)
-        root = LossModule(model, loss)
-        fully_shard(root, mesh=self.mesh, mp_policy=policy)
-        return root
+        self.root = LossModule(model, self.loss)
+        fully_shard(self.root, mesh=self.mesh, mp_policy=policy)
 
     def micro_batches(self, count: int) -> range:
         return range(self.rank, count, self.size)

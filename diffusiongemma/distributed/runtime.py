@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 # Long enough for a rank to read its shards of a large checkpoint while a faster one waits at the first
 # collective; short enough that a hung peer is noticed.
@@ -68,3 +69,19 @@ def leader_lines(lines):
     source = iter(lines) if is_leader() else None
     while (line := from_leader(next(source, None) if is_leader() else None)) is not None:
         yield line
+
+
+def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int] | None] | None:
+    """For a DTensor on a one-dimensional mesh (tensor parallelism's or FSDP's): (its local tensor, (dim, start,
+    stop) of the full tensor it holds, or None when it holds all of it). None for a plain tensor. A dimension
+    is sharded as torch shards it: rank r holds rows from r·ceil(size / N) on, the last ranks fewer or none."""
+    if not isinstance(tensor, DTensor):
+        return None
+    (placement,) = tensor.placements
+    local = tensor.to_local()
+    if not isinstance(placement, Shard):
+        return local, None
+    dim = placement.dim % tensor.dim()
+    chunk = -(-tensor.shape[dim] // tensor.device_mesh.size())
+    start = min(tensor.device_mesh.get_local_rank() * chunk, tensor.shape[dim])
+    return local, (dim, start, start + local.shape[dim])

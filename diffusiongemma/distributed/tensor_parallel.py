@@ -164,17 +164,3 @@ def _key_value_mesh(mesh: DeviceMesh, heads: int) -> DeviceMesh:
         return mesh
     grid = init_device_mesh(mesh.device_type, (heads, size // heads), mesh_dim_names=("key_value", "sharing"))
     return grid["key_value"]
-
-
-def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int] | None] | None:
-    """For a DTensor on a one-dimensional mesh: (its local tensor, (dim, start, stop) of the full tensor it
-    holds, or None when it holds all of it). None for a plain tensor."""
-    if not isinstance(tensor, DTensor):
-        return None
-    (placement,) = tensor.placements
-    local = tensor.to_local()
-    if not isinstance(placement, Shard):
-        return local, None
-    dim = placement.dim % tensor.dim()
-    start = tensor.device_mesh.get_local_rank() * local.shape[dim]
-    return local, (dim, start, start + local.shape[dim])

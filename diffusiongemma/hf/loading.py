@@ -272,11 +272,12 @@ HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_do
 
 @torch.no_grad()
 def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map=None, torch_dtype=None,
-                    adapter=None, progress=None, tp_plan=None, **hub_kwargs):
+                    adapter=None, progress=None, tp_plan=None, sharding=None, **hub_kwargs):
     """See `DiffusionGemmaPreTrainedModel.from_pretrained`. `progress`, when given, is called as
     progress(bytes loaded, bytes in all) after each tensor is read. `tp_plan="auto"`: in a torchrun job, the
     model is sharded over all its ranks before its weights are read, each rank reading its own shards only
-    (`distributed/tensor_parallel.py`)."""
+    (`distributed/tensor_parallel.py`). `sharding`: a function that shards the model, built on the meta
+    device, in place (FSDP2's units, `distributed/fsdp.py`), with the same effect."""
     unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
     if unknown:
         raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype`, `device` (or `device_map`) "
@@ -313,6 +314,8 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         tensor_parallel.parallelize(model, runtime.start(device.type))
+    if sharding is not None:
+        sharding(model)
     model.to(dtype).to_empty(device=device)
     model.eval()
 
@@ -363,12 +366,12 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
 
 
 def _local_part(tensor: torch.Tensor):
-    """A tensor-parallel rank's share of `tensor` (see `tensor_parallel.local_part`); None for a whole tensor."""
+    """A sharded model's share of `tensor` on this rank (see `runtime.local_part`); None for a whole tensor."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(tensor, DTensor):
         return None
-    from ..distributed.tensor_parallel import local_part
+    from ..distributed.runtime import local_part
 
     return local_part(tensor)
 

@@ -152,7 +152,8 @@ class DiffusionGemmaPreTrainedModel(nn.Module):
         never split; `adapter`: a folder or repo id with a LoRA adapter in PEFT's layout, folded into the
         weights as they load; `tp_plan="auto"`: under torchrun, shard the model over the job's ranks for
         tensor- and expert-parallel inference, each rank reading only its own shards (docs/distributed.md);
-        and hub arguments such as `revision` or `cache_dir`."""
+        `sharding`: a function that shards the model, built on the meta device, in place before its weights
+        are read (FSDP2, `distributed/fsdp.py`); and hub arguments such as `revision` or `cache_dir`."""
         from ..hf.loading import load_pretrained
 
         if not issubclass(cls, (DiffusionGemmaModel, BlockDiffusionLM)):

@@ -381,14 +381,20 @@ def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
         torch.set_num_threads(config.threads)
     device = _device(config)
     # --- FSDP2: one of several torchrun processes.
-    run = fsdp.ShardedRun(device, config.gradient_accumulation) if fsdp.wanted() else None
+    run = None
+    if fsdp.wanted():
+        run = fsdp.ShardedRun(device, config.gradient_accumulation,
+                              functools.partial(block_diffusion_loss, fixed_passes=True))
     if checkpoint is not None and (run is not None) != (checkpoint / fsdp.SHARDED_FOLDER).is_dir():
         raise ValueError(f"{checkpoint} was written by " + ("one process: resume it without torchrun" if run
                          else "a torchrun job: resume it under torchrun with the same number of processes"))
     source = Path(resolve_folder(config.model))
     # A full fine-tune resumes from the checkpoint's weights; LoRA from the base and the checkpoint's adapters.
     start = checkpoint if checkpoint is not None and config.lora is None else source
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(start, dtype=torch.float32, device=device)
+    # A full fine-tune is sharded before its weights are read: each rank reads only its own shards.
+    sharding = run.shard if run is not None and config.lora is None else None
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(start, dtype=torch.float32, device=device,
+                                                            sharding=sharding)
     if config.lora is not None:
         # The adapters' random start follows from the seed: the same run twice, and on every rank of a job.
         with torch.random.fork_rng(devices=[]):
@@ -399,7 +405,9 @@ def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
     model.train()
     if config.activation_checkpointing:
         checkpoint_feed_forward(model)
-    root = run.shard(model, functools.partial(block_diffusion_loss, fixed_passes=True)) if run is not None else None
+    if run is not None and run.root is None:
+        run.shard(model)
+    root = run.root if run is not None else None
     processor = AutoProcessor.from_pretrained(source)
     pad = processor.tokenizer.pad_token_id
     canvas, positions = model.config.canvas_length, model.config.text_config.max_position_embeddings
