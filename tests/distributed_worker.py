@@ -7,6 +7,7 @@ OUT/rank-R.json; rank 0 also writes the same figures of the whole model in one p
 MODE `fail`: rank 1 raises in the middle of generation; the job must end with that error, not hang.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -57,8 +58,10 @@ def main(mode: str, checkpoint: str, out: str) -> None:
         model.generate(input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=32, max_denoising_steps=8,
                        logits_processor=[FailOnRankOne()])
         return
+    # Each process started from a random seed of its own; joining the job gave every rank rank 0's state.
+    random_state = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
     sharded = outputs(model)
-    report = {"tokens": sharded["tokens"], "local_bytes": local_bytes(model)}
+    report = {"tokens": sharded["tokens"], "random_state": random_state, "local_bytes": local_bytes(model)}
     if rank == 0:
         whole = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint)
         single = outputs(whole)

@@ -62,6 +62,8 @@ def test_sharded_generation_gives_one_process_tokens_and_logits(checkpoint, tmp_
     # Every rank commits the same tokens, and they are one process's; the logits agree to rounding only,
     # the all-reduces summing in another order.
     assert all(rank["tokens"] == ranks[0]["single_tokens"] for rank in ranks)
+    # An unseeded generate draws the same numbers on every rank.
+    assert all(rank["random_state"] == ranks[0]["random_state"] for rank in ranks)
     assert ranks[0]["logits_relative_error"] <= 1e-5
     assert not ranks[0]["logits_bit_equal"]  # were they, the comparison above would prove less than it claims
     # Each rank holds its shards: well under the whole model's weights.

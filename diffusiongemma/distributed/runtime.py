@@ -28,7 +28,9 @@ def launched() -> bool:
 
 def start(device_type: str = "cpu", size: int | None = None) -> DeviceMesh:
     """Joins the job's process group (once) and returns a mesh over all its ranks. `size`, when given, is the
-    number of processes the caller expects: a job of another size is refused."""
+    number of processes the caller expects: a job of another size is refused. On joining, every rank takes
+    rank 0's random state (each process starts from a seed of its own): an unseeded `generate` then draws the
+    same numbers on every rank, as the ranks' lockstep needs."""
     if not launched():
         raise ValueError("a distributed run needs one process per rank: start it with torchrun, e.g. "
                          "`torchrun --nproc-per-node 2 -m diffusiongemma ...`")
@@ -40,6 +42,9 @@ def start(device_type: str = "cpu", size: int | None = None) -> DeviceMesh:
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+        torch.set_rng_state(from_leader(torch.get_rng_state()))
+        if device_type == "cuda":
+            torch.cuda.set_rng_state(from_leader(torch.cuda.get_rng_state()))
     return init_device_mesh(device_type, (world,))
 
 
