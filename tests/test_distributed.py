@@ -104,7 +104,7 @@ def test_chat_with_tensor_parallel_answers_rank_zeros_lines_as_one_process(check
     assert sharded.stdout == alone.stdout and alone.stdout.count("\n") >= 2
 
 
-def test_a_tensor_parallel_size_that_is_not_the_job_size_is_a_one_line_error(checkpoint):
+def test_commands_that_do_not_fit_the_job_are_one_line_errors(checkpoint):
     done = torchrun("-m", "diffusiongemma", "generate", checkpoint, "hi", "--tensor-parallel", "3")
     assert done.returncode != 0
     assert ("diffusiongemma: error (rank 0): --tensor-parallel 3 does not match the 2 processes torchrun started "
@@ -113,6 +113,9 @@ def test_a_tensor_parallel_size_that_is_not_the_job_size_is_a_one_line_error(che
     assert done.returncode != 0
     assert ("diffusiongemma: error (rank 1): torchrun started 2 processes, but without --tensor-parallel each would "
             "run the whole model alone: add --tensor-parallel 2") in done.stderr
+    done = torchrun("-m", "diffusiongemma", "serve", checkpoint)
+    assert done.returncode != 0
+    assert "diffusiongemma: error (rank 0): serve runs in one process: it cannot be sharded" in done.stderr
 
 
 def test_sizes_that_do_not_divide_the_model_are_refused_by_name():

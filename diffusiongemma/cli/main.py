@@ -552,6 +552,9 @@ def cmd_init_random(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("serve runs in one process: it cannot be sharded over a torchrun job yet "
+                         "(see docs/distributed.md)")
     try:
         from ..serving.server import serve, served_name
     except ImportError as error:
