@@ -5,6 +5,7 @@
 MODE `compare`: the tensor-parallel model's tokens and logits, and what its rank holds, written to
 OUT/rank-R.json; rank 0 also writes the same figures of the whole model in one process.
 MODE `fail`: rank 1 raises in the middle of generation; the job must end with that error, not hang.
+MODE `fail-training`: CHECKPOINT is a recipe; rank 1 raises in its second training step's loss.
 """
 
 import hashlib
@@ -50,8 +51,27 @@ class FailOnRankOne:
         return scores
 
 
+def fail_training(recipe: str) -> None:
+    from diffusiongemma.training import trainer
+
+    calls = {"count": 0}
+    loss = trainer.block_diffusion_loss
+
+    def failing_on_rank_one(*args, **kwargs):
+        calls["count"] += 1
+        if dist.get_rank() == 1 and calls["count"] == 2:
+            raise RuntimeError("rank 1 failed on purpose in training step 2")
+        return loss(*args, **kwargs)
+
+    trainer.block_diffusion_loss = failing_on_rank_one
+    trainer.train(trainer.TrainingConfig.from_yaml(recipe))
+
+
 def main(mode: str, checkpoint: str, out: str) -> None:
     torch.set_num_threads(1)
+    if mode == "fail-training":
+        fail_training(checkpoint)
+        return
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, tp_plan="auto")
     rank = dist.get_rank()
     if mode == "fail":

@@ -273,6 +273,13 @@ def test_fsdp_lora_with_activation_checkpointing_matches_one_process(start, tmp_
     assert any(bool(t.abs().max() > 0) for name, t in adapters.items() if "lora_B" in name)
 
 
+def test_a_rank_failing_in_training_ends_the_job_with_its_error(start, tmp_path):
+    done = torchrun(WORKER, "fail-training", _recipe(start, tmp_path), tmp_path)
+    assert done.returncode != 0
+    assert "rank 1 failed on purpose in training step 2" in done.stderr
+    assert "rank      : 1" in done.stderr
+
+
 def test_fsdp_refuses_accumulation_the_ranks_cannot_share(start, tmp_path):
     done = torchrun("-m", "diffusiongemma", "train", _recipe(start, tmp_path, gradient_accumulation=1))
     assert done.returncode != 0
