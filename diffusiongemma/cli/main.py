@@ -210,7 +210,8 @@ def _load_model(folder: str, args) -> DiffusionGemmaForBlockDiffusion:
         torch.cuda.set_device(device)
     with _loading_bar() as progress:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=args.dtype, device=args.device,
-                                                                progress=progress)
+                                                                progress=progress,
+                                                                tp_plan="auto" if args.tensor_parallel else None)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     return model
@@ -314,6 +315,28 @@ def _check_fits(length: int, folder: str) -> None:
         raise ValueError(f"the prompt is {length} tokens long, but the model has only {limit} positions")
 
 
+def _join_tensor_parallel(args):
+    """With --tensor-parallel N: joins the torchrun job (N ranks) and returns `distributed.runtime`, else None.
+    Every rank runs the same generation on its shards; rank 0 alone reads stdin, prints and streams, the
+    others' output is dropped (their errors still show)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.tensor_parallel is None:
+        if world > 1:
+            raise ValueError(f"torchrun started {world} processes, but without --tensor-parallel each would run the "
+                             f"whole model alone: add --tensor-parallel {world}")
+        return None
+    import torch
+
+    from ..distributed import runtime
+
+    device_type = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    runtime.start(device_type, size=args.tensor_parallel)
+    if not runtime.is_leader():
+        sys.stdout = open(os.devnull, "w")
+        args.verbose = False
+    return runtime
+
+
 def cmd_generate(args) -> None:
     if len(args.model_and_prompt) > 2:
         raise ValueError(f"generate takes [MODEL] PROMPT, got {len(args.model_and_prompt)} arguments; "
@@ -323,9 +346,12 @@ def cmd_generate(args) -> None:
         raise ValueError("--raw cannot be combined with --image: a raw prompt has no place for images")
     if args.raw and args.system_prompt is not None:
         raise ValueError("--raw cannot be combined with --system-prompt: a raw prompt has no chat template")
+    leader = _join_tensor_parallel(args)
     folder, processor, overrides = _load(args)
     images = _images(args, folder)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = args.prompt
+    if text == "-":
+        text = leader.from_leader(sys.stdin.read() if leader.is_leader() else None) if leader else sys.stdin.read()
     inputs = (_ids(processor.tokenizer.encode(text)) if args.raw
               else _first_turn(processor, text, images, args.system_prompt))
     prompt_tokens = inputs["input_ids"].shape[1]
@@ -362,15 +388,21 @@ def _lines(interactive: bool):
 
 def cmd_chat(args) -> int:
     """Exits with 1 after a piped conversation in which a line was skipped as an unknown command."""
+    leader = _join_tensor_parallel(args)
     folder, processor, overrides = _load(args)
     images = _images(args, folder)
     model = _load_model(folder, args)
     interactive = sys.stdin.isatty()
+    lines = _lines(interactive)
+    if leader:
+        # Every rank acts on rank 0's lines, as rank 0 reads them.
+        interactive = leader.from_leader(interactive)
+        lines = leader.leader_lines(lines)
     display = _display(processor.tokenizer, interactive and not args.no_drafts)
-    if interactive:
+    if interactive and (not leader or leader.is_leader()):
         print(CHAT_COMMANDS, file=sys.stderr)
     cache, answer, number, skipped = None, [], 0, False
-    for line in _lines(interactive):
+    for line in lines:
         command = line.strip()
         if not command:
             continue
@@ -520,6 +552,9 @@ def cmd_init_random(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("serve runs in one process: it cannot be sharded over a torchrun job yet "
+                         "(see docs/distributed.md)")
     try:
         from ..serving.server import serve, served_name
     except ImportError as error:
@@ -537,9 +572,12 @@ def cmd_serve(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from ..distributed.runtime import is_leader
     from ..training.trainer import TrainingConfig, train
 
     result = train(TrainingConfig.from_yaml(args.recipe), resume=args.resume, overwrite=args.overwrite)
+    if not is_leader():
+        return
     final = result["evaluations"][-1] if result["evaluations"] else None
     print(json.dumps({"steps": len(result["history"]), "final_loss": result["history"][-1]["diffusion_loss"],
                       "evaluation": final}))
@@ -625,6 +663,9 @@ def _generation_options() -> argparse.ArgumentParser:
                      help="a torch device: cpu, cuda, cuda:1, mps, ...; auto: CUDA when available (default)")
     run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                      help="dtype of the weights; auto: the checkpoint's (default)")
+    run.add_argument("--tensor-parallel", type=int, metavar="N",
+                     help="shard the model over the N processes of a torchrun job (torchrun --nproc-per-node N "
+                          "-m diffusiongemma ...); rank 0 prints (see docs/distributed.md)")
     run.add_argument("--no-drafts", action="store_true",
                      help="on a terminal, show committed text only, not each step's draft (a pipe never gets "
                           "drafts)")
@@ -705,7 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _report(error: BaseException) -> None:
     message = " ".join(str(error).split()) or type(error).__name__
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    # In a torchrun job every rank may fail: say which one did.
+    where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    print(f"{PROG}: error{where}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -724,3 +767,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report(error)
         return 1
+    finally:
+        if getattr(args, "tensor_parallel", None) or args.run is cmd_train:
+            from ..distributed import runtime
+
+            runtime.stop()

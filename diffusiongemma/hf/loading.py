@@ -73,16 +73,31 @@ class SafetensorsFile:
                 handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
         return tensor
 
-    def read_into(self, name: str, target: torch.Tensor) -> None:
-        """Fill `target` (any dtype, any device) with the stored values, staging only when needed."""
+    def read_into(self, name: str, target: torch.Tensor, part: tuple[int, int, int] | None = None) -> None:
+        """Fill `target` (any dtype, any device) with the stored values, staging only when needed. `part`
+        (dim, start, stop): only that slice along one dimension, read piece by piece from the file (a
+        tensor-parallel rank's shard)."""
         dtype, shape, begin = self.entries[name]
-        if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
-            with open(self.path, "rb") as handle:
-                handle.seek(self.data_start + begin)
-                if target.numel():
-                    handle.readinto(memoryview(target.view(-1).view(torch.uint8).numpy()))
+        if part is None:
+            pieces = [(self.data_start + begin, math.prod(shape) * dtype.itemsize)]
         else:
-            target.copy_(self.read(name))
+            dim, start, stop = part
+            inner = math.prod(shape[dim + 1:]) * dtype.itemsize
+            pieces = [(self.data_start + begin + (outer * shape[dim] + start) * inner, (stop - start) * inner)
+                      for outer in range(math.prod(shape[:dim]))]
+        if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
+            into = memoryview(target.view(-1).view(torch.uint8).numpy()) if target.numel() else None
+            with open(self.path, "rb") as handle:
+                written = 0
+                for offset, size in pieces:
+                    if size:
+                        handle.seek(offset)
+                        handle.readinto(into[written:written + size])
+                    written += size
+        else:
+            staged = torch.empty(target.shape, dtype=dtype)
+            self.read_into(name, staged, part)
+            target.copy_(staged)
 
 
 def _torch_dtype(handle, name: str, kind: str, shape: tuple, path: str) -> torch.dtype:
@@ -160,8 +175,8 @@ class StoredTensor:
     def read(self) -> torch.Tensor:
         return self.file.read(self.name)
 
-    def read_into(self, target: torch.Tensor) -> None:
-        self.file.read_into(self.name, target)
+    def read_into(self, target: torch.Tensor, part: tuple[int, int, int] | None = None) -> None:
+        self.file.read_into(self.name, target, part)
 
 
 def _stored_tensors(folder: str) -> dict[str, StoredTensor]:
@@ -257,9 +272,12 @@ HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_do
 
 @torch.no_grad()
 def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map=None, torch_dtype=None,
-                    adapter=None, progress=None, **hub_kwargs):
+                    adapter=None, progress=None, tp_plan=None, sharding=None, **hub_kwargs):
     """See `DiffusionGemmaPreTrainedModel.from_pretrained`. `progress`, when given, is called as
-    progress(bytes loaded, bytes in all) after each tensor is read."""
+    progress(bytes loaded, bytes in all) after each tensor is read. `tp_plan="auto"`: in a torchrun job, the
+    model is sharded over all its ranks before its weights are read, each rank reading its own shards only
+    (`distributed/tensor_parallel.py`). `sharding`: a function that shards the model, built on the meta
+    device, in place (FSDP2's units, `distributed/fsdp.py`), with the same effect."""
     unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
     if unknown:
         raise ValueError(f"unknown from_pretrained arguments {unknown}; besides `dtype`, `device` (or `device_map`) "
@@ -284,6 +302,20 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
 
     with torch.device("meta"):
         model = cls(config)
+    # --- tensor parallelism (distributed/): shard the meta model, then each rank allocates its share only.
+    if tp_plan is not None:
+        from ..distributed import runtime, tensor_parallel
+
+        if tp_plan != "auto":
+            raise ValueError(f"unknown tp_plan {tp_plan!r}; the one plan is 'auto'")
+        if adapter is not None:
+            raise ValueError("a LoRA adapter cannot be merged into a tensor-parallel model; merge it first "
+                             "(load it in one process and save_pretrained)")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        tensor_parallel.parallelize(model, runtime.start(device.type))
+    if sharding is not None:
+        sharding(model)
     model.to(dtype).to_empty(device=device)
     model.eval()
 
@@ -300,10 +332,14 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
             if located[source].shape != tuple(tensor.shape):
                 raise ValueError(f"tensor {source!r} has shape {list(located[source].shape)} in the checkpoint, "
                                  f"but the config implies {list(tensor.shape)}")
-        located[stored[0]].read_into(tensor)
+        shard = _local_part(tensor)
+        target, part = shard if shard is not None else (tensor, None)
+        located[stored[0]].read_into(target, part)
         for copy in stored[1:]:
             # One backbone serves both roles, so copies stored under both must agree.
-            if not torch.equal(located[copy].read().to(tensor.device, tensor.dtype), tensor):
+            other = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+            located[copy].read_into(other, part)
+            if not torch.equal(other, target):
                 raise ValueError(f"the checkpoint stores different values under {stored[0]!r} and {copy!r}; "
                                  "this engine shares one copy between the encoder and the decoder")
         if progress is not None:
@@ -327,6 +363,17 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
     if hasattr(model, "generation_config") and os.path.exists(generation_path):
         model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(generation_path)
     return model
+
+
+def _local_part(tensor: torch.Tensor):
+    """A sharded model's share of `tensor` on this rank (see `runtime.local_part`); None for a whole tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return None
+    from ..distributed.runtime import local_part
+
+    return local_part(tensor)
 
 
 def _listing(names: list[str], shown: int = 8) -> str:

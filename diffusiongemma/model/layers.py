@@ -29,6 +29,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return normed.type_as(x)
 
 
+class TokenEmbedding(nn.Embedding):
+    """The token embedding, tied to the LM head and to the self-conditioning product. Its three products are
+    methods so that a tensor-parallel model (`distributed/tensor_parallel.py`) can run each over its share
+    of the vocabulary."""
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: every token's score, in the weight's dtype."""
+        return F.linear(hidden, self.weight)
+
+    def expected(self, probs: torch.Tensor) -> torch.Tensor:
+        """The embedding expected under `probs` [..., vocab] (unscaled)."""
+        return torch.matmul(probs, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, with_scale: bool = True):
         super().__init__()

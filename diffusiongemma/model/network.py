@@ -11,13 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused
 from .cache import KVCache, RequestCaches, check_cache, check_mask
 from .config import FULL, SLIDING, DiffusionGemmaConfig, DiffusionGemmaTextConfig
-from .layers import RMSNorm, RotaryEmbedding, TransformerLayer, activation, rms_norm
+from .layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    TokenEmbedding,
+    TransformerLayer,
+    activation,
+    rms_norm,
+)
 from .vision import VisionConfig, VisionEmbedder, VisionTower, embed_images
 
 
@@ -35,7 +41,7 @@ class TextBackbone(nn.Module):
     def __init__(self, config: DiffusionGemmaTextConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerLayer(config, s) for s in config.attention_shapes)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
@@ -49,8 +55,7 @@ class TextBackbone(nn.Module):
                              persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight
-        return F.embedding(input_ids, weight) * self.embed_scale.to(weight.dtype)
+        return self.embed_tokens(input_ids) * self.embed_scale.to(self.embed_tokens.weight.dtype)
 
     def encode(
         self,
@@ -145,7 +150,10 @@ class DiffusionGemmaPreTrainedModel(nn.Module):
         name); `device` ("cpu", the default; "auto": CUDA where there is one; "cuda:N") or instead
         `transformers`' `device_map` where it names one device ("auto", "cuda:0", {"": 0}): the model is
         never split; `adapter`: a folder or repo id with a LoRA adapter in PEFT's layout, folded into the
-        weights as they load; and hub arguments such as `revision` or `cache_dir`."""
+        weights as they load; `tp_plan="auto"`: under torchrun, shard the model over the job's ranks for
+        tensor- and expert-parallel inference, each rank reading only its own shards (docs/distributed.md);
+        `sharding`: a function that shards the model, built on the meta device, in place before its weights
+        are read (FSDP2, `distributed/fsdp.py`); and hub arguments such as `revision` or `cache_dir`."""
         from ..hf.loading import load_pretrained
 
         if not issubclass(cls, (DiffusionGemmaModel, BlockDiffusionLM)):
@@ -263,7 +271,7 @@ class DiffusionGemmaDecoderModel(DiffusionGemmaPreTrainedModel):
             probs = fused.softmax(logits, weight.dtype)
         else:
             probs = logits.softmax(dim=-1, dtype=torch.float32).to(weight.dtype)
-        soft = torch.matmul(probs, weight)
+        soft = self.backbone.embed_tokens.expected(probs)
         soft = soft * self.backbone.embed_scale.to(dtype)
         if mask is not None:
             soft = soft * mask.to(soft.dtype)[:, None, None]
@@ -369,7 +377,7 @@ class BlockDiffusionLM(DiffusionGemmaPreTrainedModel):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The scores before soft-capping, in the model's dtype."""
-        return F.linear(hidden, self.model.backbone.embed_tokens.weight)
+        return self.model.backbone.embed_tokens.scores(hidden)
 
     def decoder_scores(self, cache, attention_mask, positions, current, self_conditioning_logits,
                        self_conditioning_mask=None, soft_capped: bool = True) -> torch.Tensor:

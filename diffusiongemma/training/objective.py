@@ -73,10 +73,14 @@ def decode(model, cache: KVCache, batch: Batch, canvas: torch.Tensor, self_condi
                  self_conditioning_mask=self_conditioning_mask).logits
 
 
-def block_diffusion_loss(model, batch: Batch, settings: ObjectiveSettings,
-                         generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+def block_diffusion_loss(model, batch: Batch, settings: ObjectiveSettings, generator: torch.Generator,
+                         fixed_passes: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to minimise for one batch, and its parts for logging. Random draws come from `generator`
-    (on the CPU) in a fixed order, so a run is reproducible from its seed."""
+    (on the CPU) in a fixed order, so a run is reproducible from its seed. `fixed_passes`: every batch
+    builds the same autograd graph, whatever its rows: the self-conditioning pass runs even when no row
+    reads it (those rows read its zeros, which the self-conditioning MLP maps to exactly zero), and a batch
+    without encoder targets adds an encoder term of zero. The loss is the same; the ranks of an FSDP job
+    then gather and reduce each unit's weights and gradients in the same order, as collectives must be."""
     rows, device = batch.target.shape[0], batch.target.device
     noise_level = sample_noise_levels(rows, settings.noise_eps, generator)
     noisy, _ = corrupt_canvas(batch.target.cpu(), noise_level, model.config.text_config.vocab_size, generator)
@@ -84,8 +88,8 @@ def block_diffusion_loss(model, batch: Batch, settings: ObjectiveSettings,
     noisy, self_conditioned = noisy.to(device), self_conditioned.to(device)
 
     cache, encoder_hidden = encode(model, batch)
-    first = None
-    if bool(self_conditioned.any()):
+    first, conditioned = None, bool(self_conditioned.any())
+    if conditioned or fixed_passes:
         with torch.no_grad():
             first = decode(model, cache, batch, noisy)
     logits = decode(model, cache, batch, noisy, first, self_conditioned if first is not None else None)
@@ -96,6 +100,8 @@ def block_diffusion_loss(model, batch: Batch, settings: ObjectiveSettings,
         if extra is not None:
             loss = loss + settings.encoder_loss_weight * extra
             parts["encoder_loss"] = extra.item()
+        elif fixed_passes:
+            loss = loss + model.logits(encoder_hidden[:, :0]).sum()
     return loss, parts
 
 

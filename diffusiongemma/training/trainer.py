@@ -13,8 +13,10 @@ checkpoint is also a model folder like `final/`, to generate from.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -23,7 +25,10 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
+from ..distributed import fsdp
+from ..distributed.runtime import is_leader
 from ..hf.loading import resolve_folder
 from ..hf.modeling import DiffusionGemmaForBlockDiffusion
 from ..hf.processing import AutoProcessor
@@ -71,6 +76,7 @@ class TrainingConfig:
     device: str = "auto"
     threads: int | None = None
     lora: LoRASettings | None = None
+    activation_checkpointing: bool = False  # recompute each layer's feed-forward blocks in the backward pass
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -112,6 +118,7 @@ class TrainingConfig:
         need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"), "device",
              "auto, cpu, cuda or cuda:N")
         need(self.threads is None or (_is_int(self.threads) and self.threads > 0), "threads", "a positive integer")
+        need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing", "true or false")
         if self.lora is not None:
             need(_is_int(self.lora.rank) and self.lora.rank > 0, "lora", "a rank that is a positive integer")
             need(_is_number(self.lora.alpha) and self.lora.alpha > 0, "lora", "an alpha > 0")
@@ -195,6 +202,15 @@ def initialize_weights(model: DiffusionGemmaForBlockDiffusion, seed: int) -> Non
             parameter.zero_()
         else:
             parameter.fill_(1.0)
+
+
+def checkpoint_feed_forward(model) -> None:
+    """Activation checkpointing: each layer's dense MLP and experts keep only their inputs, and run again in
+    the backward pass. The attention keeps its activations: its encoder pass appends to the cache, which a
+    second run would append to again."""
+    for layer in model.model.backbone.layers:
+        for block in (layer.mlp, layer.experts):
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 def _optimizer(model, config: TrainingConfig) -> torch.optim.AdamW:
@@ -316,37 +332,82 @@ def _write_model(model, config: TrainingConfig, source: Path, target: Path) -> N
         save_adapter(model, target / ADAPTER_FOLDER, config.lora.rank, config.lora.alpha, _base_name(config.model))
 
 
-def _save_checkpoint(folder: Path, write_model, step: int, optimizer, history: list[dict], evaluations: list[dict]):
-    """A model folder (`write_model`) plus the optimizer state and the logs that resuming needs. It is
+def _save_checkpoint(folder: Path, write_model, state: dict, write_sharded=None, run=None):
+    """A model folder (`write_model`) plus what resuming needs: `state` (the step, the logs and, in one
+    process, the optimizer state) and, in a torchrun job, each rank's shards (`write_sharded`). It is
     written under another name and renamed when complete, so an interrupted save leaves no checkpoint."""
     partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
+    if is_leader() and partial.exists():
         shutil.rmtree(partial)
+    if run is not None:
+        run.barrier()
     write_model(partial)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "history": history, "evaluations": evaluations},
-               partial / STATE_FILE)
-    partial.rename(folder)
+    if write_sharded is not None:
+        write_sharded(partial)
+        run.barrier()
+    if is_leader():
+        torch.save(state, partial / STATE_FILE)
+        partial.rename(folder)
+    if run is not None:
+        run.barrier()
+
+
+def _gathered_model(run, root, model, config: TrainingConfig):
+    """On rank 0, a plain copy of a sharded model (the adapters still apart, as in the model it copies), to
+    save; None on the other ranks."""
+    state = run.gathered(root)
+    if state is None:
+        return None
+    with torch.device("meta"):
+        plain = DiffusionGemmaForBlockDiffusion(model.config)
+    if config.lora is not None:
+        apply_lora(plain, config.lora.rank, config.lora.alpha)
+    plain.load_state_dict(state, assign=True)
+    plain.model.backbone.reset_computed_buffers()
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
           progress: Progress | None = None) -> dict:
     """Runs the recipe; returns the per-step history (loss, learning rate) and the evaluations. `resume`
     continues from the output folder's newest checkpoint; an output folder that holds an earlier run is
-    otherwise refused, unless `overwrite` (which deletes that run's checkpoints and final model)."""
+    otherwise refused, unless `overwrite` (which deletes that run's checkpoints and final model). Under
+    torchrun with several processes, the model is sharded with FSDP2 (`distributed/fsdp.py`); rank 0 alone
+    reports and writes what is not sharded."""
     output = Path(config.output)
     checkpoint = _check_start(config, output, resume, overwrite)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = _device(config)
+    # --- FSDP2: one of several torchrun processes.
+    run = None
+    if fsdp.wanted():
+        run = fsdp.ShardedRun(device, config.gradient_accumulation,
+                              functools.partial(block_diffusion_loss, fixed_passes=True))
+    if checkpoint is not None and (run is not None) != (checkpoint / fsdp.SHARDED_FOLDER).is_dir():
+        raise ValueError(f"{checkpoint} was written by " + ("one process: resume it without torchrun" if run
+                         else "a torchrun job: resume it under torchrun with the same number of processes"))
     source = Path(resolve_folder(config.model))
     # A full fine-tune resumes from the checkpoint's weights; LoRA from the base and the checkpoint's adapters.
     start = checkpoint if checkpoint is not None and config.lora is None else source
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(start, dtype=torch.float32, device=device)
+    # A full fine-tune is sharded before its weights are read: each rank reads only its own shards.
+    sharding = run.shard if run is not None and config.lora is None else None
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(start, dtype=torch.float32, device=device,
+                                                            sharding=sharding)
     if config.lora is not None:
-        apply_lora(model, config.lora.rank, config.lora.alpha)
-        if checkpoint is not None:
+        # The adapters' random start follows from the seed: the same run twice, and on every rank of a job.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            apply_lora(model, config.lora.rank, config.lora.alpha)
+        if checkpoint is not None and run is None:
             load_adapter_weights(model, checkpoint / ADAPTER_FOLDER)
     model.train()
+    if config.activation_checkpointing:
+        checkpoint_feed_forward(model)
+    if run is not None and run.root is None:
+        run.shard(model)
+    root = run.root if run is not None else None
     processor = AutoProcessor.from_pretrained(source)
     pad = processor.tokenizer.pad_token_id
     canvas, positions = model.config.canvas_length, model.config.text_config.max_position_embeddings
@@ -354,34 +415,57 @@ def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
     held_out = (canvas_examples(read_chats(config.eval_data), processor, canvas, positions)
                 if config.eval_data else None)
     optimizer = _optimizer(model, config)
-    progress = progress or Progress(config.steps)
+    progress = progress or Progress(config.steps, sys.stderr if is_leader() else open(os.devnull, "w"))
 
     step, history, evaluations = 0, [], []
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE_FILE, map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        if run is not None:
+            run.load_state(root, optimizer, checkpoint)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         step, history, evaluations = state["step"], state["history"], state["evaluations"]
         progress.message(f"resuming from {checkpoint} at step {step} of {config.steps}")
-    elif overwrite:
+    elif overwrite and is_leader():
         for earlier in _earlier_run(output):
             shutil.rmtree(earlier)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "recipe.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    if is_leader():
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
     def write_model(target: Path) -> None:
-        _write_model(model, config, source, target)
+        plain = model if run is None else _gathered_model(run, root, model, config)
+        if plain is not None:
+            _write_model(plain, config, source, target)
+
+    def save(folder: Path) -> None:
+        state = {"step": step, "history": history, "evaluations": evaluations}
+        if run is None:
+            _save_checkpoint(folder, write_model, {**state, "optimizer": optimizer.state_dict()})
+        else:
+            _save_checkpoint(folder, write_model, state, lambda f: run.save_state(root, optimizer, f), run)
+
+    def held_out_metrics() -> dict:
+        if run is None:
+            return evaluate(model, held_out, config.batch_size, pad)
+        root.unshard()  # the root unit's weights, which no call of its forward gathers here
+        try:
+            return evaluate(model, held_out, config.batch_size, pad)
+        finally:
+            root.reshard()
 
     per_epoch = -(-len(examples) // config.batch_size)
     objective = config.objective()
     first_step = step
     shuffled = (-1, [])  # (epoch, its batches), drawn again only when an epoch begins
+    micro_batches = run.micro_batches(config.gradient_accumulation) if run else range(config.gradient_accumulation)
     while step < config.steps:
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         parts_sum, tokens = {}, 0
-        for micro in range(config.gradient_accumulation):
+        for micro in micro_batches:
             index = step * config.gradient_accumulation + micro
             epoch, position = divmod(index, per_epoch)
             if shuffled[0] != epoch:
@@ -389,11 +473,21 @@ def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
             batch = collate([examples[i] for i in shuffled[1][position]], pad).to(device)
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
             with _autocast(device):
-                loss, parts = block_diffusion_loss(model, batch, objective, generator)
-            (loss / config.gradient_accumulation).backward()
+                if run is None:
+                    loss, parts = block_diffusion_loss(model, batch, objective, generator)
+                else:
+                    loss, parts = root(batch, objective, generator)
+            if run is None:
+                (loss / config.gradient_accumulation).backward()
+            else:
+                # The ranks' gradients are reduced once a step, on each rank's last micro-batch.
+                root.set_requires_gradient_sync(micro == micro_batches[-1])
+                (loss * run.loss_scale(config.gradient_accumulation)).backward()
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / config.gradient_accumulation
             tokens += int(batch.attention_mask.sum()) + batch.target.numel()
+        if run is not None:
+            parts_sum, tokens = _summed_over_ranks(run, parts_sum, tokens)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
         optimizer.step()
         step += 1
@@ -401,18 +495,27 @@ def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
         progress.update(step, first_step, parts_sum["diffusion_loss"], lr, tokens,
                         show=step % config.log_every == 0 or step == config.steps)
         if held_out and config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            evaluations.append({"step": step, **evaluate(model, held_out, config.batch_size, pad)})
+            evaluations.append({"step": step, **held_out_metrics()})
             progress.message(f"eval at step {step}: {json.dumps(evaluations[-1])}")
         if config.save_every and step % config.save_every == 0 and step < config.steps:
-            _save_checkpoint(output / f"checkpoint-{step}", write_model, step, optimizer, history, evaluations)
+            save(output / f"checkpoint-{step}")
 
     # A run resumed at its last step trained nothing, and its checkpoint is there already.
     if step > first_step:
-        _save_checkpoint(output / f"checkpoint-{step}", write_model, step, optimizer, history, evaluations)
+        save(output / f"checkpoint-{step}")
     if held_out:
-        evaluations.append({"step": step, **evaluate(model, held_out, config.batch_size, pad)})
+        evaluations.append({"step": step, **held_out_metrics()})
         progress.message(f"eval at step {step}: {json.dumps(evaluations[-1])}")
     write_model(output / "final")
     result = {"history": history, "evaluations": evaluations}
-    (output / "final" / "training_log.json").write_text(json.dumps(result, indent=1) + "\n")
+    if is_leader():
+        (output / "final" / "training_log.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _summed_over_ranks(run, parts_sum: dict, tokens: int) -> tuple[dict, int]:
+    """A step's loss parts and token count over all ranks' micro-batches (a part counts where any rank has it)."""
+    names = ("diffusion_loss", "encoder_loss")
+    summed = run.sum([parts_sum.get(n, 0.0) for n in names] + [float(n in parts_sum) for n in names] + [tokens])
+    parts = {n: summed[i] for i, n in enumerate(names) if summed[len(names) + i]}
+    return parts, int(summed[-1])
