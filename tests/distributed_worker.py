@@ -6,6 +6,8 @@ MODE `compare`: the tensor-parallel model's tokens and logits, and what its rank
 OUT/rank-R.json; rank 0 also writes the same figures of the whole model in one process.
 MODE `fail`: rank 1 raises in the middle of generation; the job must end with that error, not hang.
 MODE `fail-training`: CHECKPOINT is a recipe; rank 1 raises in its second training step's loss.
+MODE `fail-serving`: OUT is a port; `serve --tensor-parallel 2` on it, where rank 1 (a follower) raises in
+the first tick that has a request running.
 """
 
 import hashlib
@@ -67,10 +69,25 @@ def fail_training(recipe: str) -> None:
     trainer.train(trainer.TrainingConfig.from_yaml(recipe))
 
 
+def fail_serving(checkpoint: str, port: str) -> None:
+    from diffusiongemma.cli.main import main as command
+    from diffusiongemma.serving.scheduler import Follower
+
+    def failing_tick(self):
+        if self.running:
+            raise RuntimeError("rank 1 failed on purpose in a serving tick")
+
+    Follower._tick = failing_tick
+    sys.exit(command(["serve", checkpoint, "--tensor-parallel", "2", "--port", port, "--shutdown-timeout", "1"]))
+
+
 def main(mode: str, checkpoint: str, out: str) -> None:
     torch.set_num_threads(1)
     if mode == "fail-training":
         fail_training(checkpoint)
+        return
+    if mode == "fail-serving":
+        fail_serving(checkpoint, out)
         return
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, tp_plan="auto")
     rank = dist.get_rank()

@@ -115,7 +115,15 @@ def test_commands_that_do_not_fit_the_job_are_one_line_errors(checkpoint):
             "run the whole model alone: add --tensor-parallel 2") in done.stderr
     done = torchrun("-m", "diffusiongemma", "serve", checkpoint)
     assert done.returncode != 0
-    assert "diffusiongemma: error (rank 0): serve runs in one process: it cannot be sharded" in done.stderr
+    assert ("diffusiongemma: error (rank 0): torchrun started 2 processes, but without --tensor-parallel each would "
+            "run the whole model alone: add --tensor-parallel 2") in done.stderr
+    done = torchrun("-m", "diffusiongemma", "serve", checkpoint, "--tensor-parallel", "3")
+    assert done.returncode != 0
+    assert "diffusiongemma: error (rank 1): --tensor-parallel 3 does not match the 2 processes" in done.stderr
+    done = one_process("-m", "diffusiongemma", "serve", checkpoint, "--tensor-parallel", "2")
+    assert done.returncode != 0
+    assert done.stderr.strip() == ("diffusiongemma: error: a distributed run needs one process per rank: start it "
+                                   "with torchrun, e.g. `torchrun --nproc-per-node 2 -m diffusiongemma ...`")
 
 
 def test_sizes_that_do_not_divide_the_model_are_refused_by_name():

@@ -552,14 +552,12 @@ def cmd_init_random(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("serve runs in one process: it cannot be sharded over a torchrun job yet "
-                         "(see docs/distributed.md)")
     try:
         from ..serving.server import serve, served_name
     except ImportError as error:
         raise SystemExit(f"{PROG}: error: `serve` needs fastapi and uvicorn: pip install 'diffusiongemma[serve]' "
                          f"({error})") from None
+    _join_tensor_parallel(args)
     serve(_checkpoint_folder(args.model), model_name=args.served_model_name or served_name(args.model),
           host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_prompt_tokens=args.max_prompt_tokens, api_key=args.api_key, device=args.device, dtype=args.dtype,
@@ -568,7 +566,7 @@ def cmd_serve(args) -> None:
           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
           allowed_media_domains=tuple(args.allowed_media_domains), max_model_len=args.max_model_len,
-          cuda_graphs=not args.no_cuda_graphs)
+          cuda_graphs=not args.no_cuda_graphs, tensor_parallel=args.tensor_parallel is not None)
 
 
 def cmd_train(args) -> None:
@@ -633,6 +631,9 @@ def _add_serve_command(commands) -> None:
                        help="auto: CUDA when available (default)")
     serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                        help="dtype of the weights; auto: the checkpoint's (default)")
+    serve.add_argument("--tensor-parallel", type=int, metavar="N",
+                       help="shard the model over the N processes of a torchrun job (torchrun --nproc-per-node N "
+                            "-m diffusiongemma serve ...); rank 0 serves HTTP (see docs/distributed.md)")
     serve.set_defaults(run=cmd_serve)
 
 def _generation_options() -> argparse.ArgumentParser:

@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import logging
+import os
+import signal
 import threading
 from dataclasses import astuple, dataclass, field
 from typing import Callable
 
 import torch
 
+from ..distributed import runtime
 from ..engine.generate import generation_settings, length_limits
 from ..engine.graphs import captures
 from ..engine.runner import RequestsRunner, SlotsRunner, decode_drawing_words
@@ -43,6 +48,8 @@ from ..engine.state import Denoising, SamplingPlan
 from ..engine.step import denoise_step
 from ..engine.text import IncrementalDetokenizer, cut_at_end, eos_ids
 from ..kernels import fused
+
+logger = logging.getLogger(__name__)
 
 # Upper bounds of the steps-per-canvas histogram that /metrics exports.
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
@@ -55,6 +62,9 @@ PREFILL_CHUNK = 512
 PREFILL_BUDGET = 1024
 # Tokens a request may hold (prompt and answer) where every request's row of the cache is preallocated.
 SLOT_CONTEXT = 16384
+# Seconds an idle `Leader` lets pass between plans: its followers wait for the next one under the process
+# group's timeout (`runtime.TIMEOUT`, minutes).
+HEARTBEAT = 5.0
 
 
 class QueueFull(Exception):
@@ -398,6 +408,17 @@ class Metrics:
                     self.step_buckets[i] += 1
 
 
+@dataclass
+class TickPlan:
+    """The decisions a tick starts with: the requests it admits, in order, and the running requests it drops as
+    cancelled (their places in `Scheduler.running`, which every process holds alike); or, with `stop`, that the
+    worker ends."""
+
+    admitted: list[Request] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)
+    stop: bool = False
+
+
 class Scheduler:
     """Owns the model for its worker thread; `submit` and `cancel` may be called from any thread."""
 
@@ -435,6 +456,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    # An idle worker plans an empty tick this often (seconds); None: it waits for work however long it takes.
+    heartbeat: float | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -484,28 +508,48 @@ class Scheduler:
             self.waiting.remove(request)
         self._count("cancelled")
 
-    def _admit(self) -> bool:
-        """Moves waiting requests into the batch; False once the scheduler is stopping."""
+    def _plan(self) -> TickPlan:
+        """This process's decisions for the next tick: the waiting requests it admits (up to `max_batch` running
+        at once) and the running ones it drops as cancelled; waits while there is nothing to do (with a
+        `heartbeat`, at most that long, then plans an empty tick)."""
         with self._wake:
+            waited = 0.0
             # Bounded waits keep the thread responsive to `stop` even if a notification were missed.
             while not self._stopping and not self.waiting and not self.running:
+                if self.heartbeat is not None and waited >= self.heartbeat:
+                    return TickPlan()
                 self._wake.wait(self.idle_wait)
+                waited += self.idle_wait
             if self._stopping:
-                return False
-            while self.waiting and len(self.running) < self.max_batch:
+                return TickPlan(stop=True)
+            admitted = []
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch:
                 request = self.waiting.popleft()
                 if request.cancelled:
                     self._count("cancelled")
-                    continue
-                try:
-                    self.running.append(_Running(request, self.runner, self.model, self.tokenizer, self.eos))
-                except Exception as error:  # one bad request must not stop the others
-                    self._fail(request, error)
-        return True
+                else:
+                    admitted.append(request)
+        return TickPlan(admitted, [i for i, running in enumerate(self.running) if running.request.cancelled])
+
+    def _share(self, plan: TickPlan) -> TickPlan:
+        """The plan every process runs; in one process, `plan` itself (see `Leader`)."""
+        return plan
+
+    def _apply(self, plan: TickPlan) -> None:
+        """Drops the plan's cancelled requests and starts its admitted ones."""
+        for index in reversed(plan.cancelled):
+            self._remove(self.running[index])
+            self._count("cancelled")
+        for request in plan.admitted:
+            try:
+                self.running.append(_Running(request, self.runner, self.model, self.tokenizer, self.eos))
+            except Exception as error:  # one bad request must not stop the others
+                self._fail(request, error)
 
     def _work(self) -> None:
         with torch.inference_mode():
-            while self._admit():
+            while not (plan := self._share(self._plan())).stop:
+                self._apply(plan)
                 self._tick()
         for request in [*self.waiting, *(running.request for running in self.running)]:
             self._fail(request, RuntimeError("the server is shutting down"))
@@ -517,10 +561,7 @@ class Scheduler:
         that has a canvas, in one decoder pass."""
         budget = self.prefill_budget
         for running in list(self.running):
-            if running.request.cancelled:
-                self._remove(running)
-                self._count("cancelled")
-            elif not running.denoising:
+            if not running.denoising:
                 # A whole chunk or none: where a prompt is cut must not depend on what else runs. A prompt with
                 # images is one piece, since an image's tokens attend to each other in one pass; it waits for a
                 # tick of its own budget.
@@ -604,3 +645,50 @@ class Scheduler:
     def _count(self, outcome: str) -> None:
         with self.metrics.lock:
             self.metrics.finished[outcome] += 1
+
+
+class Leader(Scheduler):
+    """Rank 0's scheduler where the model is sharded over a torchrun job (`tp_plan`): it decides each tick as
+    `Scheduler` does and hands the plan to the other ranks' `Follower`s, so that every rank makes the same model
+    calls (hence the same collectives) in the same order with the same inputs. An unseeded request gets a seed
+    drawn here, so that every rank's generator for it draws the same numbers. Idle, it sends an empty plan every
+    `HEARTBEAT` seconds, well within the process group's timeout that the followers wait under. Should handing
+    a plan over or a model call fail outside a request (a rank is gone), the process gets SIGTERM: the server
+    stops instead of answering without its followers."""
+
+    heartbeat = HEARTBEAT
+
+    def _share(self, plan: TickPlan) -> TickPlan:
+        for request in plan.admitted:
+            if request.settings.seed is None:
+                request.settings = dataclasses.replace(request.settings, seed=torch.Generator().seed())
+        # What the model computes for a request follows from these; `drafts` and `raw` shape rank 0's events only.
+        runtime.from_leader(([(request.prompt_ids, request.settings, request.images) for request in plan.admitted],
+                             plan.cancelled, plan.stop))
+        return plan
+
+    def _work(self) -> None:
+        try:
+            super()._work()
+        except Exception:
+            logger.exception("the scheduler failed, and with it the ranks' lockstep; the server stops")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Follower(Scheduler):
+    """The scheduler of every rank but 0 where the model is sharded: `follow` runs, in the calling thread, the
+    ticks rank 0's `Leader` plans, on this rank's shards, until rank 0 stops. It must be made with the leader's
+    settings (`max_batch`, `prefill_chunk`, `prefill_budget`, `max_model_len`, `cuda_graphs`), which shape the
+    ticks. Its requests' events go nowhere; it takes no `submit`."""
+
+    def follow(self) -> None:
+        self._work()
+
+    def _plan(self) -> TickPlan:
+        admitted, cancelled, stop = runtime.from_leader(None)
+        return TickPlan([Request(ids, settings, _nowhere, images=images) for ids, settings, images in admitted],
+                        cancelled, stop)
+
+
+def _nowhere(event) -> None:
+    """A follower's events: rank 0 alone answers."""

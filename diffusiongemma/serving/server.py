@@ -89,6 +89,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from importlib import metadata
@@ -133,6 +134,8 @@ from .scheduler import (
     Draft,
     Failed,
     Finished,
+    Follower,
+    Leader,
     QueueFull,
     Scheduler,
     resolve_settings,
@@ -245,15 +248,18 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_denoising_steps_limit: int | None = None,
                trust_request_chat_template: bool = False, read_timeout: float = 30.0,
                allowed_media_domains: tuple[str, ...] = (), max_model_len: int | None = None,
-               cuda_graphs: bool = True) -> FastAPI:
+               cuda_graphs: bool = True, lockstep: bool = False) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the scheduler's worker thread. `app.state.limits`
     holds the limits in force, `app.state.drain(timeout)` ends the answers in flight (see `http_server`).
 
     `max_model_len` (the most tokens a request may hold, prompt and answer) defaults to the scheduler's (see
     `Scheduler`, which `cuda_graphs=False` keeps off CUDA graphs), `max_prompt_tokens` to one less, `max_denoising_steps_limit` to STEPS_LIMIT_FACTOR times
-    the checkpoint's steps per canvas."""
+    the checkpoint's steps per canvas.
+
+    With `lockstep`, `model` is sharded over a torchrun job and this is rank 0: its scheduler is a `Leader`, whose
+    plans the other ranks follow (`follow`)."""
     tokenizer = processor.tokenizer
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
+    scheduler = (Leader if lockstep else Scheduler)(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
                           cuda_graphs=cuda_graphs)
     positions = scheduler.max_model_len
     max_prompt_tokens = positions - 1 if max_prompt_tokens is None else max_prompt_tokens
@@ -881,21 +887,27 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
           max_denoising_steps_limit: int | None = None, trust_request_chat_template: bool = False,
           read_timeout: float = 30.0, keep_alive_timeout: float = 5.0, max_connections: int = 512,
           shutdown_timeout: float = 30.0, log_level: str = "info", allowed_media_domains: tuple[str, ...] = (),
-          max_model_len: int | None = None, cuda_graphs: bool = True) -> None:
+          max_model_len: int | None = None, cuda_graphs: bool = True, tensor_parallel: bool = False) -> None:
     """Loads the checkpoint and serves it, as `model_name` (default: `served_name(model_path)`), until
-    interrupted."""
+    interrupted. With `tensor_parallel`, in a torchrun job this process has joined (`runtime.start`), every rank
+    loads its shards; rank 0 serves, the others follow its scheduler (`Follower`) and return when it stops."""
+    from ..distributed import runtime
     from ..hf.modeling import DiffusionGemmaForBlockDiffusion
     from ..hf.processing import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=dtype, device=device,
+                                                            tp_plan="auto" if tensor_parallel else None).eval()
+    if tensor_parallel and not runtime.is_leader():
+        follow(model, processor.tokenizer, max_batch=max_batch, max_model_len=max_model_len, cuda_graphs=cuda_graphs)
+        return
     name = model_name or served_name(model_path)
     app = create_app(model, processor, name, max_batch=max_batch, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens, api_key=api_key, max_body_bytes=max_body_bytes,
                      max_denoising_steps_limit=max_denoising_steps_limit,
                      trust_request_chat_template=trust_request_chat_template, read_timeout=read_timeout,
                      allowed_media_domains=allowed_media_domains, max_model_len=max_model_len,
-                     cuda_graphs=cuda_graphs)
+                     cuda_graphs=cuda_graphs, lockstep=tensor_parallel)
     server = http_server(app, host, port, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
                          max_connections=max_connections, shutdown_timeout=shutdown_timeout, log_level=log_level)
     limits = app.state.limits
@@ -908,3 +920,13 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
                 limits["max_prompt_tokens"], limits["max_body_bytes"], limits["max_denoising_steps_limit"],
                 max_connections, "required" if api_key is not None else "off", host, port)
     server.run()
+
+
+def follow(model, tokenizer, **settings) -> None:
+    """A follower rank's part in a sharded server: runs the ticks rank 0's scheduler plans, with rank 0's
+    scheduler `settings`, until rank 0 stops it. SIGINT and SIGTERM are left to rank 0, which gets them too
+    (torchrun and a terminal signal every rank): a follower that ended at once would leave rank 0's answers in
+    flight, and its own last plan, without their collectives' other half."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Follower(model, tokenizer, **settings).follow()
