@@ -317,8 +317,8 @@ def _check_fits(length: int, folder: str) -> None:
 
 def _join_tensor_parallel(args):
     """With --tensor-parallel N: joins the torchrun job (N ranks) and returns `distributed.runtime`, else None.
-    Every rank runs the same generation on its shards; rank 0 alone reads stdin, prints and streams, the
-    others' output is dropped (their errors still show)."""
+    Every rank runs the same generation on its shards; rank 0 alone reads stdin, prints, streams and serves
+    HTTP, the others' output is dropped (their errors still show)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.tensor_parallel is None:
         if world > 1:
