@@ -66,6 +66,12 @@ def end(job: subprocess.Popen) -> None:
         job.wait(WAIT_SECONDS)
 
 
+def cancelled(url: str) -> float:
+    line = next(line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                if line.startswith('diffusiongemma_requests_finished_total{outcome="cancelled"} '))
+    return float(line.split()[-1])
+
+
 @contextlib.contextmanager
 def one_process_server(checkpoint):
     """The same checkpoint served in this process, from a thread; yields its URL."""
@@ -126,8 +132,19 @@ def test_sharded_server_answers_as_one_process_and_ends_on_sigterm(checkpoint, t
         sharded = asyncio.run(ask(url))
         # An unseeded request runs too: rank 0 draws its seed for every rank.
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=WAIT_SECONDS)
-        unseeded = api.completions.create(model=os.path.basename(checkpoint), prompt="Once upon", max_tokens=16)
+        name = os.path.basename(checkpoint)
+        unseeded = api.completions.create(model=name, prompt="Once upon", max_tokens=16)
         assert unseeded.choices[0].finish_reason in ("stop", "length")
+        # A client that leaves mid-answer: its request is dropped on every rank, and the ranks stay in step.
+        endless = {"model": name, "prompt": "Once upon", "max_tokens": 16, "stream": True, "max_denoising_steps": 192,
+                   "confidence_threshold": 1e-12, "stream_options": {"include_drafts": True}}
+        with httpx.stream("POST", f"{url}/v1/completions", json=endless, timeout=WAIT_SECONDS) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+        deadline = time.monotonic() + WAIT_SECONDS
+        while cancelled(url) < 1:
+            assert time.monotonic() < deadline, "the request of the client that left was not cancelled"
+            time.sleep(0.1)
+        assert asyncio.run(ask(url)) == sharded
         job.send_signal(signal.SIGTERM)
         job.wait(WAIT_SECONDS)
     finally:
