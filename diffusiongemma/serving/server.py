@@ -259,8 +259,8 @@ def create_app(model, processor, model_name: str, max_batch: int = 8, max_queue:
     With `lockstep`, `model` is sharded over a torchrun job and this is rank 0: its scheduler is a `Leader`, whose
     plans the other ranks follow (`follow`)."""
     tokenizer = processor.tokenizer
-    scheduler = (Leader if lockstep else Scheduler)(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
-                          cuda_graphs=cuda_graphs)
+    scheduler = (Leader if lockstep else Scheduler)(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                                                    max_model_len=max_model_len, cuda_graphs=cuda_graphs)
     positions = scheduler.max_model_len
     max_prompt_tokens = positions - 1 if max_prompt_tokens is None else max_prompt_tokens
     allowed_media_domains = frozenset(domain.lower() for domain in allowed_media_domains)
@@ -925,8 +925,8 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
 def follow(model, tokenizer, **settings) -> None:
     """A follower rank's part in a sharded server: runs the ticks rank 0's scheduler plans, with rank 0's
     scheduler `settings`, until rank 0 stops it. SIGINT and SIGTERM are left to rank 0, which gets them too
-    (torchrun and a terminal signal every rank): a follower that ended at once would leave rank 0's answers in
-    flight, and its own last plan, without their collectives' other half."""
+    (torchrun passes the signal it gets on to every rank): a follower that ended at once would leave rank 0's
+    answers in flight, and its last plan, without their collectives' other half."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     Follower(model, tokenizer, **settings).follow()
