@@ -176,3 +176,5 @@ def test_a_failing_follower_ends_the_sharded_server_with_its_error(checkpoint, t
     assert job.returncode != 0
     assert "RuntimeError: rank 1 failed on purpose in a serving tick" in log, log
     assert "rank      : 1" in log, log  # torchrun's summary names the failed rank first
+    # Rank 0 saw its follower go, and stopped serving rather than answer without it.
+    assert "the scheduler failed, and with it the ranks' lockstep; the server stops" in log, log
