@@ -5,6 +5,11 @@ Loading builds the model without memory, allocates each tensor once at its final
 reads the file's bytes straight into it, so the weights are never held twice. Tensor names are the
 reference's: the text weights the encoder and decoder share may be stored under either role (or both),
 the LM head is the embedding matrix and may be stored or not.
+
+Quantized weights (`model.quantization`): asked for with `quantization`, each weight is read into a temporary
+and quantized as it is read (an expert at a time), so loading peaks near the quantized size plus one tensor;
+stored quantized (`hf.quantized_format`), the codes and scales are read as they are, or, for fp8 on a device
+without fp8 support, dequantized to the compute dtype as they are read.
 """
 
 from __future__ import annotations
@@ -20,6 +25,18 @@ from torch import nn
 
 from ..engine.generate import DiffusionGemmaGenerationConfig
 from ..model.config import DiffusionGemmaConfig, read_json
+from ..model.quantization import (
+    QuantizedWeight,
+    Scheme,
+    check_device,
+    dequantize,
+    fp8_supported,
+    parse_scheme,
+    quantizable,
+    quantize,
+    replace,
+)
+from .quantized_format import quantization_config, stored_scheme
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -177,7 +194,10 @@ def _module_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.M
     for module_name, owner in module.named_modules():
         for attr, tensor in list(owner._parameters.items()) + list(owner._buffers.items()):
             if tensor is not None and attr not in owner._non_persistent_buffers_set:
-                yield (f"{module_name}.{attr}" if module_name else attr), tensor, owner, attr
+                if isinstance(owner, QuantizedWeight):
+                    yield module_name + owner.stored_suffix(attr), tensor, owner, attr
+                else:
+                    yield (f"{module_name}.{attr}" if module_name else attr), tensor, owner, attr
 
 
 def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, list[str], torch.Tensor, nn.Module, str]]:
@@ -257,7 +277,7 @@ HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_do
 
 @torch.no_grad()
 def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map=None, torch_dtype=None,
-                    adapter=None, progress=None, **hub_kwargs):
+                    adapter=None, quantization=None, progress=None, **hub_kwargs):
     """See `DiffusionGemmaPreTrainedModel.from_pretrained`. `progress`, when given, is called as
     progress(bytes loaded, bytes in all) after each tensor is read."""
     unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
@@ -281,31 +301,51 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
     embed = next((n for n in (DECODER + "embed_tokens.weight", ENCODER_TEXT + "embed_tokens.weight",
                               "lm_head.weight") if n in located), None)
     dtype = _target_dtype(dtype, config, located[embed].dtype if embed else torch.float32)
+    scheme, stored = _scheme(quantization, config, device, folder)
+    if adapter is not None and scheme is not None:
+        raise ValueError("a LoRA adapter cannot be folded into quantized weights; load the model unquantized, or "
+                         "merge the adapter into a full-precision checkpoint first")
 
     with torch.device("meta"):
         model = cls(config)
-    model.to(dtype).to_empty(device=device)
+    model.to(dtype)
+    if scheme is not None:
+        _put_quantized_weights(model, scheme, located, stored)
+    model.to_empty(device=device)
     model.eval()
 
     used, missing = set(), []
     tensors = list(checkpoint_tensors(model))
     total, loaded = sum(tensor.nbytes for _, _, tensor, _, _ in tensors), 0
     for name, aliases, tensor, module, attr in tensors:
-        stored = [n for n in [name, *aliases] if n in located]
-        if not stored:
+        if isinstance(module, QuantizedWeight) and attr == "weight_scale":
+            continue  # read or computed with its codes
+        stored_names = [n for n in [name, *aliases] if n in located]
+        if not stored_names:
             missing.append(name)
             continue
-        used.update(stored)
-        for source in stored:
-            if located[source].shape != tuple(tensor.shape):
-                raise ValueError(f"tensor {source!r} has shape {list(located[source].shape)} in the checkpoint, "
-                                 f"but the config implies {list(tensor.shape)}")
-        located[stored[0]].read_into(tensor)
-        for copy in stored[1:]:
-            # One backbone serves both roles, so copies stored under both must agree.
-            if not torch.equal(located[copy].read().to(tensor.device, tensor.dtype), tensor):
-                raise ValueError(f"the checkpoint stores different values under {stored[0]!r} and {copy!r}; "
-                                 "this engine shares one copy between the encoder and the decoder")
+        used.update(stored_names)
+        scales = [n + "_scale" for n in stored_names if n + "_scale" in located]
+        used.update(scales)
+        if isinstance(module, QuantizedWeight) and attr == "weight":
+            if scales:
+                _read_quantized(module, [located[n] for n in stored_names], [located[n] for n in scales])
+            else:
+                _quantize_as_read(module, [located[n] for n in stored_names], device)
+            loaded += module.weight_scale.nbytes
+        else:
+            _check_shapes(stored_names, located, tuple(tensor.shape))
+            if scales:
+                # Stored quantized, kept full precision (fp8 where the device has no fp8): dequantized as read.
+                tensor.copy_(dequantize(located[stored_names[0]].read(), located[scales[0]].read(), tensor.dtype))
+            else:
+                located[stored_names[0]].read_into(tensor)
+            for copy in stored_names[1:]:
+                # One backbone serves both roles, so copies stored under both must agree.
+                same = (torch.equal(located[copy].read(), located[stored_names[0]].read()) if scales
+                        else torch.equal(located[copy].read().to(tensor.device, tensor.dtype), tensor))
+                if not same:
+                    _disagree(stored_names[0], copy)
         if progress is not None:
             loaded += tensor.nbytes
             progress(loaded, total)
@@ -327,6 +367,82 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
     if hasattr(model, "generation_config") and os.path.exists(generation_path):
         model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(generation_path)
     return model
+
+
+def _scheme(quantization: str | None, config: DiffusionGemmaConfig, device: torch.device,
+            folder: str) -> tuple[Scheme | None, Scheme | None]:
+    """(the scheme the model's weights are held in, None for full precision; the scheme the checkpoint
+    stores, None for none)."""
+    requested = parse_scheme(quantization) if quantization is not None else None
+    stored = stored_scheme(config.extra.get("quantization_config"))
+    if requested is not None and stored is not None and requested != stored:
+        raise ValueError(f"{folder} holds {stored} weights; load it with quantization={str(stored)!r} or none")
+    if requested is None and stored is not None and stored.name == "fp8" and not fp8_supported(device):
+        return None, stored
+    scheme = requested or stored
+    if scheme is not None:
+        check_device(scheme, device)
+    return scheme, stored
+
+
+def _put_quantized_weights(model: nn.Module, scheme: Scheme, located: dict[str, StoredTensor],
+                           stored: Scheme | None) -> None:
+    """Replaces the quantizable weights of a model built on the meta device with empty quantized ones: all of
+    them when quantizing as they are read, those the checkpoint stores with scales when it stores `stored`."""
+    names = {(id(owner), attr): [name, *aliases] for name, aliases, _, owner, attr in checkpoint_tensors(model)}
+    for owner, attr in quantizable(model):
+        target = getattr(owner, attr)
+        candidates = names[(id(target), "weight") if isinstance(target, nn.Linear) else (id(owner), attr)]
+        scale_shape = None
+        if stored is not None:
+            scales = [n + "_scale" for n in candidates if n + "_scale" in located]
+            if not scales:
+                continue  # the checkpoint keeps this weight unquantized
+            scale_shape = located[scales[0]].shape
+        replace(owner, attr, scheme, scale_shape)
+
+
+def _check_shapes(names: list[str], located: dict[str, StoredTensor], shape: tuple[int, ...],
+                  dtype: torch.dtype | None = None) -> None:
+    for source in names:
+        if located[source].shape != shape:
+            raise ValueError(f"tensor {source!r} has shape {list(located[source].shape)} in the checkpoint, "
+                             f"but the config implies {list(shape)}")
+        if dtype is not None and located[source].dtype != dtype:
+            raise ValueError(f"tensor {source!r} is stored as {located[source].dtype}, but its quantization "
+                             f"stores {dtype}")
+
+
+def _disagree(first: str, copy: str) -> None:
+    raise ValueError(f"the checkpoint stores different values under {first!r} and {copy!r}; "
+                     "this engine shares one copy between the encoder and the decoder")
+
+
+def _read_quantized(module: QuantizedWeight, codes: list[StoredTensor], scales: list[StoredTensor]) -> None:
+    _check_shapes([c.name for c in codes], {c.name: c for c in codes}, tuple(module.weight.shape), module.weight.dtype)
+    _check_shapes([s.name for s in scales], {s.name: s for s in scales}, tuple(module.weight_scale.shape),
+                  module.weight_scale.dtype)
+    codes[0].read_into(module.weight)
+    scales[0].read_into(module.weight_scale)
+    for copy in codes[1:] + scales[1:]:
+        if not torch.equal(copy.read(), (codes[0] if copy in codes else scales[0]).read()):
+            _disagree(codes[0].name, copy.name)
+
+
+def _quantize_as_read(module: QuantizedWeight, sources: list[StoredTensor], device: torch.device) -> None:
+    """Quantizes a full-precision stored weight into `module`, an expert at a time for the experts' weights, so
+    that the temporaries stay the size of one expert's."""
+    _check_shapes([s.name for s in sources], {s.name: s for s in sources}, tuple(module.shape))
+    full = sources[0].read()
+    for copy in sources[1:]:
+        if not torch.equal(copy.read(), full):
+            _disagree(sources[0].name, copy.name)
+    pieces = zip(full, module.weight, module.weight_scale) if full.dim() == 3 else [
+        (full, module.weight, module.weight_scale)]
+    for piece, codes, scale in pieces:
+        piece_codes, piece_scale = quantize(piece.to(device), module.scheme)
+        codes.copy_(piece_codes)
+        scale.copy_(piece_scale)
 
 
 def _listing(names: list[str], shown: int = 8) -> str:
@@ -354,6 +470,11 @@ def save_pretrained(model, folder, max_shard_size: int | str = "5GB") -> None:
 
     config = core.config.to_dict()
     config["dtype"] = str(core.backbone.embed_tokens.weight.dtype).removeprefix("torch.")
+    config.pop("quantization_config", None)
+    schemes = {module.scheme for module in model.modules() if isinstance(module, QuantizedWeight)}
+    if schemes:
+        # Loading builds every quantized weight with one scheme.
+        config["quantization_config"] = quantization_config(schemes.pop())
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")

@@ -19,6 +19,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ..model.quantization import QuantizedWeight
 from . import fused
 
 # Rows per tile: each expert's rows are padded to a multiple of it. Small, because at batch 1 an expert of
@@ -45,7 +46,10 @@ def rows_are_independent() -> bool:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of x [rows, in], sorted by expert, times their expert's weight [E, out, in] transposed; `ends`
-    [E] (int32) says where each expert's rows end."""
+    [E] (int32) says where each expert's rows end. A quantized weight (`QuantizedWeight`) is dequantized to
+    x's dtype first, so every path below computes with the rounded weights."""
+    if isinstance(weight, QuantizedWeight):
+        weight = weight.dequantize(x.dtype)
     if fused.takes(x, weight):
         return fused.grouped_linear(x, weight, ends)
     if rows_are_independent():

@@ -145,7 +145,10 @@ class DiffusionGemmaPreTrainedModel(nn.Module):
         name); `device` ("cpu", the default; "auto": CUDA where there is one; "cuda:N") or instead
         `transformers`' `device_map` where it names one device ("auto", "cuda:0", {"": 0}): the model is
         never split; `adapter`: a folder or repo id with a LoRA adapter in PEFT's layout, folded into the
-        weights as they load; and hub arguments such as `revision` or `cache_dir`."""
+        weights as they load; `quantization`: "int8", "int4" ("int4-gN" for groups of N inputs) or "fp8" (a
+        CUDA GPU of compute capability 8.9+), the weights quantized as they are read (`model.quantization`),
+        None (the default) for none, unless the checkpoint stores quantized weights; and hub arguments such as
+        `revision` or `cache_dir`."""
         from ..hf.loading import load_pretrained
 
         if not issubclass(cls, (DiffusionGemmaModel, BlockDiffusionLM)):
