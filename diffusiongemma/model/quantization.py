@@ -1,9 +1,9 @@
 """Weight-only quantization of the transformer's projections: int8, int4 and fp8 (e4m3).
 
-What is quantized: the attention and dense-MLP projections of every layer (`QuantizedLinear` in place of
-`nn.Linear`) and the experts' 3-D weights (`QuantizedWeight` in place of the `gate_up_proj` and `down_proj`
-parameters). The embedding matrix (also the LM head), the norms, the router, the self-conditioning MLP and
-the vision tower keep their dtype. Activations keep the compute dtype: a product dequantizes its weight to
+What is quantized: the attention and dense-MLP projections of every layer and the self-conditioning MLP's
+(`QuantizedLinear` in place of `nn.Linear`), and the experts' 3-D weights (`QuantizedWeight` in place of the
+`gate_up_proj` and `down_proj` parameters). The embedding matrix (also the LM head), the norms, the router
+and the vision tower keep their dtype. Activations keep the compute dtype: a product dequantizes its weight to
 the activations' dtype, or calls an operator that does so inside (torch's `_weight_int8pack_mm` for int8 on
 the CPU), so a quantized model computes what the full-precision model computes with the rounded weights.
 
@@ -190,10 +190,12 @@ class QuantizedLinear(QuantizedWeight):
 
 def quantizable(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(owner, attribute) of every weight that quantization replaces: the attention and dense-MLP
-    projections and the experts' weights of each transformer layer."""
+    projections and the experts' weights of each transformer layer, and the self-conditioning MLP's."""
     from .layers import Attention, DenseMLP, Experts
+    from .network import SelfConditioning
 
-    names = {Attention: ("q_proj", "k_proj", "v_proj", "o_proj"), DenseMLP: ("gate_proj", "up_proj", "down_proj"),
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    names = {Attention: ("q_proj", "k_proj", "v_proj", "o_proj"), DenseMLP: mlp, SelfConditioning: mlp,
              Experts: ("gate_up_proj", "down_proj")}
     found = []
     for module in model.modules():

@@ -874,14 +874,16 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
           device: str = "auto", dtype: str = "auto", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_denoising_steps_limit: int | None = None, trust_request_chat_template: bool = False,
           read_timeout: float = 30.0, keep_alive_timeout: float = 5.0, max_connections: int = 512,
-          shutdown_timeout: float = 30.0, log_level: str = "info", allowed_media_domains: tuple[str, ...] = ()) -> None:
+          shutdown_timeout: float = 30.0, log_level: str = "info", allowed_media_domains: tuple[str, ...] = (),
+          quantization: str | None = None) -> None:
     """Loads the checkpoint and serves it, as `model_name` (default: `served_name(model_path)`), until
-    interrupted."""
+    interrupted. `quantization`: as `from_pretrained` takes it."""
     from ..hf.modeling import DiffusionGemmaForBlockDiffusion
     from ..hf.processing import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=dtype, device=device,
+                                                            quantization=quantization).eval()
     name = model_name or served_name(model_path)
     app = create_app(model, processor, name, max_batch=max_batch, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens, api_key=api_key, max_body_bytes=max_body_bytes,
