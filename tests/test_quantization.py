@@ -149,6 +149,11 @@ def test_save_pretrained_loads_back_the_same_numbers(quantized, tmp_path, name):
     assert stored[codes].dtype == (torch.int8 if name == "int8" else torch.uint8)
     assert codes + "_scale" in stored and "model.decoder.layers.0.self_attn.q_proj.weight_scale" in stored
     assert "model.decoder.layers.0.router.proj.weight_scale" not in stored
+    # int4 keeps the attention's value path in int8: v_proj, o_proj, and k_proj where a layer has no v_proj.
+    full_layer = "model.decoder.layers.3.self_attn."
+    assert [stored[full_layer + p + ".weight"].dtype for p in ("q_proj", "k_proj", "o_proj")] == (
+        [torch.int8] * 3 if name == "int8" else [torch.uint8, torch.int8, torch.int8])
+    assert stored["model.decoder.layers.0.self_attn.k_proj.weight"].dtype == stored[codes].dtype
     again = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path)
     before, after = _weights(model), _weights(again)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

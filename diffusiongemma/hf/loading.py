@@ -26,6 +26,8 @@ from torch import nn
 from ..engine.generate import DiffusionGemmaGenerationConfig
 from ..model.config import DiffusionGemmaConfig, read_json
 from ..model.quantization import (
+    FP8,
+    INT8,
     QuantizedWeight,
     Scheme,
     check_device,
@@ -35,6 +37,7 @@ from ..model.quantization import (
     quantizable,
     quantize,
     replace,
+    weight_scheme,
 )
 from .quantized_format import quantization_config, stored_scheme
 
@@ -50,6 +53,8 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PATTERNS = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+# Weights quantized as they are read go through float32 temporaries of at most this many values at a time.
+QUANTIZE_BLOCK = 2**16
 
 
 class SafetensorsFile:
@@ -80,9 +85,12 @@ class SafetensorsFile:
         if self.data_start + begin != os.path.getsize(path):
             raise ValueError(f"{path} holds tensors whose dtypes this loader cannot size")
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh CPU tensor holding the stored values."""
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """A fresh CPU tensor holding the stored values, or only those of `tensor[index]`."""
         dtype, shape, begin = self.entries[name]
+        if index is not None:
+            shape = shape[1:]
+            begin += index * math.prod(shape) * dtype.itemsize
         tensor = torch.empty(shape, dtype=dtype)
         with open(self.path, "rb") as handle:
             handle.seek(self.data_start + begin)
@@ -174,8 +182,8 @@ class StoredTensor:
     def dtype(self) -> torch.dtype:
         return self.file.entries[self.name][0]
 
-    def read(self) -> torch.Tensor:
-        return self.file.read(self.name)
+    def read(self, index: int | None = None) -> torch.Tensor:
+        return self.file.read(self.name, index)
 
     def read_into(self, target: torch.Tensor) -> None:
         self.file.read_into(self.name, target)
@@ -388,18 +396,26 @@ def _scheme(quantization: str | None, config: DiffusionGemmaConfig, device: torc
 def _put_quantized_weights(model: nn.Module, scheme: Scheme, located: dict[str, StoredTensor],
                            stored: Scheme | None) -> None:
     """Replaces the quantizable weights of a model built on the meta device with empty quantized ones: all of
-    them when quantizing as they are read, those the checkpoint stores with scales when it stores `stored`."""
+    them when quantizing as they are read (each in `weight_scheme`'s scheme), those the checkpoint stores with
+    scales when it stores `stored` (each in the scheme its codes' dtype says: an int4 checkpoint holds int8
+    weights too)."""
+    if stored is None:
+        for owner, attr in quantizable(model):
+            replace(owner, attr, weight_scheme(owner, attr, scheme))
+        return
     names = {(id(owner), attr): [name, *aliases] for name, aliases, _, owner, attr in checkpoint_tensors(model)}
+    by_codes = {torch.int8: INT8, FP8: Scheme("fp8"), **({torch.uint8: stored} if stored.name == "int4" else {})}
     for owner, attr in quantizable(model):
         target = getattr(owner, attr)
         candidates = names[(id(target), "weight") if isinstance(target, nn.Linear) else (id(owner), attr)]
-        scale_shape = None
-        if stored is not None:
-            scales = [n + "_scale" for n in candidates if n + "_scale" in located]
-            if not scales:
-                continue  # the checkpoint keeps this weight unquantized
-            scale_shape = located[scales[0]].shape
-        replace(owner, attr, scheme, scale_shape)
+        stored_names = [n for n in candidates if n + "_scale" in located]
+        if not stored_names:
+            continue  # the checkpoint keeps this weight unquantized
+        codes = located[stored_names[0]]
+        if codes.dtype not in by_codes:
+            raise ValueError(f"tensor {codes.name!r} holds {codes.dtype} codes, which a {stored} checkpoint "
+                             "does not store")
+        replace(owner, attr, by_codes[codes.dtype], located[stored_names[0] + "_scale"].shape)
 
 
 def _check_shapes(names: list[str], located: dict[str, StoredTensor], shape: tuple[int, ...],
@@ -430,19 +446,23 @@ def _read_quantized(module: QuantizedWeight, codes: list[StoredTensor], scales: 
 
 
 def _quantize_as_read(module: QuantizedWeight, sources: list[StoredTensor], device: torch.device) -> None:
-    """Quantizes a full-precision stored weight into `module`, an expert at a time for the experts' weights, so
-    that the temporaries stay the size of one expert's."""
+    """Quantizes a full-precision stored weight into `module`, the experts' weights an expert at a time, read
+    from the file one by one, and each matrix in blocks of rows (each row's scales are its own), so that the
+    temporaries stay small."""
     _check_shapes([s.name for s in sources], {s.name: s for s in sources}, tuple(module.shape))
-    full = sources[0].read()
-    for copy in sources[1:]:
-        if not torch.equal(copy.read(), full):
-            _disagree(sources[0].name, copy.name)
-    pieces = zip(full, module.weight, module.weight_scale) if full.dim() == 3 else [
-        (full, module.weight, module.weight_scale)]
-    for piece, codes, scale in pieces:
-        piece_codes, piece_scale = quantize(piece.to(device), module.scheme)
-        codes.copy_(piece_codes)
-        scale.copy_(piece_scale)
+    experts = [None] if len(module.shape) == 2 else range(module.shape[0])
+    rows = max(QUANTIZE_BLOCK // module.shape[-1], 1)
+    for index in experts:
+        matrix = sources[0].read(index)
+        for copy in sources[1:]:
+            if not torch.equal(copy.read(index), matrix):
+                _disagree(sources[0].name, copy.name)
+        codes = module.weight if index is None else module.weight[index]
+        scales = module.weight_scale if index is None else module.weight_scale[index]
+        for start in range(0, matrix.shape[0], rows):
+            block_codes, block_scales = quantize(matrix[start:start + rows].to(device), module.scheme)
+            codes[start:start + rows].copy_(block_codes)
+            scales[start:start + rows].copy_(block_scales)
 
 
 def _listing(names: list[str], shown: int = 8) -> str:
@@ -473,8 +493,8 @@ def save_pretrained(model, folder, max_shard_size: int | str = "5GB") -> None:
     config.pop("quantization_config", None)
     schemes = {module.scheme for module in model.modules() if isinstance(module, QuantizedWeight)}
     if schemes:
-        # Loading builds every quantized weight with one scheme.
-        config["quantization_config"] = quantization_config(schemes.pop())
+        # One scheme besides int8, which an int4 model holds too (`weight_scheme`).
+        config["quantization_config"] = quantization_config(max(schemes, key=lambda scheme: scheme != INT8))
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")

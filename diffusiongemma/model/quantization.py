@@ -3,9 +3,10 @@
 What is quantized: the attention and dense-MLP projections of every layer and the self-conditioning MLP's
 (`QuantizedLinear` in place of `nn.Linear`), and the experts' 3-D weights (`QuantizedWeight` in place of the
 `gate_up_proj` and `down_proj` parameters). The embedding matrix (also the LM head), the norms, the router
-and the vision tower keep their dtype. Activations keep the compute dtype: a product dequantizes its weight to
-the activations' dtype, or calls an operator that does so inside (torch's `_weight_int8pack_mm` for int8 on
-the CPU), so a quantized model computes what the full-precision model computes with the rounded weights.
+and the vision tower keep their dtype. int4 keeps the attention's value path in int8 (`weight_scheme`). Activations keep the compute dtype: a product dequantizes its weight to
+the activations' dtype and multiplies as the full-precision model does (torch's packed int8 and int4 CPU
+operators measured slower than that: docs/quantization.md), so a quantized model computes what the
+full-precision model computes with the rounded weights, and keeps its batch invariance.
 
 Storage, for a weight [..., out, in] (`...`: the experts' dimension, if any), every scheme symmetric:
 - int8: codes int8 in [-127, 127], `weight_scale` float32 [..., out, 1] (one scale per output channel);
@@ -40,6 +41,9 @@ class Scheme:
 
     def __str__(self) -> str:
         return f"int4-g{self.group_size}" if self.name == "int4" else self.name
+
+
+INT8 = Scheme("int8")
 
 
 def parse_scheme(text: str) -> Scheme:
@@ -108,12 +112,14 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     the scale's last two dimensions divide the weight's into blocks (a scale with fewer dimensions is one
     per tensor)."""
     if codes.dtype == torch.uint8:
-        values = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).to(dtype) - 8
+        values = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).float() - 8
     else:
-        values = codes.to(dtype)
+        values = codes.float()
     if scale.dim() < 2:
         scale = scale.reshape(1, 1)
-    return (_blocked(values, scale.shape) * _blocked(scale.to(dtype), scale.shape, spread=False)).reshape(values.shape)
+    # In float32, rounded to `dtype` once: a bfloat16 product would round the scale and then the product.
+    weight = _blocked(values, scale.shape) * _blocked(scale.float(), scale.shape, spread=False)
+    return weight.reshape(values.shape).to(dtype)
 
 
 def _blocked(x: torch.Tensor, scale_shape: tuple[int, ...], spread: bool = True) -> torch.Tensor:
@@ -178,13 +184,6 @@ class QuantizedLinear(QuantizedWeight):
         return "." + attr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.weight.dtype == torch.int8 and self.weight_scale.shape == (self.shape[0], 1):
-            # torch's int8 CPU kernel reads the codes as they are stored (measured: docs/quantization.md), and
-            # each row's result is computed alone, so batch invariance holds as it does unquantized.
-            rows = x.reshape(-1, x.shape[-1]).contiguous()
-            out = torch._weight_int8pack_mm(rows, self.weight, self.weight_scale.view(-1).to(x.dtype))
-            out = out.view(*x.shape[:-1], -1)
-            return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
 
@@ -203,6 +202,20 @@ def quantizable(model: nn.Module) -> list[tuple[nn.Module, str]]:
             if type(module) is kind:
                 found += [(module, attr) for attr in attrs if getattr(module, attr) is not None]
     return found
+
+
+def weight_scheme(owner: nn.Module, attr: str, scheme: Scheme) -> Scheme:
+    """The scheme of the weight `owner.attr` when a model is quantized with `scheme`. int4 keeps the attention's
+    value path in int8: the projection that makes the values (v_proj; in full-attention layers, which have none,
+    k_proj) and the output projection. Their errors reach the residual stream unnormalized, while the queries'
+    and keys' go through the softmax; measured on the demo model, this halves int4's KL divergence from bf16
+    for a few percent more bytes (docs/quantization.md)."""
+    from .layers import Attention
+
+    if scheme.name == "int4" and isinstance(owner, Attention) and (
+            attr in ("v_proj", "o_proj") or (attr == "k_proj" and owner.v_proj is None)):
+        return INT8
+    return scheme
 
 
 def replace(owner: nn.Module, attr: str, scheme: Scheme, scale_shape: tuple[int, ...] | None = None) -> None:
@@ -229,5 +242,6 @@ def quantized_bytes(model: nn.Module, scheme: Scheme | None, dtype: torch.dtype)
         weight = getattr(owner, attr)
         weight = weight.weight if isinstance(weight, nn.Linear) else weight
         total -= weight.numel() * dtype.itemsize
-        total += sum(torch.Size(shape).numel() * kind.itemsize for shape, kind in storage(tuple(weight.shape), scheme))
+        total += sum(torch.Size(shape).numel() * kind.itemsize
+                     for shape, kind in storage(tuple(weight.shape), weight_scheme(owner, attr, scheme)))
     return total
