@@ -19,8 +19,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..model.quantization import QuantizedWeight
 from . import fused
+from .quantized import QuantizedWeight
 
 # Rows per tile: each expert's rows are padded to a multiple of it. Small, because at batch 1 an expert of
 # the small models gets a handful of rows, and padding is wasted work.
