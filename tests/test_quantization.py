@@ -8,10 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import randomize, tiny_model
 from safetensors.torch import load_file, save_file
 
 from diffusiongemma import DiffusionGemmaForBlockDiffusion
 from diffusiongemma.engine.runner import RequestsRunner
+from diffusiongemma.kernels import fused
 from diffusiongemma.model.quantization import (
     QuantizedLinear,
     QuantizedWeight,
@@ -20,6 +22,8 @@ from diffusiongemma.model.quantization import (
     quantizable,
     quantize,
     quantized_bytes,
+    replace,
+    weight_scheme,
 )
 
 SCHEMES = ["int8", "int4", "int4-g16", "fp8"]
@@ -284,3 +288,58 @@ def test_cli_quantization_flags_and_info(checkpoint, full):
     assert sizes["int4-g32"] < sizes["int8"] < facts["weights"]["bytes"]
     loaded = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, quantization="int8")
     assert sizes["int8"] == _weight_bytes(loaded)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int4-g16", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_reads_codes_and_scales(name, dtype):
+    """The CUDA kernel of the experts' products (Triton's interpreter runs it here) reads the codes and scales
+    and gives the products with the dequantized weights: experts with no rows, with more than a block, 96
+    inputs (int4-g16: groups of 16, a block of inputs per group)."""
+    counts = (3, 0, fused._ROWS + 5, 4)
+    source = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(counts), 96, generator=source).to(dtype)
+    codes, scale = quantize(torch.randn(len(counts), 80, 96, generator=source), parse_scheme(name))
+    assert fused.reads_codes(codes, scale)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    out = fused.grouped_linear(x, codes, ends, scale)
+    weight = dequantize(codes, scale, torch.float32)
+    expected = torch.cat([rows.float() @ weight[expert].t() for expert, rows in enumerate(x.split(list(counts)))])
+    assert out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.float(), expected, rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-4)
+
+
+def test_fused_kernel_leaves_scales_it_cannot_read_to_dequantizing():
+    codes = torch.zeros(2, 8, 32, dtype=torch.float8_e4m3fn)
+    assert not fused.reads_codes(codes, torch.ones(1))  # one scale per tensor, from an fp8 checkpoint
+    assert not fused.reads_codes(codes, torch.ones(2, 2, 2))  # per block of 4 x 16
+    assert not fused.reads_codes(torch.zeros(2, 8, 16, dtype=torch.uint8), torch.ones(2, 8, 4))  # groups of 8
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g16"])  # the tiny model's dense MLP has 48 inputs
+def test_a_quantized_model_takes_the_fused_kernel_for_every_quantized_product(monkeypatch, name):
+    """Where the fused kernels run (CUDA; the interpreter here), every quantized product, projections and
+    experts, reads the codes in the kernel, and the logits are those of the dequantizing path."""
+    full = randomize(tiny_model())
+    model = tiny_model()
+    model.load_state_dict(full.state_dict())
+    for owner, attr in quantizable(model):
+        weight = getattr(owner, attr)
+        weight = weight.weight if isinstance(weight, torch.nn.Linear) else weight
+        scheme = weight_scheme(owner, attr, parse_scheme(name))
+        codes, scale = quantize(weight.detach(), scheme)
+        replace(owner, attr, scheme)
+        getattr(owner, attr).set(codes, scale)
+    prompt, canvas = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[7, 8, 9, 10]])
+    signal = 4 * torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=signal).logits
+    calls, grouped_linear = [], fused.grouped_linear
+    monkeypatch.setattr(fused, "usable", lambda device: True)
+    monkeypatch.setattr(fused, "grouped_linear", lambda *args: calls.append(len(args)) or grouped_linear(*args))
+    with torch.no_grad():
+        logits = model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=signal).logits
+    # Every quantized product with its scales, once in the encoder's pass and once in the decoder's, but the
+    # self-conditioning MLP's three, which only the decoder runs.
+    assert calls == [4] * (2 * len(quantizable(model)) - 3)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

@@ -342,7 +342,7 @@ def load_pretrained(cls, path_or_repo_id, dtype=None, device=None, *, device_map
                 _quantize_as_read(module, [located[n] for n in stored_names], device)
             loaded += module.weight_scale.nbytes
         else:
-            _check_shapes(stored_names, located, tuple(tensor.shape))
+            _check_shapes([located[n] for n in stored_names], tuple(tensor.shape))
             if scales:
                 # Stored quantized, kept full precision (fp8 where the device has no fp8): dequantized as read.
                 tensor.copy_(dequantize(located[stored_names[0]].read(), located[scales[0]].read(), tensor.dtype))
@@ -418,14 +418,13 @@ def _put_quantized_weights(model: nn.Module, scheme: Scheme, located: dict[str, 
         replace(owner, attr, by_codes[codes.dtype], located[stored_names[0] + "_scale"].shape)
 
 
-def _check_shapes(names: list[str], located: dict[str, StoredTensor], shape: tuple[int, ...],
-                  dtype: torch.dtype | None = None) -> None:
-    for source in names:
-        if located[source].shape != shape:
-            raise ValueError(f"tensor {source!r} has shape {list(located[source].shape)} in the checkpoint, "
+def _check_shapes(sources: list[StoredTensor], shape: tuple[int, ...], dtype: torch.dtype | None = None) -> None:
+    for source in sources:
+        if source.shape != shape:
+            raise ValueError(f"tensor {source.name!r} has shape {list(source.shape)} in the checkpoint, "
                              f"but the config implies {list(shape)}")
-        if dtype is not None and located[source].dtype != dtype:
-            raise ValueError(f"tensor {source!r} is stored as {located[source].dtype}, but its quantization "
+        if dtype is not None and source.dtype != dtype:
+            raise ValueError(f"tensor {source.name!r} is stored as {source.dtype}, but its quantization "
                              f"stores {dtype}")
 
 
@@ -435,21 +434,19 @@ def _disagree(first: str, copy: str) -> None:
 
 
 def _read_quantized(module: QuantizedWeight, codes: list[StoredTensor], scales: list[StoredTensor]) -> None:
-    _check_shapes([c.name for c in codes], {c.name: c for c in codes}, tuple(module.weight.shape), module.weight.dtype)
-    _check_shapes([s.name for s in scales], {s.name: s for s in scales}, tuple(module.weight_scale.shape),
-                  module.weight_scale.dtype)
-    codes[0].read_into(module.weight)
-    scales[0].read_into(module.weight_scale)
-    for copy in codes[1:] + scales[1:]:
-        if not torch.equal(copy.read(), (codes[0] if copy in codes else scales[0]).read()):
-            _disagree(codes[0].name, copy.name)
+    for sources, target in ((codes, module.weight), (scales, module.weight_scale)):
+        _check_shapes(sources, tuple(target.shape), target.dtype)
+        sources[0].read_into(target)
+        for copy in sources[1:]:
+            if not torch.equal(copy.read(), sources[0].read()):
+                _disagree(sources[0].name, copy.name)
 
 
 def _quantize_as_read(module: QuantizedWeight, sources: list[StoredTensor], device: torch.device) -> None:
     """Quantizes a full-precision stored weight into `module`, the experts' weights an expert at a time, read
     from the file one by one, and each matrix in blocks of rows (each row's scales are its own), so that the
     temporaries stay small."""
-    _check_shapes([s.name for s in sources], {s.name: s for s in sources}, tuple(module.shape))
+    _check_shapes(sources, tuple(module.shape))
     experts = [None] if len(module.shape) == 2 else range(module.shape[0])
     rows = max(QUANTIZE_BLOCK // module.shape[-1], 1)
     for index in experts:

@@ -46,9 +46,12 @@ def rows_are_independent() -> bool:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of x [rows, in], sorted by expert, times their expert's weight [E, out, in] transposed; `ends`
-    [E] (int32) says where each expert's rows end. A quantized weight (`QuantizedWeight`) is dequantized to
-    x's dtype first, so every path below computes with the rounded weights."""
+    [E] (int32) says where each expert's rows end. A quantized weight (`QuantizedWeight`) is read as codes by
+    the fused kernel where it can (`fused.reads_codes`), and elsewhere dequantized to x's dtype first, so every
+    path computes with the rounded weights."""
     if isinstance(weight, QuantizedWeight):
+        if fused.takes(x) and fused.reads_codes(weight.weight, weight.weight_scale):
+            return fused.grouped_linear(x, weight.weight, ends, weight.weight_scale)
         weight = weight.dequantize(x.dtype)
     if fused.takes(x, weight):
         return fused.grouped_linear(x, weight, ends)

@@ -2,10 +2,13 @@
 dequantizing, and the modules that hold quantized weights (`QuantizedWeight`, `QuantizedLinear`). Which of the
 model's weights are quantized, and with which scheme, is `model.quantization`'s business.
 
-Activations keep the compute dtype: a product dequantizes its weight to the activations' dtype (in float32,
-rounded once) and multiplies as the full-precision model does (torch's packed int8 and int4 CPU operators
-measured slower than that: docs/quantization.md), so a quantized model computes what the full-precision model
-computes with the rounded weights, and keeps its batch invariance.
+Activations keep the compute dtype. On the CPU a product dequantizes its weight to the activations' dtype (in
+float32, rounded once) and multiplies as the full-precision model does (torch's packed int8 and int4 CPU
+operators measured slower than that: docs/quantization.md), so a quantized model computes what the
+full-precision model computes with the rounded weights, and keeps its batch invariance. On CUDA the fused
+experts' kernel reads the codes and scales itself (`fused.grouped_linear`), for the experts and, as one expert
+that gets every row, for the projections; scales it cannot read (an fp8 checkpoint's per-tensor or per-block
+ones) are dequantized first.
 
 Storage, for a weight [..., out, in] (`...`: the experts' dimension, if any), every scheme symmetric:
 - int8: codes int8 in [-127, 127], `weight_scale` float32 [..., out, 1] (one scale per output channel);
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fused
 
 DEFAULT_INT4_GROUP = 32
 FP8 = torch.float8_e4m3fn
@@ -183,4 +188,10 @@ class QuantizedLinear(QuantizedWeight):
         return "." + attr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.takes(x) and fused.reads_codes(self.weight, self.weight_scale):
+            # On CUDA the experts' kernel reads the codes, as one expert that gets every row.
+            rows = x.reshape(-1, x.shape[-1])
+            ends = torch.full((1,), rows.shape[0], dtype=torch.int32, device=x.device)
+            out = fused.grouped_linear(rows, self.weight[None], ends, self.weight_scale[None]).view(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
