@@ -13,6 +13,7 @@ fp8 needs a GPU of compute capability 8.9+ and is not measured here.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -76,6 +77,8 @@ def measure_load(folder: str, scheme: str | None, dtype: str) -> None:
         DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig.from_json_file(os.path.join(folder, "config.json")))
     for name in ("int8", "int4"):
         quantize(torch.randn(512, 1024, dtype=torch.bfloat16), parse_scheme(name))
+    # What the warm-up freed goes back to the system, so that the load cannot reuse it unseen.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # resets the peak RSS (VmHWM) to the current RSS
     baseline = _rss_kib("VmRSS")

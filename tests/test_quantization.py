@@ -274,6 +274,13 @@ def _cli(*args):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def test_every_command_that_loads_a_model_takes_quantization(checkpoint):
+    from diffusiongemma.cli.main import build_parser
+
+    for command in (["generate", checkpoint, "hi"], ["chat", checkpoint], ["serve", checkpoint]):
+        assert build_parser().parse_args([*command, "--quantization", "int4-g64"]).quantization == "int4-g64"
+
+
 def test_cli_quantization_flags_and_info(checkpoint, full):
     done = _cli("generate", checkpoint, "hi", "--quantization", "int4", "--max-new-tokens", "8",
                 "--max-denoising-steps", "2", "--seed", "0")
