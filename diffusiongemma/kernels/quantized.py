@@ -141,7 +141,7 @@ def _blocked(x: torch.Tensor, scale_shape: tuple[int, ...], spread: bool = True)
 
 class QuantizedWeight(nn.Module):
     """A weight [..., out, in] stored as codes (`weight`) and scales (`weight_scale`), both buffers. The
-    experts' 3-D weights take this form; `kernels.experts.grouped_linear` dequantizes them. A checkpoint
+    experts' 3-D weights take this form; `kernels.experts.grouped_linear` reads or dequantizes them. A checkpoint
     names the codes as the full-precision weight and the scales with `_scale` appended (`stored_suffix`)."""
 
     def __init__(self, shape: tuple[int, ...], scheme: Scheme, scale_shape: tuple[int, ...] | None = None):
