@@ -9,7 +9,13 @@ its own settings: tokens per forward, steps per canvas, and how often the answer
 seed. Then torch's CPU operators for the products, timed alone, which decide what `QuantizedLinear` calls.
 fp8 needs a GPU of compute capability 8.9+ and is not measured here.
 
+`--gpu`: instead, on a CUDA GPU, the released architecture with random weights made on the GPU in each
+scheme's own storage (no bf16 copy is ever made): peak GPU memory and milliseconds per denoising step at batch
+1 (16 fixed steps, 256-token canvases, CUDA graphs) for bf16, int8, int4 and fp8 (where the GPU has it).
+`--gpu --check` runs that on the `small` preset's shapes on any device, to check the script.
+
     .venv/bin/python benchmarks/quantization.py [--quick] [--threads 2] [--no-record]
+    .venv/bin/python benchmarks/quantization.py --gpu [--check] [--no-record]
 """
 
 import argparse
@@ -30,16 +36,24 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import progress, record  # noqa: E402
 
-from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion  # noqa: E402
+from diffusiongemma import (  # noqa: E402
+    AutoProcessor,
+    DiffusionGemmaConfig,
+    DiffusionGemmaForBlockDiffusion,
+    DiffusionGemmaTextConfig,
+)
 from diffusiongemma.demo import DEMO_HELDOUT, DEMO_MODEL  # noqa: E402
-from diffusiongemma.hf.presets import write_random_checkpoint  # noqa: E402
+from diffusiongemma.hf.presets import PRESETS, write_random_checkpoint  # noqa: E402
 from diffusiongemma.hf.streamers import StepCounter  # noqa: E402
-from diffusiongemma.model.config import DiffusionGemmaConfig  # noqa: E402
 from diffusiongemma.model.quantization import (  # noqa: E402
+    FP8,
     QuantizedWeight,
     dequantize,
     parse_scheme,
+    quantizable,
     quantize,
+    replace,
+    weight_scheme,
 )
 
 # (row, quantization, dtype); the last row is the floor of the comparison: the same bf16 weights, computed in float32.
@@ -125,17 +139,19 @@ def agreement(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple
     return kl / positions, same / positions
 
 
-def step_ms(model, prompt: list[int], runs: int) -> float:
-    """Median milliseconds per denoising step of `generate` with 2 canvases of 8 fixed steps."""
-    settings = dict(max_new_tokens=2 * model.config.canvas_length, max_denoising_steps=8, confidence_threshold=None,
-                    stability_threshold=None)
-    times = []
+def step_ms(models: list, prompt: list[int], runs: int) -> list[float]:
+    """Median milliseconds per denoising step of each model's `generate` with 2 canvases of 8 fixed steps,
+    the models' runs alternating, so that a busy moment of the machine falls on all of them alike."""
+    settings = dict(max_new_tokens=2 * models[0].config.canvas_length, max_denoising_steps=8,
+                    confidence_threshold=None, stability_threshold=None)
+    times = [[] for _ in models]
     for run in range(runs + 1):  # the first is a warm-up
-        torch.manual_seed(run)
-        start = time.perf_counter()
-        model.generate(torch.tensor([prompt]), **settings)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[1:]) / 16
+        for model, kept in zip(models, times):
+            torch.manual_seed(run)
+            start = time.perf_counter()
+            model.generate(torch.tensor([prompt]), **settings)
+            kept.append(time.perf_counter() - start)
+    return [1000 * statistics.median(kept[1:]) / 16 for kept in times]
 
 
 def generations(model, prompts: list[list[int]]) -> tuple[list[list[int]], float, float]:
@@ -156,22 +172,25 @@ def generations(model, prompts: list[list[int]]) -> tuple[list[list[int]], float
 
 
 def evaluate(name: str, folder: str, prompts, answers, args, generate_prompts) -> list[str]:
-    rows, reference, reference_answers = [], None, None
+    loaded = {}
     for label, scheme, dtype in ROWS:
         try:
-            model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=dtype, quantization=scheme)
+            loaded[label] = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=dtype, quantization=scheme)
         except ValueError as error:
             progress(f"{name} {label}: {error}")
+    progress(f"{name}: timing {len(loaded)} models, alternating")
+    milliseconds = dict(zip(loaded, step_ms(list(loaded.values()), prompts[0], args.runs)))
+    rows, reference, reference_answers = [], None, None
+    bf16_text = weight_bytes(loaded["bf16"])[1]
+    for label, scheme, dtype in ROWS:
+        if label not in loaded:
             rows.append(f"| {name} | {label} | groups do not divide the model's sizes |" + " |" * 8)
             continue
+        model = loaded.pop(label)
         total, text = weight_bytes(model)
-        if scheme is None:
-            bf16_text = text
         peak = load_peak(folder, scheme, dtype, args.threads)
-        ms = step_ms(model, prompts[0], args.runs)
         logits = logits_of(model, canvases(model, prompts, answers))
-        if reference is None:
-            reference = logits
+        reference = reference or logits
         kl, top1 = agreement(reference, logits)
         generated = "| | |"
         if generate_prompts:
@@ -180,8 +199,9 @@ def evaluate(name: str, folder: str, prompts, answers, args, generate_prompts) -
             same = sum(a == b for a, b in zip(outputs, reference_answers)) / len(outputs)
             generated = f"{per_forward:.2f} | {steps:.2f} | {same:.0%} |"
         rows.append(f"| {name} | {label} | {total / 2**20:.2f} | {text / bf16_text:.3f} | {peak / 2**20:.1f} "
-                    f"({peak / total:.2f}x) | {ms:.1f} | {kl:.2e} | {top1:.2%} | {generated}")
+                    f"({peak / total:.2f}x) | {milliseconds[label]:.1f} | {kl:.2e} | {top1:.2%} | {generated}")
         progress(rows[-1])
+        del model
     return rows
 
 
@@ -217,11 +237,93 @@ def operators(threads: int) -> str:
     return "\n".join(rows) + f"\n\nMedians of 7 calls, {threads} threads."
 
 
+RELEASED = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                num_global_key_value_heads=2, sliding_window=1024, num_experts=128, top_k_experts=8,
+                moe_intermediate_size=704, max_position_embeddings=262144, use_bidirectional_attention="vision")
+
+
+@torch.no_grad()
+def random_model(text: dict, canvas_length: int, scheme: str | None, device: torch.device):
+    """The architecture with random weights made on `device`, the quantized ones as random codes with scales
+    that give them the spread of the unquantized ones (std 0.02)."""
+    config = DiffusionGemmaConfig(text_config=DiffusionGemmaTextConfig(**text), canvas_length=canvas_length)
+    with torch.device("meta"):
+        model = DiffusionGemmaForBlockDiffusion(config)
+    model.to(torch.bfloat16)
+    if scheme is not None:
+        for owner, attr in quantizable(model):
+            replace(owner, attr, weight_scheme(owner, attr, parse_scheme(scheme)))
+    model.to_empty(device=device).eval()
+    for name, parameter in model.named_parameters():
+        if "norm" in name or name.endswith("scale"):
+            parameter.fill_(1.0)
+        else:
+            parameter.normal_(std=0.02)
+    for name, buffer in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            buffer.fill_(1.0)
+    for module in model.modules():
+        if isinstance(module, QuantizedWeight):
+            codes = module.weight
+            if codes.dtype == torch.uint8:
+                codes.random_(0, 256)
+                spread = 4.6  # the standard deviation of codes uniform in [-8, 7]
+            elif codes.dtype == torch.int8:
+                codes.random_(-127, 128)
+                spread = 73.3
+            else:
+                codes.copy_(torch.randn(codes.shape, device=device).mul_(64).to(FP8))
+                spread = 64.0
+            module.weight_scale.fill_(0.02 / spread)
+    model.model.backbone.reset_computed_buffers()
+    return model
+
+
+def gpu(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.check and device.type != "cuda":
+        raise SystemExit("--gpu needs a CUDA GPU (or --check)")
+    text, canvas_length = (PRESETS["small"]["text"], 64) if args.check else (RELEASED, 256)
+    schemes = [None, "int8", "int4"]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        schemes.append("fp8")
+    rows = ["| weights | weight GiB | peak GPU memory GiB | ms / step |", "|---|---|---|---|"]
+    for scheme in schemes:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        model = random_model(text, canvas_length, scheme, device)
+        prompt = torch.randint(3, text["vocab_size"], (1, 64), device=device)
+        settings = dict(max_new_tokens=canvas_length, max_denoising_steps=16, confidence_threshold=None,
+                        stability_threshold=None)
+        times = []
+        for _ in range(args.runs + 1):  # the first captures the graphs
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model.generate(prompt, **settings)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        rows.append(f"| {scheme or 'bf16'} | {weight_bytes(model)[0] / 2**30:.2f} | {peak / 2**30:.2f} | "
+                    f"{1000 * statistics.median(times[1:]) / 16:.1f} |")
+        progress(rows[-1])
+        del model
+    table = "\n".join(rows) + (f"\n\n{'small preset shapes (a check)' if args.check else 'The released architecture'}"
+                               f", random weights, batch 1, a 64-token prompt, one canvas of 16 fixed steps, "
+                               f"median of {args.runs} runs after one that captures the graphs.")
+    record("Quantized weights on the GPU", table, keep=not args.no_record and not args.check)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer prompts and runs (a minute or two)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--gpu", action="store_true", help="the released architecture on a CUDA GPU instead")
+    parser.add_argument("--check", action="store_true", help="with --gpu: the small preset's shapes, any device")
     parser.add_argument("--measure-load", nargs=3, metavar=("FOLDER", "SCHEME", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_load:
@@ -230,6 +332,9 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     args.runs = 1 if args.quick else 3
+    if args.gpu:
+        gpu(args)
+        return
     canvases_per_model, generate_count = (4, 20) if args.quick else (16, 100)
 
     processor = AutoProcessor.from_pretrained(DEMO_MODEL)
@@ -262,7 +367,8 @@ def main() -> None:
     table = (header + "\n" + "\n".join(rows) + f"\n\n{canvases_per_model} prompts x 3 canvases (100%, 50%, 25% of "
              f"the answer's tokens random) for KL and top-1; `generate` with the demo's own settings over "
              f"{generate_count} held-out prompts (seed i for prompt i); ms per step: 2 canvases of 8 fixed steps, "
-             f"batch 1, median of {args.runs} runs. int4 is int4-g32 (the attention's value path in int8); "
+             f"batch 1, median of {args.runs} runs alternating between the rows (the VM is shared: its timings are "
+             f"noisy). int4 is int4-g32 (the attention's value path in int8); "
              "int4-g64 and int4-g128 do not divide the demo's sizes 96 and 192. Activations and the unquantized "
              "weights (embedding, norms, router, vision tower) in bf16, except in the last row; "
              f"{args.threads} torch threads.\n\n" + operators(args.threads))
