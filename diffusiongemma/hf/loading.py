@@ -53,8 +53,9 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PATTERNS = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
-# Weights quantized as they are read go through float32 temporaries of at most this many values at a time.
-QUANTIZE_BLOCK = 2**16
+# Weights quantized as they are read on the CPU go through float32 temporaries of at most this many values at a
+# time (measured on the `small` preset: with 2**16 the load peaks 1.26x the int4 weights, with 2**13 1.17x).
+QUANTIZE_BLOCK = 2**13
 
 
 class SafetensorsFile:
@@ -444,11 +445,12 @@ def _read_quantized(module: QuantizedWeight, codes: list[StoredTensor], scales: 
 
 def _quantize_as_read(module: QuantizedWeight, sources: list[StoredTensor], device: torch.device) -> None:
     """Quantizes a full-precision stored weight into `module`, the experts' weights an expert at a time, read
-    from the file one by one, and each matrix in blocks of rows (each row's scales are its own), so that the
-    temporaries stay small."""
+    from the file one by one, so that the temporaries stay small. On the CPU, where they share the model's
+    memory, each matrix goes in blocks of rows (each row's scales are its own); a GPU takes a matrix at once,
+    which costs far fewer launches."""
     _check_shapes(sources, tuple(module.shape))
     experts = [None] if len(module.shape) == 2 else range(module.shape[0])
-    rows = max(QUANTIZE_BLOCK // module.shape[-1], 1)
+    rows = max(QUANTIZE_BLOCK // module.shape[-1], 1) if device.type == "cpu" else module.shape[-2]
     for index in experts:
         matrix = sources[0].read(index)
         for copy in sources[1:]:

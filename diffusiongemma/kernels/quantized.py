@@ -116,14 +116,17 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     the scale's last two dimensions divide the weight's into blocks (a scale with fewer dimensions is one
     per tensor)."""
     if codes.dtype == torch.uint8:
-        values = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).float() - 8
-    else:
-        values = codes.float()
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).view(torch.int8) - 8
+    elif codes.dtype == FP8:
+        codes = codes.to(dtype)  # exactly: every e4m3 number is a bfloat16, float16 and float32 number
     if scale.dim() < 2:
         scale = scale.reshape(1, 1)
-    # In float32, rounded to `dtype` once: a bfloat16 product would round the scale and then the product.
-    weight = _blocked(values, scale.shape) * _blocked(scale.float(), scale.shape, spread=False)
-    return weight.reshape(values.shape).to(dtype)
+    weight = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    # One pass: the products in float32 (the scale's type), each rounded once into `dtype`; a bfloat16 product
+    # would round the scale and then the product.
+    torch.mul(_blocked(codes, scale.shape), _blocked(scale.float(), scale.shape, spread=False),
+              out=_blocked(weight, scale.shape))
+    return weight
 
 
 def _blocked(x: torch.Tensor, scale_shape: tuple[int, ...], spread: bool = True) -> torch.Tensor:
