@@ -613,6 +613,7 @@ def _add_serve_command(commands) -> None:
     _add_quantization(serve)
     serve.set_defaults(run=cmd_serve)
 
+
 def _add_quantization(group) -> None:
     group.add_argument("--quantization", metavar="SCHEME",
                        help="quantize the weights as they load: int8, int4 (int4-gN: groups of N inputs, default "
