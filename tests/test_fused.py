@@ -325,7 +325,7 @@ def test_requests_side_by_side_share_the_fused_experts_and_get_their_numbers_alo
 
 # How a launch's arguments look to Triton's compiler.
 POINTERS = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64",
-            torch.int8: "*i8"}
+            torch.int8: "*i8", torch.uint8: "*u8", torch.float8_e4m3fn: "*fp8e4nv"}
 
 
 def launches(monkeypatch, calls) -> list:
@@ -377,6 +377,14 @@ LAUNCHES = [
     lambda: fused.softmax(bf16(3, 1000), torch.bfloat16),
     lambda: fused.grouped_linear(bf16(24, 256), bf16(8, 192, 256),
                                  torch.tensor([3, 3, 9, 9, 12, 20, 24, 24], dtype=torch.int32)),
+    # Quantized weights (`kernels.quantized`): int8 and e4m3 codes with a scale per channel, int4 pairs with
+    # a bfloat16 scale per 32 inputs.
+    lambda: fused.grouped_linear(bf16(24, 256), torch.zeros(8, 192, 256, dtype=torch.int8),
+                                 torch.tensor([3, 3, 9, 9, 12, 20, 24, 24], dtype=torch.int32), torch.ones(8, 192, 1)),
+    lambda: fused.grouped_linear(bf16(24, 256), torch.zeros(8, 192, 256).to(torch.float8_e4m3fn),
+                                 torch.tensor([3, 3, 9, 9, 12, 20, 24, 24], dtype=torch.int32), torch.ones(8, 192, 1)),
+    lambda: fused.grouped_linear(bf16(24, 256), torch.zeros(8, 192, 128, dtype=torch.uint8),
+                                 torch.tensor([3, 3, 9, 9, 12, 20, 24, 24], dtype=torch.int32), bf16(8, 192, 8)),
 ]
 
 # Run without the interpreter, which turns even triton.language's own helpers into Python.

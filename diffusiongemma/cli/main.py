@@ -210,7 +210,7 @@ def _load_model(folder: str, args) -> DiffusionGemmaForBlockDiffusion:
         torch.cuda.set_device(device)
     with _loading_bar() as progress:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=args.dtype, device=args.device,
-                                                                progress=progress,
+                                                                quantization=args.quantization, progress=progress,
                                                                 tp_plan="auto" if args.tensor_parallel else None)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -453,6 +453,25 @@ def _parameter_counts(config: DiffusionGemmaConfig, vision: VisionConfig | None)
     return total, active, sum(p.numel() for module in vision_modules for p in module.parameters())
 
 
+def _quantized_bytes(config: DiffusionGemmaConfig, dtype: torch.dtype, vision_parameters: int) -> dict:
+    """Bytes of the weights under each quantization scheme (None where the scheme does not fit the shapes);
+    the vision tower and the weights quantization leaves keep `dtype`."""
+    import torch
+
+    from ..hf.modeling import DiffusionGemmaForBlockDiffusion
+    from ..model.quantization import DEFAULT_INT4_GROUP, parse_scheme, quantized_bytes
+
+    with torch.device("meta"):
+        text_model = DiffusionGemmaForBlockDiffusion(dataclasses.replace(config, vision_config=None))
+    sizes = {}
+    for name in ("int8", f"int4-g{DEFAULT_INT4_GROUP}", "fp8"):
+        try:
+            sizes[name] = quantized_bytes(text_model, parse_scheme(name), dtype) + vision_parameters * dtype.itemsize
+        except ValueError:
+            sizes[name] = None
+    return sizes
+
+
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -503,6 +522,7 @@ def _describe(config: DiffusionGemmaConfig, dtype_name: str) -> dict:
         "parameters": {"total": total + vision_total, "text": total, "vision": vision_total,
                        "active_per_token": active},
         "weights": {"dtype": dtype_name, "bytes": (total + vision_total) * getattr(torch, dtype_name).itemsize},
+        "quantized_weights": _quantized_bytes(config, getattr(torch, dtype_name), vision_total),
     }
 
 
@@ -539,6 +559,8 @@ def cmd_info(args) -> None:
                                f"(top-{experts['top_k']} of {experts['count']} experts)"),
         (f"weights in {args.dtype}", _bytes(facts["weights"]["bytes"])),
     ]
+    rows += [(f"  quantized {scheme}", _bytes(size) if size is not None else "does not fit these shapes")
+             for scheme, size in facts["quantized_weights"].items()]
     for name, value in rows:
         print(f"{name + ':':<22}{value}")
 
@@ -566,7 +588,8 @@ def cmd_serve(args) -> None:
           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
           allowed_media_domains=tuple(args.allowed_media_domains), max_model_len=args.max_model_len,
-          cuda_graphs=not args.no_cuda_graphs, tensor_parallel=args.tensor_parallel is not None)
+          cuda_graphs=not args.no_cuda_graphs, tensor_parallel=args.tensor_parallel is not None,
+          quantization=args.quantization)
 
 
 def cmd_train(args) -> None:
@@ -634,7 +657,15 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--tensor-parallel", type=int, metavar="N",
                        help="shard the model over the N processes of a torchrun job (torchrun --nproc-per-node N "
                             "-m diffusiongemma serve ...); rank 0 serves HTTP (see docs/distributed.md)")
+    _add_quantization(serve)
     serve.set_defaults(run=cmd_serve)
+
+
+def _add_quantization(group) -> None:
+    group.add_argument("--quantization", metavar="SCHEME",
+                       help="quantize the weights as they load: int8, int4 (int4-gN: groups of N inputs, default "
+                            "32) or fp8 (CUDA, compute capability 8.9+); `info` shows what each needs")
+
 
 def _generation_options() -> argparse.ArgumentParser:
     options = _Parser(add_help=False)
@@ -667,6 +698,7 @@ def _generation_options() -> argparse.ArgumentParser:
     run.add_argument("--tensor-parallel", type=int, metavar="N",
                      help="shard the model over the N processes of a torchrun job (torchrun --nproc-per-node N "
                           "-m diffusiongemma ...); rank 0 prints (see docs/distributed.md)")
+    _add_quantization(run)
     run.add_argument("--no-drafts", action="store_true",
                      help="on a terminal, show committed text only, not each step's draft (a pipe never gets "
                           "drafts)")
@@ -718,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "needs from its config.json, without loading the weights.")
     info.add_argument("model", metavar="MODEL", help="checkpoint folder or Hugging Face Hub id")
     info.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
-                      help="dtype for the memory estimate (default: bfloat16)")
+                      help="dtype for the memory estimate, and of what quantization leaves (default: bfloat16)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     info.set_defaults(run=cmd_info)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused
+from .quantized import QuantizedWeight
 
 # Rows per tile: each expert's rows are padded to a multiple of it. Small, because at batch 1 an expert of
 # the small models gets a handful of rows, and padding is wasted work.
@@ -45,7 +46,13 @@ def rows_are_independent() -> bool:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of x [rows, in], sorted by expert, times their expert's weight [E, out, in] transposed; `ends`
-    [E] (int32) says where each expert's rows end."""
+    [E] (int32) says where each expert's rows end. A quantized weight (`QuantizedWeight`) is read as codes by
+    the fused kernel where it can (`fused.reads_codes`), and elsewhere dequantized to x's dtype first, so every
+    path computes with the rounded weights."""
+    if isinstance(weight, QuantizedWeight):
+        if fused.takes(x) and fused.reads_codes(weight.weight, weight.weight_scale):
+            return fused.grouped_linear(x, weight.weight, ends, weight.weight_scale)
+        weight = weight.dequantize(x.dtype)
     if fused.takes(x, weight):
         return fused.grouped_linear(x, weight, ends)
     if rows_are_independent():

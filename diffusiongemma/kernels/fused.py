@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 
 import torch
@@ -139,9 +140,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return out
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def reads_codes(codes: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether `grouped_linear` reads these quantized weights' codes itself (`kernels.quantized`'s storage):
+    int8 or e4m3 codes [E, out, in] with a scale per output channel [E, out, 1], or int4 pairs [E, out, in / 2]
+    with groups of a multiple of 16 inputs. Other scales (an fp8 checkpoint's per tensor or per block) are
+    dequantized first."""
+    if codes.dtype == torch.uint8:
+        return scale.dim() == codes.dim() and (2 * codes.shape[-1] // scale.shape[-1]) % 16 == 0
+    return scale.shape == (*codes.shape[:-1], 1)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """The experts' grouped products in one kernel: rows of x [rows, in] sorted by expert, `ends` [E]
-    (int32) where each expert's rows end, times their expert's weight [E, out, in] transposed."""
+    (int32) where each expert's rows end, times their expert's weight [E, out, in] transposed. With `scale`,
+    `weight` holds quantized codes that `reads_codes` accepts, and the products are code times scale."""
     import triton
 
     from .triton_kernels import grouped_linear_kernel
@@ -149,10 +162,19 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     rows, inner = x.shape
     experts, width, _ = weight.shape
     x, weight = x.contiguous(), weight.contiguous()
+    codes, groups, block_k = 0, 1, 64
+    if scale is not None:
+        scale = scale.contiguous()
+        codes = 2 if weight.dtype == torch.uint8 else 1
+        if codes == 2:
+            groups = scale.shape[-1]
+            # A block of inputs must lie in one group, whose scale multiplies its sum.
+            block_k = math.gcd(64, inner // groups)
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     # Any routing makes at most this many blocks of rows; the programs past the last one return at once.
     blocks = triton.cdiv(rows, _ROWS) + experts
     grouped_linear_kernel[(blocks * triton.cdiv(width, _COLUMNS),)](
-        x, weight, out, ends, experts, width, inner, EXPERTS=triton.next_power_of_2(experts),
-        BLOCK_M=_ROWS, BLOCK_N=_COLUMNS, BLOCK_K=64, IN_FLOAT32=x.dtype == torch.float32 or _interpreted())
+        x, weight, weight if scale is None else scale, out, ends, experts, width, inner,
+        EXPERTS=triton.next_power_of_2(experts), BLOCK_M=_ROWS, BLOCK_N=_COLUMNS, BLOCK_K=block_k,
+        IN_FLOAT32=x.dtype == torch.float32 or _interpreted(), CODES=codes, GROUPS=groups)
     return out

@@ -143,9 +143,9 @@ def softmax_kernel(x, out, width, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def grouped_linear_kernel(x, weight, out, ends, experts, n, k, EXPERTS: tl.constexpr,
+def grouped_linear_kernel(x, weight, scale, out, ends, experts, n, k, EXPERTS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          IN_FLOAT32: tl.constexpr):
+                          IN_FLOAT32: tl.constexpr, CODES: tl.constexpr, GROUPS: tl.constexpr):
     # A program computes BLOCK_N output columns of one block of BLOCK_M rows, which are one expert's. Programs
     # of one block come one after another, so those that run side by side read the same rows from cache
     # and each reads its own slice of the expert's weight, once. A block past the last expert's returns at
@@ -171,19 +171,41 @@ def grouped_linear_kernel(x, weight, out, ends, experts, n, k, EXPERTS: tl.const
         columns = (tl.program_id(0) % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_inside, columns_inside = rows < end_row, columns < n
         rows, columns = rows.to(tl.int64), columns.to(tl.int64)
-        # The expert's weight is [n, k]: a [BLOCK_K, BLOCK_N] tile of its transpose.
-        expert_weight = weight + expert.to(tl.int64) * n * k
+        # The expert's weight is [n, k]: a [BLOCK_K, BLOCK_N] tile of its transpose. Quantized weights
+        # (`CODES`, see `fused.grouped_linear`) are read as codes and turned into x's dtype in registers, exactly
+        # (int8 and e4m3 codes are bfloat16 numbers); their scales multiply the sums: once at the end for a
+        # scale per output channel, per block of inputs for int4's group scales (a block lies in one group).
+        stored_k = k // 2 if CODES == 2 else k
+        expert_weight = weight + expert.to(tl.int64) * n * stored_k
         total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for start in range(0, k, BLOCK_K):
             inner = start + tl.arange(0, BLOCK_K)
             inner_inside = inner < k
             a = tl.load(x + rows[:, None] * k + inner[None, :], mask=rows_inside[:, None] & inner_inside[None, :],
                         other=0.0)
-            b = tl.load(expert_weight + columns[None, :] * k + inner[:, None],
-                        mask=columns_inside[None, :] & inner_inside[:, None], other=0.0)
-            if IN_FLOAT32:
-                total = tl.dot(a.to(tl.float32), b.to(tl.float32), total, input_precision="ieee")
+            if CODES == 2:
+                # Two codes a byte, the even input in the low four bits, stored plus 8.
+                pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(expert_weight + columns[:, None] * stored_k + pairs[None, :],
+                                 mask=columns_inside[:, None] & (pairs < stored_k)[None, :], other=8)
+                codes = tl.interleave(packed & 15, packed >> 4).to(tl.int32) - 8
+                b = tl.trans(codes.to(tl.float32 if IN_FLOAT32 else a.dtype))
             else:
-                total = tl.dot(a, b, total)
+                b = tl.load(expert_weight + columns[None, :] * k + inner[:, None],
+                            mask=columns_inside[None, :] & inner_inside[:, None], other=0.0)
+                if CODES == 1:
+                    b = b.to(tl.float32 if IN_FLOAT32 else a.dtype)
+            if IN_FLOAT32:
+                product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                product = tl.dot(a, b)
+            if CODES == 2:
+                group = tl.load(scale + (expert.to(tl.int64) * n + columns) * GROUPS + start * GROUPS // k,
+                                mask=columns_inside, other=0.0)
+                total += product * group.to(tl.float32)[None, :]
+            else:
+                total += product
+        if CODES == 1:
+            total *= tl.load(scale + expert.to(tl.int64) * n + columns, mask=columns_inside, other=0.0)[None, :]
         tl.store(out + rows[:, None] * n + columns[None, :], total.to(out.dtype.element_ty),
                  mask=rows_inside[:, None] & columns_inside[None, :])

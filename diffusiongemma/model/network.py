@@ -153,7 +153,10 @@ class DiffusionGemmaPreTrainedModel(nn.Module):
         weights as they load; `tp_plan="auto"`: under torchrun, shard the model over the job's ranks for
         tensor- and expert-parallel inference, each rank reading only its own shards (docs/distributed.md);
         `sharding`: a function that shards the model, built on the meta device, in place before its weights
-        are read (FSDP2, `distributed/fsdp.py`); and hub arguments such as `revision` or `cache_dir`."""
+        are read (FSDP2, `distributed/fsdp.py`); `quantization`: "int8", "int4" ("int4-gN" for groups of N
+        inputs) or "fp8" (a CUDA GPU of compute capability 8.9+), the weights quantized as they are read
+        (`model.quantization`), None (the default) for none, unless the checkpoint stores quantized weights;
+        and hub arguments such as `revision` or `cache_dir`."""
         from ..hf.loading import load_pretrained
 
         if not issubclass(cls, (DiffusionGemmaModel, BlockDiffusionLM)):

@@ -887,17 +887,20 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
           max_denoising_steps_limit: int | None = None, trust_request_chat_template: bool = False,
           read_timeout: float = 30.0, keep_alive_timeout: float = 5.0, max_connections: int = 512,
           shutdown_timeout: float = 30.0, log_level: str = "info", allowed_media_domains: tuple[str, ...] = (),
-          max_model_len: int | None = None, cuda_graphs: bool = True, tensor_parallel: bool = False) -> None:
+          max_model_len: int | None = None, cuda_graphs: bool = True, tensor_parallel: bool = False,
+          quantization: str | None = None) -> None:
     """Loads the checkpoint and serves it, as `model_name` (default: `served_name(model_path)`), until
     interrupted. With `tensor_parallel`, in a torchrun job this process has joined (`runtime.start`), every rank
-    loads its shards; rank 0 serves, the others follow its scheduler (`Follower`) and return when it stops."""
+    loads its shards; rank 0 serves, the others follow its scheduler (`Follower`) and return when it stops.
+    `quantization`: as `from_pretrained` takes it."""
     from ..distributed import runtime
     from ..hf.modeling import DiffusionGemmaForBlockDiffusion
     from ..hf.processing import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=dtype, device=device,
-                                                            tp_plan="auto" if tensor_parallel else None).eval()
+                                                            tp_plan="auto" if tensor_parallel else None,
+                                                            quantization=quantization).eval()
     if tensor_parallel and not runtime.is_leader():
         follow(model, processor.tokenizer, max_batch=max_batch, max_model_len=max_model_len, cuda_graphs=cuda_graphs)
         return
