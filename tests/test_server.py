@@ -699,3 +699,26 @@ def test_serve_command(checkpoint):
     for part in (f"as '{name}'", "on cpu in float32", "442,336 parameters", "at most 2 requests side by side",
                  "4 waiting", "tokens a request, 100 of them prompt", "192 denoising steps", "API key required", f"listening on {url}"):
         assert part in start, start
+
+
+def test_the_served_process_flushes_subnormal_numbers(monkeypatch):
+    """Set before the model loads, so that the threads the server starts inherit it (the test restores it)."""
+    from diffusiongemma.hf import processing
+
+    class Loaded(Exception):
+        pass
+
+    flushed = []
+
+    def load(*args, **kwargs):
+        flushed.append(float(torch.tensor([1e-39]) * 1.0) == 0.0)
+        raise Loaded
+
+    monkeypatch.setattr(processing.AutoProcessor, "from_pretrained", load)
+    assert float(torch.tensor([1e-39]) * 1.0) != 0.0
+    try:
+        with pytest.raises(Loaded):
+            server_module.serve("a-model")
+    finally:
+        torch.set_flush_denormal(False)
+    assert flushed == [True]

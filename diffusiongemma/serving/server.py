@@ -95,6 +95,7 @@ import uuid
 from importlib import metadata
 
 import jinja2
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import (
@@ -892,8 +893,15 @@ def serve(model_path: str, model_name: str | None = None, host: str = "127.0.0.1
     """Loads the checkpoint and serves it, as `model_name` (default: `served_name(model_path)`), until
     interrupted. With `tensor_parallel`, in a torchrun job this process has joined (`runtime.start`), every rank
     loads its shards; rank 0 serves, the others follow its scheduler (`Follower`) and return when it stops.
-    `quantization`: as `from_pretrained` takes it."""
+    `quantization`: as `from_pretrained` takes it. The process flushes subnormal floats to zero."""
     from ..distributed import runtime
+
+    # Late denoising steps run at a low temperature, where most probabilities fall below float32's smallest
+    # normal number (about 1.2e-38); the CPU computes with such subnormal numbers many times slower, and a
+    # served float32 model's later steps took up to 3.5 times as long as its first. Flushed to zero, they change
+    # a sum only where the sum itself is that small (docs/serving.md). Set before the model loads, so that
+    # every thread the process starts (torch's intra-op threads, the scheduler's worker) inherits it.
+    torch.set_flush_denormal(True)
     from ..hf.modeling import DiffusionGemmaForBlockDiffusion
     from ..hf.processing import AutoProcessor
 
