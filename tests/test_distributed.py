@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training import start_model  # noqa: F401 (a fixture)
 
 from diffusiongemma import DiffusionGemmaForBlockDiffusion
 from diffusiongemma.distributed.tensor_parallel import check_divisible
-from diffusiongemma.engine.generate import DiffusionGemmaGenerationConfig
-from diffusiongemma.hf.chat_fixture import write_tokenizer
 from diffusiongemma.model.config import (
     FULL,
     SLIDING,
     DiffusionGemmaConfig,
     DiffusionGemmaTextConfig,
 )
-from diffusiongemma.training.trainer import TrainingConfig, initialize_weights, train
+from diffusiongemma.training.trainer import TrainingConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -168,24 +167,9 @@ def test_tp_plan_outside_torchrun_is_refused(checkpoint, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    """A tiny text-only model to train, with the fixture tokenizer and a few chats."""
-    folder = tmp_path_factory.mktemp("start")
-    special = write_tokenizer(folder, 384)
-    eos = [special["eos_token"], special["end_of_turn_token"]]
-    text = DiffusionGemmaTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                    num_key_value_heads=1, num_global_key_value_heads=1, head_dim=16,
-                                    global_head_dim=16, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
-                                    vocab_size=384, sliding_window=8, max_position_embeddings=256,
-                                    layer_types=[SLIDING, FULL], pad_token_id=special["pad_token"],
-                                    bos_token_id=special["bos_token"], eos_token_id=eos)
-    config = DiffusionGemmaConfig(text_config=text, vision_config=None, canvas_length=8,
-                                  boi_token_id=special["boi_token"], eoi_token_id=special["eoi_token"],
-                                  image_token_id=special["image_token"])
-    model = DiffusionGemmaForBlockDiffusion(config)
-    initialize_weights(model, seed=0)
-    model.generation_config = DiffusionGemmaGenerationConfig(eos_token_id=eos, pad_token_id=special["pad_token"])
-    model.save_pretrained(folder)
+def start(start_model):  # noqa: F811
+    """test_training's tiny text-only model, with a few chats to train on."""
+    folder = start_model
     chats = []
     for i in range(24):
         a, b = i % 7, i % 5

@@ -9,16 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import torch
+from test_server import running
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
-from diffusiongemma.serving.server import create_app, http_server
+from diffusiongemma.serving.server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -79,21 +79,10 @@ def one_process_server(checkpoint):
     torch.set_num_threads(1)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint).eval()
     app = create_app(model, AutoProcessor.from_pretrained(checkpoint), "alone")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = http_server(app, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the one-process server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with running(app) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(WAIT_SECONDS)
-        sock.close()
         torch.set_num_threads(threads)
 
 
