@@ -239,12 +239,12 @@ class SlotPasses:
         the graph's buffer, valid until the next pass."""
         index = torch.tensor(slots, device=self.canvas.device)
         self.canvas.index_copy_(0, index, current)
+        given = [logits is not None for logits in self_conditioning_logits]
+        self.self_conditioning_mask.index_copy_(0, index, torch.tensor(given, dtype=self.self_conditioning_mask.dtype,
+                                                                       device=index.device))
         for slot, logits in zip(slots, self_conditioning_logits):
-            if logits is None:
-                self.self_conditioning_mask[slot] = 0
-            else:
+            if logits is not None:
                 self.self_conditioning_logits[slot].copy_(logits[0])
-                self.self_conditioning_mask[slot] = 1
         rows = bucket(max(slots) + 1, self.slots)
         if (rows, soft_capped) not in self.decoders:
             self.decoders[rows, soft_capped] = _capture(lambda: self._decode(rows, soft_capped), self.canvas.device,
