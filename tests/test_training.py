@@ -559,3 +559,8 @@ def test_progress_reports_loss_and_tokens_per_second_on_the_steps_it_shows():
     line = stream.getvalue()
     assert line.startswith("step 2/10  loss 1.2500  lr 5.00e-04  ") and line.endswith("min left\n")
     assert re.search(r"  [\d,]+ tokens/s  ", line)
+    # A job's other ranks count without writing anywhere.
+    silent = Progress(total=10, stream=None)
+    silent.update(2, 0, 1.0, 1e-3, tokens=5, show=True)
+    silent.message("eval at step 2")
+    assert silent.tokens == 5

@@ -1,5 +1,6 @@
-"""The small demo model that ships inside the package: `model/` (its card is `model/MODEL_CARD.md`) and the
-held-out chats its figures were measured on. `recipes/demo/` in the repository rebuilds it."""
+"""The small demo model that ships inside the package: `model/` (its card is `model/MODEL_CARD.md`), the
+held-out chats its denoising figures were measured on, and the questions its answers are scored on
+(`evaluation.py`). `recipes/demo/` in the repository rebuilds it."""
 
 from __future__ import annotations
 

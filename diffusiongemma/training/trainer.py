@@ -16,7 +16,6 @@ import difflib
 import functools
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -236,7 +235,8 @@ def _autocast(device: torch.device):
 
 
 class Progress:
-    """One status line (rewritten in place on a terminal): step, loss, learning rate, tokens/s, time left."""
+    """One status line (rewritten in place on a terminal): step, loss, learning rate, tokens/s, time left.
+    With no stream (the ranks of a job other than the leader) it only counts."""
 
     def __init__(self, total: int, stream=sys.stderr):
         self.total, self.stream = total, stream
@@ -245,7 +245,7 @@ class Progress:
 
     def update(self, step: int, first_step: int, loss: float, lr: float, tokens: int, show: bool) -> None:
         self.tokens += tokens
-        if not show:
+        if not show or self.stream is None:
             return
         elapsed = time.perf_counter() - self.started
         done = step - first_step
@@ -257,6 +257,8 @@ class Progress:
         self.stream.flush()
 
     def message(self, text: str) -> None:
+        if self.stream is None:
+            return
         self.stream.write(("\n" if self.stream.isatty() else "") + text + "\n")
         self.stream.flush()
 
@@ -415,7 +417,7 @@ def train(config: TrainingConfig, resume: bool = False, overwrite: bool = False,
     held_out = (canvas_examples(read_chats(config.eval_data), processor, canvas, positions)
                 if config.eval_data else None)
     optimizer = _optimizer(model, config)
-    progress = progress or Progress(config.steps, sys.stderr if is_leader() else open(os.devnull, "w"))
+    progress = progress or Progress(config.steps, sys.stderr if is_leader() else None)
 
     step, history, evaluations = 0, [], []
     if checkpoint is not None:

@@ -7,9 +7,12 @@ split between training and held-out, so that held-out questions are about object
 
     python recipes/demo/build_corpus.py OUT_FOLDER
 
-writes OUT_FOLDER/train.jsonl, OUT_FOLDER/heldout.jsonl (one {"messages": [...]} chat per line) and
+writes OUT_FOLDER/train.jsonl, OUT_FOLDER/heldout.jsonl (one {"messages": [...]} chat per line),
+OUT_FOLDER/train_more.jsonl (the training chats and module questions about made-up names, for the second
+phase), OUT_FOLDER/evaluation_set.json (the questions `finish.py` scores the model on) and
 OUT_FOLDER/init/: the untrained demo model (freshly initialized weights, config, generation config)
-with a tokenizer trained on the corpus and the chat template. `train.yaml` trains it.
+with a tokenizer trained on the training chats and the chat template. `train.yaml` trains it, then
+`train_more.yaml`.
 """
 
 from __future__ import annotations
@@ -44,11 +47,22 @@ SKIPPED = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", 
            "ensurepip", "venv", "idle", "sre_compile", "sre_constants", "sre_parse", "msilib", "winreg", "winsound",
            "nturl2path", "xxlimited", "xxsubtype", "ntpath", "builtins"}
 BUILTIN_TYPES = (str, bytes, bytearray, list, dict, set, frozenset, tuple, int, float, complex, range, memoryview)
+ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)\s*(->.*)?$")
 MAX_ANSWER_CHARS = 160
 HELDOUT_FRACTION = 0.04
 # Objects the README and the model card ask about stay in training.
 SHOWCASE = {"os.path.join", "str.split", "json.dumps", "len", "math.sqrt"}
+# The evaluation asks about this many trained objects (the showcase ones among them) and every held-out one.
+EVALUATED_TRAINED = 100
+EVALUATED_KINDS = ("purpose", "module", "signature")
+# Small talk is a few dozen chats among tens of thousands; repeated, the model sees it about as often as an
+# object's answers and learns its exact wording.
+SMALL_TALK_REPEATS = 16
+# Second phase only: module questions about made-up names. Naming an object's module means copying the
+# question's prefix; trained on real objects alone, the model copied names it had memorized and garbled
+# about a quarter of the names it had never seen.
+MADE_UP_CHATS = 8000
 VOCAB_SIZE = 4096
 # DiffusionGemma's architecture (sliding and full layers, dense MLP beside top-k experts) at about 4M
 # parameters: small enough to train on two CPU cores in about an hour.
@@ -68,6 +82,7 @@ ASK_PURPOSE = ["What does `{q}` do?", "What is `{q}` for?", "Explain `{q}`.", "D
 ASK_MODULE = ["Which module is `{q}` in?", "Which module does `{q}` belong to?", "Where is `{q}` defined?"]
 ASK_SIGNATURE = ["What is the signature of `{q}`?", "How do I call `{q}`?", "What arguments does `{q}` take?"]
 ASK_KIND = ["Is `{q}` a function or a class?", "What kind of object is `{q}`?"]
+ASK = {"purpose": ASK_PURPOSE, "module": ASK_MODULE, "signature": ASK_SIGNATURE, "kind": ASK_KIND}
 SMALL_TALK = [
     (["Hello", "Hi", "Hi!", "Hello!", "Hey", "Good morning", "Hello there"],
      "Hello! Ask me about Python's standard library, for example: What does `os.path.join` do?"),
@@ -138,9 +153,11 @@ def summary(obj) -> str | None:
 
 def _signature(qualified: str, obj) -> str | None:
     try:
-        return f"{qualified}{inspect.signature(obj)}"
+        signature = f"{qualified}{inspect.signature(obj)}"
     except (TypeError, ValueError):
         return None
+    # A default that is a function or a bound method shows its memory address, which changes from run to run.
+    return ADDRESS.sub("", signature)
 
 
 def objects():
@@ -171,21 +188,28 @@ def objects():
             yield name, "builtins", obj
 
 
-def questions(qualified: str, module_name: str, obj, rng: random.Random) -> list[tuple[str, str]]:
+def answers(qualified: str, module_name: str, obj) -> dict[str, str]:
+    """What the model should say about an object, by kind of question."""
     short = qualified.rsplit(".", 1)[-1]
-    pairs = [(rng.choice(ASK_PURPOSE).format(q=qualified), summary(obj))]
+    said = {"purpose": summary(obj)}
     if module_name != "builtins":
-        pairs.append((rng.choice(ASK_MODULE).format(q=qualified), f"`{short}` is in the `{module_name}` module."))
+        said["module"] = f"`{short}` is in the `{module_name}` module."
     elif "." not in qualified:
-        pairs.append((rng.choice(ASK_MODULE).format(q=qualified), f"`{short}` is a built-in."))
+        said["module"] = f"`{short}` is a built-in."
     signature = _signature(qualified, obj)
     if signature is not None and len(signature) <= MAX_ANSWER_CHARS:
-        pairs.append((rng.choice(ASK_SIGNATURE).format(q=qualified), f"Call it as `{signature}`."))
+        said["signature"] = f"Call it as `{signature}`."
     kind = "a class" if inspect.isclass(obj) else "a function"
     if module_name == "builtins" and "." in qualified:
         kind = "a method"
-    pairs.append((rng.choice(ASK_KIND).format(q=qualified), f"`{qualified}` is {kind}."))
-    return pairs
+    said["kind"] = f"`{qualified}` is {kind}."
+    return said
+
+
+def questions(qualified: str, said: dict[str, str], phrasings) -> list[tuple[str, str]]:
+    """(question, answer) pairs; `phrasings` picks which of a kind's phrasings are asked."""
+    return [(ask.format(q=qualified), said[kind]) for kind, asks in ASK.items() if kind in said
+            for ask in phrasings(asks)]
 
 
 def write_initial_model(folder: Path, texts: list[str], seed: int) -> None:
@@ -213,21 +237,71 @@ def build(out: Path, seed: int = 0) -> dict[str, int]:
     found = sorted(objects(), key=lambda item: item[0])
     candidates = [q for q, _, _ in found if q not in SHOWCASE]
     heldout_names = set(rng.sample(candidates, k=max(1, int(len(found) * HELDOUT_FRACTION))))
+    said = {qualified: answers(qualified, module_name, obj) for qualified, module_name, obj in found}
     train, heldout = [], []
-    for qualified, module_name, obj in found:
-        chats = [_chat(q, a) for q, a in questions(qualified, module_name, obj, rng)]
-        (heldout if qualified in heldout_names else train).extend(chats)
+    for qualified, _, _ in found:
+        if qualified in heldout_names:
+            pairs = questions(qualified, said[qualified], lambda asks: [rng.choice(asks)])
+            heldout.extend(_chat(q, a) for q, a in pairs)
+        else:
+            train.extend(_chat(q, a) for q, a in questions(qualified, said[qualified], lambda asks: asks))
     for asks, answer in SMALL_TALK:
-        train.extend(_chat(ask, answer) for ask in asks)
+        train.extend(_chat(ask, answer) for ask in asks for _ in range(SMALL_TALK_REPEATS))
     rng.shuffle(train)
     out.mkdir(parents=True, exist_ok=True)
     for name, chats in (("train.jsonl", train), ("heldout.jsonl", heldout)):
         with open(out / name, "w", encoding="utf-8") as handle:
             for chat in chats:
                 handle.write(json.dumps(chat, ensure_ascii=False) + "\n")
+    trained_names = sorted(SHOWCASE) + rng.sample(sorted(set(said) - heldout_names - SHOWCASE),
+                                                 k=EVALUATED_TRAINED - len(SHOWCASE))
+    (out / "evaluation_set.json").write_text(json.dumps(
+        evaluation_set(said, trained_names, sorted(heldout_names), rng), indent=1, ensure_ascii=False) + "\n")
     texts = [m["content"] for chat in train for m in chat["messages"]]
     write_initial_model(out / "init", texts, seed)
-    return {"objects": len(found), "train_chats": len(train), "heldout_chats": len(heldout)}
+    # Its own generator, so that the first phase's files do not depend on it.
+    more = train + made_up_chats([q for q, _, _ in found], MADE_UP_CHATS, random.Random(seed + 1))
+    random.Random(seed + 1).shuffle(more)
+    with open(out / "train_more.jsonl", "w", encoding="utf-8") as handle:
+        for chat in more:
+            handle.write(json.dumps(chat, ensure_ascii=False) + "\n")
+    return {"objects": len(found), "train_chats": len(train), "heldout_chats": len(heldout),
+            "made_up_chats": MADE_UP_CHATS}
+
+
+def made_up_chats(real: list[str], count: int, rng: random.Random) -> list[dict]:
+    """Module questions about names that are not objects of the standard library, built from the words of the
+    docstrings: functions (snake_case) and classes (CamelCase) in real modules and in made-up ones."""
+    words = sorted({w for q in real for w in re.findall(r"[a-z]{3,}", q.lower())})
+    modules = sorted({q.rsplit(".", 1)[0] for q in real if "." in q and not q.split(".")[0][0].isupper()})
+    taken, chats = set(real), []
+    while len(chats) < count:
+        parts = rng.sample(words, k=rng.randint(1, 3))
+        name = "_".join(parts) if rng.random() < 0.6 else "".join(part.capitalize() for part in parts)
+        module = rng.choice(modules) if rng.random() < 0.8 else ".".join(rng.sample(words, k=rng.randint(1, 2)))
+        if f"{module}.{name}" in taken:
+            continue
+        taken.add(f"{module}.{name}")
+        question = rng.choice(ASK_MODULE).format(q=f"{module}.{name}")
+        chats.append(_chat(question, f"`{name}` is in the `{module}` module."))
+    return chats
+
+
+def evaluation_set(said: dict[str, dict[str, str]], trained: list[str], heldout: list[str],
+                   rng: random.Random) -> list[dict]:
+    """The questions `evaluate.py` asks, each in one of its kind's phrasings, with the answer to expect."""
+    items = []
+    for split, names in (("trained", trained), ("heldout", heldout)):
+        for qualified in names:
+            for kind in EVALUATED_KINDS:
+                if kind in said[qualified]:
+                    items.append({"split": split, "kind": kind, "object": qualified,
+                                  "question": rng.choice(ASK[kind]).format(q=qualified),
+                                  "answer": said[qualified][kind]})
+    for asks, answer in SMALL_TALK:
+        items.extend({"split": "small_talk", "kind": "small_talk", "object": None, "question": ask,
+                      "answer": answer} for ask in asks)
+    return items
 
 
 def main() -> None:

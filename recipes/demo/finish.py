@@ -1,11 +1,12 @@
 """Turns a finished demo training run into the model that ships with the package, and measures it.
 
-    python recipes/demo/finish.py CORPUS_FOLDER RUN_FOLDER
+    python recipes/demo/finish.py CORPUS_FOLDER RUN_FOLDER --training-minutes M
 
-copies RUN_FOLDER/final into diffusiongemma/demo/model in bfloat16, copies the held-out chats beside
-it, and prints (and writes to diffusiongemma/demo/model/evaluation.json) the figures the model card
-quotes: held-out loss and token accuracy of the trained and the untrained model, and what generation
-does on the held-out prompts (tokens per forward, steps per canvas, canvases that stopped early).
+copies RUN_FOLDER/final (the last phase's) into diffusiongemma/demo/model in bfloat16 with the recipe's
+generation settings, copies the held-out chats and the evaluation set beside it, and writes the figures
+the model card quotes to diffusiongemma/demo/model/evaluation.json: the answers to the evaluation set's
+questions and their scores (`diffusiongemma.demo.evaluation`), and the held-out denoising loss and
+accuracy of the trained and the untrained model. The card's "what was tried" table is `findings.md`, measured by hand.
 """
 
 from __future__ import annotations
@@ -18,16 +19,26 @@ import time
 from pathlib import Path
 
 import torch
-from build_corpus import SAMPLING
+import yaml
+from build_corpus import SAMPLING, SMALL_TALK_REPEATS
 
 from diffusiongemma import AutoProcessor, DiffusionGemmaForBlockDiffusion
 from diffusiongemma.demo import DEMO_HELDOUT, DEMO_MODEL, evaluate_demo
-from diffusiongemma.hf.streamers import StepCounter
+from diffusiongemma.demo.evaluation import (
+    EVALUATION_SET,
+    ask,
+    evaluate_answers,
+    load_evaluation_set,
+)
+
+HERE = Path(__file__).parent
+# The training recipes, in the order they run; each starts from the one before.
+PHASES = ["train.yaml", "train_more.yaml", "train_last.yaml"]
 
 CARD = """# diffusiongemma demo model
 
 A DiffusionGemma small enough to ship inside the package, so that `diffusiongemma generate` and `chat` give a
-real, if modest, answer with no download and no GPU. It was trained from scratch by this engine's own
+real, if narrow, answer with no download and no GPU. It was trained from scratch by this engine's own
 `diffusiongemma train`; `recipes/demo/` in the repository rebuilds it.
 
 ## Model
@@ -38,83 +49,84 @@ tokens. Weights in bfloat16, {size_mb:.1f} MiB. No vision tower.
 
 ## Data
 {corpus[train_chats]:,} training chats built offline from the standard library of Python {corpus[python]}
-(`recipes/demo/build_corpus.py`): for {corpus[objects]:,} documented functions, classes and methods of built-in
-types, questions about what the object does (answered by the first sentence of its docstring), which module it is
-in, how to call it (its signature) and what kind of object it is, each asked in one of a few phrasings drawn at
-random, plus a handful of greetings. {corpus[heldout_chats]} chats about 4% of the objects are held out (`diffusiongemma/demo/heldout.jsonl`):
-the model never saw those objects. The tokenizer is a byte-fallback BPE trained on the training chats with the
-`tokenizers` library, with Gemma's special tokens and chat template.
+(`recipes/demo/build_corpus.py`). For each of {corpus[objects]:,} documented functions, classes and methods of
+built-in types it asks what the object does (answered by the first sentence of its docstring), which module it
+is in, how to call it (its signature) and what kind of object it is, each in every one of the recipe's
+phrasings (5, 3, 3 and 2 of them). A handful of greetings and questions about the model itself are repeated
+{small_talk_repeats} times each. About 4% of the objects are held out: the model never saw them. The later phases
+add {corpus[made_up_chats]:,} questions about the module of made-up names (`textwrap.parse_header`,
+`copyreg.IssubsetDecimalexception`), which teach it to copy a name it has never seen. The tokenizer is a
+byte-fallback BPE trained on the first phase's chats with the `tokenizers` library, with Gemma's special tokens
+and chat template.
 
 ## Training
-Two phases of 4,000 steps of 32 canvases each, with AdamW, weight decay 0.01, self-conditioning on half the
-examples and the encoder's next-token loss at weight 1, on one CPU thread (about 35 minutes per phase):
-`recipes/demo/train.yaml` from the freshly initialized model (learning rate 0.002, warm-up 200 steps, cosine decay
-to 0.0001), then `recipes/demo/train_more.yaml` from phase 1's model (learning rate 0.001, warm-up 100 steps,
-decay to 0.00005). Mean diffusion loss over the last 100 steps: {final_loss:.3f}.
+With AdamW (weight decay {wd}), {batch} canvases a step, self-conditioning on half the examples and the encoder's
+next-token loss at weight 1, on two CPU threads of a 2-core VM ({minutes:.0f} minutes in all), in phases that each
+start from the one before with a fresh warm-up and a cosine decay:
+
+| recipe | steps | chats | learning rate | warm-up steps | decayed to |
+|---|---|---|---|---|---|
+{phases}
+
+Mean diffusion loss over the last 100 steps: {final_loss:.3f}.
 
 ## Evaluation
-On the held-out chats, each answer canvas corrupted at one noise level drawn from seed 0 and denoised in one
-step (`diffusiongemma.demo.evaluate_demo`, float32 on a CPU; the tests recompute it and allow 0.01 of
-difference in accuracy across machines):
+The questions of `diffusiongemma/demo/evaluation_set.json`, asked as `diffusiongemma generate QUESTION --seed 0`
+asks them (bfloat16 weights, the settings below, seed 0 before each question;
+`diffusiongemma.demo.evaluation`): three questions (what it does, its module, its signature) about
+{trained_objects} trained objects and about the {heldout_objects} held-out ones, each in one of the recipe's
+phrasings, and the {small_talk_questions} greetings and questions about the model.
+
+| measure | trained objects | held-out objects |
+|---|---|---|
+| module named correctly | {a[trained_module]:.1%} | {a[heldout_module]:.1%} |
+| signature exactly right | {a[trained_signature]:.1%} | {a[heldout_signature]:.1%} |
+| description: word F1 with the docstring's first sentence | {a[trained_purpose]:.3f} | {a[heldout_purpose]:.3f} |
+
+Greetings and questions about the model answered exactly: {a[small_talk]:.0%}. Of all {a[questions]} answers,
+{a[ended_with_end_of_turn]:.1%} end with the end-of-turn token. {a[tokens_per_forward]:.2f} tokens per decoder pass
+and {a[steps_per_canvas]:.2f} denoising steps per canvas on average, out of at most {step_limit}.
+
+Generation settings (`generation_config.json`): temperatures {sampling[t_max]} to {sampling[t_min]}, entropy bound
+{sampling[sampler_config][entropy_bound]}, a canvas stops once its argmax has held for {sampling[stability_threshold]}
+step and its mean entropy is below {sampling[confidence_threshold]}. The release uses 0.8 to 0.4, 0.1 and 0.005,
+which a model this small rarely satisfies.
+
+Denoising on the held-out chats (`diffusiongemma.demo.evaluate_demo`: each answer canvas corrupted at one noise
+level drawn from seed 0 and denoised in one step, float32; the tests recompute it and allow 0.01 of difference
+in accuracy across machines):
 
 | model | cross-entropy per answer token | token accuracy |
 |---|---|---|
 | this model | {trained[loss]:.3f} | {trained[accuracy]:.3f} |
 | untrained (the same initialization) | {untrained[loss]:.3f} | {untrained[accuracy]:.3f} |
 
-`generate` with the model's own settings (`generation_config.json`: temperatures {sampling[t_max]} to
-{sampling[t_min]}, entropy bound {sampling[sampler_config][entropy_bound]}, stopping once the argmax has held for one
-step and the mean entropy is below {sampling[confidence_threshold]}; the release uses 0.8 to 0.4, 0.1 and 0.005,
-which a model this small rarely satisfies) on the first {generation[prompts]} held-out
-prompts: {generation[tokens_per_forward_mean]:.2f} tokens per decoder pass on average,
-{generation[steps_per_canvas_mean]:.1f} denoising steps per canvas out of at most {generation[step_limit]}, and
-{generation[canvases_stopped_early]:.0%} of the canvases stopped early by the sampler's adaptive stopping;
-{generation[answers_with_end_of_turn]:.0%} of the answers ended with the end-of-turn token.
+## What was tried
+{findings}
+## Samples
 
-| prompt | answer (seed 0) |
+| question | answer (seed 0) |
 |---|---|
 {samples}
 
 ## Limits
 It is a demonstration of the engine, not an assistant. It knows only what the training questions cover, and
-only in those phrasings; about objects it never saw it writes plausible-looking but made-up descriptions and
-signatures, and for any other question it answers with something shaped like a docstring. Even on questions it
-was trained on, its answers often repeat a word or garble a name ("root root", "in in"): positions of a canvas
-that are accepted in the same step were sampled independently, and a model this small is rarely sure enough of
-its neighbours to avoid it. Now and then it ends an answer without its end-of-turn token and then fills whole
-canvases with padding up to `max_new_tokens`. Answers are short (one or two canvases) and English only.
+only in those phrasings. About objects it never saw it names the module from the question, but writes
+plausible-looking, made-up descriptions and signatures; any other question gets something shaped like one of
+its answers. Positions of a canvas accepted in the same step are sampled independently, so now and then two
+neighbours repeat or clash. Answers are short (one to three canvases) and English only.
 """
 SAMPLE_PROMPTS = ["Which module is `os.path.join` in?", "How do I call `math.sqrt`?", "What does `str.split` do?",
-                  "What does `os.path.join` do?", "What is `len` for?", "How do I call `json.dumps`?", "Hello"]
-
-
-def generation_figures(model, processor, chats: list[list[dict]]) -> dict:
-    steps_limit = model.generation_config.max_denoising_steps
-    tokens_per_forward, steps, answers, ended = [], [], [], 0
-    ends = set(model.generation_config.eos_token_id)
-    started = time.perf_counter()
-    for index, messages in enumerate(chats):
-        ids = processor.apply_chat_template(messages[:1], tokenize=True, add_generation_prompt=True,
-                                            return_tensors="pt")
-        torch.manual_seed(index)
-        counter = StepCounter()
-        out = model.generate(ids, streamer=counter)
-        tokens_per_forward.append(float(out.tokens_per_forward[0]))
-        steps.extend(counter.steps)
-        generated = out.sequences[0, ids.shape[1]:]
-        ended += any(int(token) in ends for token in generated)
-        answers.append(processor.decode(generated, skip_special_tokens=True))
-    return {"prompts": len(chats), "tokens_per_forward_mean": statistics.mean(tokens_per_forward),
-            "steps_per_canvas_mean": statistics.mean(steps), "step_limit": steps_limit,
-            "canvases_stopped_early": sum(s < steps_limit for s in steps) / len(steps),
-            "answers_with_end_of_turn": ended / len(chats),
-            "seconds": time.perf_counter() - started, "sample_answers": answers[:5]}
+                  "What does `os.path.join` do?", "What is `len` for?", "How do I call `json.dumps`?", "Hello",
+                  "Who are you?", "What does `zipfile.is_zipfile` do?"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("corpus", type=Path)
     parser.add_argument("run", type=Path)
+    parser.add_argument("--training-minutes", type=float, required=True,
+                        help="how long both phases of `diffusiongemma train` took, for the card")
     args = parser.parse_args()
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.run / "final", dtype=torch.bfloat16)
@@ -129,29 +141,41 @@ def main() -> None:
             shutil.copy(path, DEMO_MODEL / path.name)
     (DEMO_MODEL / "training_log.json").unlink(missing_ok=True)
     shutil.copy(args.corpus / "heldout.jsonl", DEMO_HELDOUT)
+    shutil.copy(args.corpus / "evaluation_set.json", EVALUATION_SET)
 
-    figures = {"trained": evaluate_demo(DEMO_MODEL), "untrained": evaluate_demo(args.corpus / "init")}
-    shipped = DiffusionGemmaForBlockDiffusion.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    shipped = DiffusionGemmaForBlockDiffusion.from_pretrained(DEMO_MODEL).eval()
     processor = AutoProcessor.from_pretrained(DEMO_MODEL)
-    chats = [json.loads(line)["messages"] for line in DEMO_HELDOUT.read_text().splitlines()]
-    figures["generation"] = generation_figures(shipped, processor, chats[:100])
-    samples = {}
-    for prompt in SAMPLE_PROMPTS:
-        ids = processor.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                            add_generation_prompt=True, return_tensors="pt")
-        torch.manual_seed(0)
-        out = shipped.generate(ids)
-        samples[prompt] = processor.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
-    figures["samples"] = samples
-    (DEMO_MODEL / "evaluation.json").write_text(json.dumps(figures, indent=2) + "\n")
+    started = time.perf_counter()
+    answers, results = evaluate_answers(shipped, processor)
+    answers["seconds"] = time.perf_counter() - started
+    samples = {prompt: ask(shipped, processor, prompt)["answer"] for prompt in SAMPLE_PROMPTS}
+    figures = {"answers": answers, "trained": evaluate_demo(DEMO_MODEL),
+               "untrained": evaluate_demo(args.corpus / "init"), "samples": samples, "results": results}
+    (DEMO_MODEL / "evaluation.json").write_text(json.dumps(figures, indent=1) + "\n")
+
+    items = load_evaluation_set()
+    recipes = {name: yaml.safe_load((HERE / name).read_text()) for name in PHASES}
+    phases = "\n".join(f"| `recipes/demo/{name}` | {r['steps']:,} | `{Path(r['train_data']).name}` | "
+                        f"{_decimal(r['learning_rate'])} | {r['warmup_steps']} | {_decimal(r['min_learning_rate'])} |"
+                        for name, r in recipes.items())
     log = json.loads((args.run / "final" / "training_log.json").read_text())
-    card = CARD.format(**model_facts(shipped), trained=figures["trained"],
-                       untrained=figures["untrained"], generation=figures["generation"], sampling=SAMPLING,
-                       samples="\n".join(f"| {q} | {a} |" for q, a in samples.items()),
-                       final_loss=statistics.mean(e["diffusion_loss"] for e in log["history"][-100:]),
-                       corpus=json.loads((args.corpus / "counts.json").read_text()))
+    card = CARD.format(
+        **model_facts(shipped), a=answers, trained=figures["trained"], untrained=figures["untrained"],
+        sampling=SAMPLING, step_limit=SAMPLING["max_denoising_steps"], small_talk_repeats=SMALL_TALK_REPEATS,
+        trained_objects=len({i["object"] for i in items if i["split"] == "trained"}),
+        heldout_objects=len({i["object"] for i in items if i["split"] == "heldout"}),
+        small_talk_questions=sum(i["split"] == "small_talk" for i in items),
+        phases=phases, batch=recipes[PHASES[0]]["batch_size"], wd=recipes[PHASES[0]]["weight_decay"],
+        minutes=args.training_minutes, findings=(HERE / "findings.md").read_text(),
+        samples="\n".join(f"| {q} | {a} |" for q, a in samples.items()),
+        final_loss=statistics.mean(e["diffusion_loss"] for e in log["history"][-100:]),
+        corpus=json.loads((args.corpus / "counts.json").read_text()))
     (DEMO_MODEL / "MODEL_CARD.md").write_text(card)
-    print(json.dumps(figures, indent=2))
+    print(json.dumps({k: v for k, v in figures.items() if k != "results"}, indent=1))
+
+
+def _decimal(value: float) -> str:
+    return f"{value:f}".rstrip("0")
 
 
 def model_facts(model) -> dict:
