@@ -8,11 +8,11 @@ split between training and held-out, so that held-out questions are about object
     python recipes/demo/build_corpus.py OUT_FOLDER
 
 writes OUT_FOLDER/train.jsonl, OUT_FOLDER/heldout.jsonl (one {"messages": [...]} chat per line),
-OUT_FOLDER/train_more.jsonl (the training chats and module questions about made-up names, for the second
-phase), OUT_FOLDER/evaluation_set.json (the questions `finish.py` scores the model on) and
+OUT_FOLDER/train_more.jsonl (the training chats and module questions about made-up names, for the later
+phases), OUT_FOLDER/evaluation_set.json (the questions `finish.py` scores the model on) and
 OUT_FOLDER/init/: the untrained demo model (freshly initialized weights, config, generation config)
 with a tokenizer trained on the training chats and the chat template. `train.yaml` trains it, then
-`train_more.yaml`.
+`train_more.yaml` and `train_last.yaml`.
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ EVALUATED_KINDS = ("purpose", "module", "signature")
 # Small talk is a few dozen chats among tens of thousands; repeated, the model sees it about as often as an
 # object's answers and learns its exact wording.
 SMALL_TALK_REPEATS = 16
-# Second phase only: module questions about made-up names. Naming an object's module means copying the
+# The later phases only: module questions about made-up names. Naming an object's module means copying the
 # question's prefix; trained on real objects alone, the model copied names it had memorized and garbled
 # about a quarter of the names it had never seen.
 MADE_UP_CHATS = 8000
 VOCAB_SIZE = 4096
 # DiffusionGemma's architecture (sliding and full layers, dense MLP beside top-k experts) at about 4M
-# parameters: small enough to train on two CPU cores in about an hour.
+# parameters: small enough to train on two CPU cores in under two hours.
 ARCHITECTURE = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, num_global_key_value_heads=1, head_dim=48, global_head_dim=96,
                     num_experts=8, top_k_experts=2, moe_intermediate_size=96, vocab_size=VOCAB_SIZE,
@@ -270,8 +270,8 @@ def build(out: Path, seed: int = 0) -> dict[str, int]:
 
 
 def made_up_chats(real: list[str], count: int, rng: random.Random) -> list[dict]:
-    """Module questions about names that are not objects of the standard library, built from the words of the
-    docstrings: functions (snake_case) and classes (CamelCase) in real modules and in made-up ones."""
+    """Module questions about names that are not objects of the standard library, built from the words of its
+    real names: functions (snake_case) and classes (CamelCase) in real modules and in made-up ones."""
     words = sorted({w for q in real for w in re.findall(r"[a-z]{3,}", q.lower())})
     modules = sorted({q.rsplit(".", 1)[0] for q in real if "." in q and not q.split(".")[0][0].isupper()})
     taken, chats = set(real), []
